@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny models and data so the whole suite runs in minutes on 2 CPUs."""
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tf_stdprune._keras import keras  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+
+
+def tiny_cnn(num_classes=3, input_shape=(8, 8, 3), l2=0.0):
+    """Conv-BN-ReLU-pool, then Dense: every kind the seed counts, ~700 parameters."""
+    reg = keras.regularizers.l2(l2) if l2 else None
+    return keras.Sequential([
+        keras.layers.Conv2D(4, 3, padding="same", input_shape=input_shape, kernel_regularizer=reg),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(num_classes, kernel_regularizer=reg),
+    ])
+
+
+@pytest.fixture
+def tiny_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 3, size=64)
+    return x, y

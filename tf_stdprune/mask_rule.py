@@ -1,0 +1,65 @@
+"""The standard-deviation pruning rule of Han et al. (2015), as pure TensorFlow functions.
+
+For a weight tensor ``w`` with current mask ``m`` (1 = kept, 0 = pruned) and a quality
+parameter ``q`` the rule is::
+
+    threshold = q * sigma
+    m_new     = m AND (|w| >= threshold)
+
+so a pruned connection never comes back. ``sigma`` depends on ``std_mode``:
+
+* ``"initial"``   -- ``sigma_0 = std(w)`` over all entries of the tensor at the *first*
+  pruning step, stored and reused afterwards (Distiller's SensitivityPruner);
+* ``"surviving"`` -- ``std({w_i : m_i = 1})``, the spread of the weights still alive;
+* ``"all"``       -- ``std(w)`` over the whole current tensor, pruned zeros included.
+
+``std`` is the population standard deviation ``sqrt(sum_i (w_i - mu)^2 / n)`` taken over
+the finite entries only (NaN and +-inf are left out of the statistics). A tensor whose
+statistics are all equal has ``sigma = 0``, hence ``threshold = 0`` and nothing is pruned.
+``|NaN| >= t`` is false, so a NaN weight is pruned; the mask itself is never NaN.
+"""
+import tensorflow as tf
+
+STD_MODES = ("initial", "surviving", "all")
+UNSET_SIGMA = -1.0  # value of a stored sigma before the first pruning step
+
+
+def masked_std(weights, mask):
+    """Population std of the finite entries of ``weights`` where ``mask`` is 1.
+
+    ``sigma = s * sqrt(sum_i k_i (w_i/s - mu)^2 / n)``, ``mu = sum_i k_i w_i/s / n``,
+    ``k_i = m_i * isfinite(w_i)``, ``n = max(1, sum_i k_i)``, ``s = max_i k_i |w_i|``.
+    Dividing by ``s`` first keeps the squares from overflowing float32.
+    """
+    weights = tf.cast(weights, tf.float32)
+    keep = tf.logical_and(tf.cast(mask, tf.bool), tf.math.is_finite(weights))
+    values = tf.where(keep, weights, tf.zeros_like(weights))
+    scale = tf.reduce_max(tf.abs(values))
+    scale = tf.where(scale > 0.0, scale, 1.0)
+    values = values / scale
+    count = tf.maximum(tf.reduce_sum(tf.cast(keep, tf.float32)), 1.0)
+    mean = tf.reduce_sum(values) / count
+    deviation = tf.where(keep, values - mean, tf.zeros_like(values))
+    return scale * tf.sqrt(tf.reduce_sum(tf.square(deviation)) / count)
+
+
+def layer_sigma(weights, mask, std_mode, stored_sigma):
+    """The ``sigma`` of the rule for ``std_mode`` (see the module docstring).
+
+    ``stored_sigma`` is the sigma kept from the first pruning step; it is only read in
+    ``"initial"`` mode, and only if it was set (``>= 0``).
+    """
+    if std_mode == "surviving":
+        return masked_std(weights, mask)
+    dense_sigma = masked_std(weights, tf.ones_like(weights, dtype=tf.bool))
+    if std_mode == "all":
+        return dense_sigma
+    if std_mode == "initial":
+        return tf.where(stored_sigma >= 0.0, stored_sigma, dense_sigma)
+    raise ValueError(f"std_mode must be one of {STD_MODES}, got {std_mode!r}.")
+
+
+def prune_mask(weights, mask, threshold):
+    """``m_new = m * [|w| >= threshold]``, in the dtype of ``mask``."""
+    keep = tf.abs(tf.cast(weights, tf.float32)) >= threshold
+    return mask * tf.cast(keep, mask.dtype)

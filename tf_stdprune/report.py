@@ -1,0 +1,142 @@
+"""`sparsity_report`: the seed's "Final Parameters" block, with exact integers.
+
+Counts, over the model's own tensors (pruning masks and counters excluded)::
+
+    total_parameters     = sum of the sizes of all weights (BN moving statistics included)
+    total_weights        = sum of the sizes of prunable tensors (kernels + BN gammas)
+    zero_weights         = number of entries equal to 0.0 in those tensors
+    zero_weights_rate    = 100 * zero_weights / total_weights
+    zero_parameters_rate = 100 * zero_weights / total_parameters
+    compression_rate     = total_parameters / (total_parameters - zero_weights)
+
+Works on wrapped (`prune_low_std`/`prune_low_magnitude`) and stripped models alike.
+"""
+import dataclasses
+import json
+
+import numpy as np
+from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import (
+    PruneLowMagnitude,
+)
+
+from tf_stdprune._keras import keras
+from tf_stdprune.wrapper import prunable_attributes
+
+_KINDS = (
+    (keras.layers.BatchNormalization, "bn"),
+    (keras.layers.experimental.SyncBatchNormalization, "bn"),
+    (keras.layers.Dense, "dense"),
+    (keras.layers.Conv1D, "conv"), (keras.layers.Conv2D, "conv"), (keras.layers.Conv3D, "conv"),
+    (keras.layers.DepthwiseConv1D, "conv"), (keras.layers.DepthwiseConv2D, "conv"),
+    (keras.layers.SeparableConv1D, "conv"), (keras.layers.SeparableConv2D, "conv"),
+)
+
+
+@dataclasses.dataclass
+class LayerSparsity:
+    name: str
+    kind: str
+    total: int
+    zeros: int
+
+    @property
+    def rate(self):
+        """Zero weights of this layer, in %."""
+        return 100.0 * self.zeros / self.total if self.total else 0.0
+
+
+@dataclasses.dataclass
+class SparsityReport:
+    total_parameters: int
+    total_weights: int
+    zero_weights: int
+    layers: list
+
+    @property
+    def zero_weights_rate(self):
+        return 100.0 * self.zero_weights / self.total_weights if self.total_weights else 0.0
+
+    @property
+    def zero_parameters_rate(self):
+        return 100.0 * self.zero_weights / self.total_parameters if self.total_parameters else 0.0
+
+    @property
+    def compression_rate(self):
+        return self.total_parameters / (self.total_parameters - self.zero_weights)
+
+    def to_dict(self):
+        """Plain JSON-able dict: the seed's fields and the per-layer list (with rates)."""
+        return {
+            "total_parameters": self.total_parameters,
+            "total_weights": self.total_weights,
+            "zero_weights": self.zero_weights,
+            "zero_weights_rate": self.zero_weights_rate,
+            "zero_parameters_rate": self.zero_parameters_rate,
+            "compression_rate": self.compression_rate,
+            "layers": [dict(dataclasses.asdict(l), rate=l.rate) for l in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data):
+        layers = [LayerSparsity(l["name"], l["kind"], l["total"], l["zeros"])
+                  for l in data["layers"]]
+        return cls(data["total_parameters"], data["total_weights"], data["zero_weights"], layers)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self):
+        return (
+            "Final Parameters:\n"
+            f"total parameters: {self.total_parameters},\n"
+            f"Total weights: {self.total_weights},\n"
+            f"Zero weights: {self.zero_weights},\n"
+            f"Zero weights rate (%): {self.zero_weights_rate:.10f},\n"
+            f"Zero parameters rate in model (%): {self.zero_parameters_rate:.10f}\n"
+            f"Compression rate: x{self.compression_rate:.8f} times"
+        )
+
+    def table(self):
+        """The per-layer table as text (Figure 4 in numbers)."""
+        rows = [f"{'layer':<32} {'kind':<6} {'weights':>11} {'zeros':>11} {'rate %':>7}"]
+        rows += [f"{l.name:<32} {l.kind:<6} {l.total:>11} {l.zeros:>11} {l.rate:>7.2f}"
+                 for l in self.layers]
+        return "\n".join(rows)
+
+
+def _leaf_layers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _leaf_layers(layer)
+        elif isinstance(layer, PruneLowMagnitude):
+            yield layer.layer
+        else:
+            yield layer
+
+
+def _kind(layer):
+    return next((kind for cls, kind in _KINDS if isinstance(layer, cls)), "other")
+
+
+def sparsity_report(model):
+    """The `SparsityReport` of a tf_keras model (see the module docstring)."""
+    total_parameters, layers, seen = 0, [], set()
+    for layer in _leaf_layers(model):
+        if id(layer) in seen:  # a layer shared between branches counts once
+            continue
+        seen.add(id(layer))
+        total_parameters += sum(int(np.prod(w.shape)) for w in layer.weights)
+        attributes = prunable_attributes(layer, prune_batchnorm=True) or []
+        values = [np.asarray(getattr(layer, a)) for a in attributes]
+        if values:
+            layers.append(LayerSparsity(
+                layer.name, _kind(layer),
+                total=sum(v.size for v in values),
+                zeros=sum(int(np.count_nonzero(v == 0)) for v in values),
+            ))
+    return SparsityReport(
+        total_parameters=total_parameters,
+        total_weights=sum(l.total for l in layers),
+        zero_weights=sum(l.zeros for l in layers),
+        layers=layers,
+    )

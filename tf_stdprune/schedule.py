@@ -1,0 +1,101 @@
+"""`StdPruningSchedule`: when to prune, and with which quality parameter ``q``.
+
+One *iteration* of the seed's procedure is ``steps_per_iteration`` optimizer steps. The
+schedule prunes once, at the first step of every iteration::
+
+    iteration(step) = (step - begin_step) // steps_per_iteration
+    should_prune    = step >= begin_step and (step - begin_step) % steps_per_iteration == 0
+                      and (end_step < 0 or step <= end_step)
+    q(step)         = qualities[min(iteration, len(qualities) - 1)]
+
+Once the list is exhausted **the last quality repeats** (as the seed's learning-rate list
+does); pass ``end_step`` to stop pruning instead. ``qualities`` may also be a callable of
+the (int64 tensor) iteration index returning ``q``; such a schedule cannot be serialized.
+"""
+import math
+
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+
+from tf_stdprune._keras import keras
+
+
+def _check_quality(q, where):
+    if not isinstance(q, (int, float)) or isinstance(q, bool) or not math.isfinite(q) or q < 0:
+        raise ValueError(
+            f"{where} must be a finite number >= 0 (the multiple of the layer's std below "
+            f"which weights are pruned), got {q!r}."
+        )
+
+
+@keras.utils.register_keras_serializable(package="tf_stdprune")
+class StdPruningSchedule(tfmot.sparsity.keras.PruningSchedule):
+    """Prune at the first step of every iteration with that iteration's quality ``q``.
+
+    ``__call__(step)`` returns ``(should_prune, q)`` as tensors (bool, float32), the
+    protocol of tfmot's schedules with ``q`` in place of the target sparsity.
+    """
+
+    def __init__(self, qualities, steps_per_iteration, begin_step=0, end_step=-1):
+        if callable(qualities):
+            self._quality_fn = qualities
+        else:
+            qualities = list(qualities) if isinstance(qualities, (list, tuple)) else [qualities]
+            if not qualities:
+                raise ValueError(
+                    "qualities is empty: give at least one quality parameter q, e.g. [0.5, 1.0]."
+                )
+            for i, q in enumerate(qualities):
+                _check_quality(q, f"qualities[{i}]")
+            self._quality_fn = None
+        if not isinstance(steps_per_iteration, int) or steps_per_iteration < 1:
+            raise ValueError(
+                "steps_per_iteration must be an integer >= 1 (optimizer steps in one "
+                f"prune + retrain iteration, e.g. epochs * steps_per_epoch), got {steps_per_iteration!r}."
+            )
+        self._validate_step(begin_step, end_step, 1, allow_negative_1=True)
+        self.qualities = qualities
+        self.steps_per_iteration = steps_per_iteration
+        self.begin_step = begin_step
+        self.end_step = end_step
+
+    def iteration(self, step):
+        """The iteration index of ``step`` (negative before ``begin_step``)."""
+        return (step - self.begin_step) // self.steps_per_iteration
+
+    def prunes_between(self, start, end):
+        """Whether the schedule prunes at some step in ``[start, end)`` (Python ints)."""
+        first = max(start, self.begin_step)
+        last = end - 1 if self.end_step < 0 else min(end - 1, self.end_step)
+        steps_to_next = -(first - self.begin_step) % self.steps_per_iteration
+        return first + steps_to_next <= last
+
+    def quality(self, iteration):
+        """``q`` of an iteration index (int or int64 tensor)."""
+        if self._quality_fn is not None:
+            return tf.cast(self._quality_fn(iteration), tf.float32)
+        index = tf.clip_by_value(tf.cast(iteration, tf.int64), 0, len(self.qualities) - 1)
+        return tf.gather(tf.constant(self.qualities, tf.float32), index)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.int64)
+        should_prune = self._should_prune_in_step(
+            step, self.begin_step, self.end_step, self.steps_per_iteration
+        )
+        return should_prune, self.quality(self.iteration(step))
+
+    def get_config(self):
+        if self._quality_fn is not None:
+            raise ValueError(
+                "A StdPruningSchedule with callable qualities cannot be serialized; "
+                "pass a list of qualities to save the model."
+            )
+        return {
+            "class_name": self.__class__.__name__,
+            "config": {
+                "qualities": list(self.qualities),
+                "steps_per_iteration": self.steps_per_iteration,
+                "begin_step": self.begin_step,
+                "end_step": self.end_step,
+            },
+        }
