@@ -226,7 +226,7 @@ class PruneLowStd(PruneLowMagnitude):
                        else keras.initializers.get(initial))
         return self.add_weight(
             name, shape=shape, initializer=initializer, dtype=dtype, trainable=False,
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA, experimental_autocast=False,
         )
 
     def _training_update(self):

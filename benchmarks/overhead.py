@@ -1,0 +1,93 @@
+"""Train-step time of VGG19-BN: dense vs tfmot `prune_low_magnitude` vs `prune_low_std`.
+
+Same initial weights, data, optimizer (SGD momentum 0.9) and batch for all three; each
+contender runs ``steps`` compiled train steps per round, rounds interleaved, medians
+reported with the ratio to dense.
+
+    python benchmarks/overhead.py --width=0.25
+    python benchmarks/overhead.py --width=1.0 --batch_size=32 --rounds=5
+"""
+from absl import app, flags
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+
+import tf_stdprune
+from tf_stdprune._keras import keras
+from tf_stdprune.models import vgg19_bn
+
+from common import interleaved_medians, report
+
+FLAGS = flags.FLAGS
+flags.DEFINE_float("width", 0.25, "VGG19-BN width multiplier.")
+flags.DEFINE_integer("batch_size", 64, "Images per train step.")
+flags.DEFINE_integer("steps", 10, "Train steps per contender per round.")
+flags.DEFINE_integer("rounds", 7, "Interleaved rounds.")
+flags.DEFINE_bool("jit_compile", False, "Compile the train steps with XLA.")
+flags.DEFINE_bool("mixed_precision", False,
+                  "mixed_float16 on GPU, mixed_bfloat16 on CPU (masks stay float32).")
+
+
+def _compiled(model):
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=FLAGS.jit_compile)
+    return model
+
+
+def _runner(model, data, callback=None):
+    """A function that runs ``FLAGS.steps`` train steps of ``model``."""
+    if callback is not None:
+        callback.set_model(model)
+        callback.on_train_begin()
+    train_step = model.make_train_function()
+    iterator = iter(data)
+
+    def run():
+        for _ in range(FLAGS.steps):
+            loss = train_step(iterator)
+        float(loss["loss"])  # wait for the device
+
+    return run
+
+
+def main(_):
+    if FLAGS.mixed_precision:
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+        keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(FLAGS.batch_size, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, size=FLAGS.batch_size)
+    data = tf.data.Dataset.from_tensors((x, y)).repeat()
+
+    dense = vgg19_bn(width=FLAGS.width)
+    weights = dense.get_weights()
+
+    def fresh():
+        model = vgg19_bn(width=FLAGS.width)
+        model.set_weights(weights)
+        return model
+
+    tfmot_model = tfmot.sparsity.keras.prune_low_magnitude(
+        fresh(), pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.9, 0, frequency=10**6))
+    ours = tf_stdprune.prune_low_std(
+        fresh(), pruning_schedule=tf_stdprune.StdPruningSchedule([1.0], steps_per_iteration=10**6))
+    contenders = {
+        "dense": _runner(_compiled(dense), data),
+        "prune_low_magnitude": _runner(_compiled(tfmot_model), data,
+                                       tfmot.sparsity.keras.UpdatePruningStep()),
+        "prune_low_std": _runner(_compiled(ours), data, tf_stdprune.UpdatePruningStep()),
+    }
+    medians = interleaved_medians(contenders, FLAGS.rounds)
+    per_step = {name: t / FLAGS.steps for name, t in medians.items()}
+    report("train step", {"width": FLAGS.width, "batch_size": FLAGS.batch_size,
+                          "steps": FLAGS.steps, "rounds": FLAGS.rounds,
+                          "jit_compile": FLAGS.jit_compile,
+                          "policy": keras.mixed_precision.global_policy().name,
+                          "devices": [d.device_type for d in tf.config.list_logical_devices()]},
+           per_step, "dense", items=FLAGS.batch_size)
+
+
+if __name__ == "__main__":
+    app.run(main)
