@@ -1,0 +1,53 @@
+"""Property tests of the mask rule against the numpy reference (hypothesis).
+
+Shapes from 1 element up, constant tensors, NaN/inf entries, huge and tiny q, every
+std_mode: the mask never grows, is never NaN, and equals the reference except where
+|w| lies within float32 rounding of the threshold.
+"""
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+import numpy as np
+import tensorflow as tf
+
+from tf_stdprune import mask_rule
+
+from reference import reference_step
+
+FLOATS = st.one_of(
+    st.floats(-1e3, 1e3, width=32),
+    st.sampled_from([np.nan, np.inf, -np.inf, 0.0, 1e-30, -1e-30]),
+)
+WEIGHTS = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=4, max_side=9), elements=FLOATS)
+QUALITIES = st.one_of(st.floats(0, 10), st.sampled_from([0.0, 1e-12, 1e6, 1e30]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(weights=WEIGHTS, q=QUALITIES, std_mode=st.sampled_from(mask_rule.STD_MODES),
+       keep_fraction=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_mask_rule_matches_reference(weights, q, std_mode, keep_fraction, seed):
+    mask = (np.random.default_rng(seed).random(weights.shape) < keep_fraction).astype(np.float32)
+    sigma = mask_rule.layer_sigma(tf.constant(weights), tf.constant(mask), std_mode,
+                                  tf.constant(mask_rule.UNSET_SIGMA))
+    threshold = np.float32(q) * sigma
+    new_mask = mask_rule.prune_mask(tf.constant(weights), tf.constant(mask), threshold).numpy()
+    expected, expected_sigma = reference_step(weights, mask.astype(bool), q, std_mode)
+
+    assert np.isfinite(sigma.numpy()) and sigma.numpy() >= 0
+    assert not np.isnan(new_mask).any()
+    assert set(np.unique(new_mask)) <= {0.0, 1.0}
+    assert np.all(new_mask <= mask)  # never grows
+    np.testing.assert_allclose(sigma.numpy(), expected_sigma, rtol=1e-4, atol=1e-30)
+    near = np.isclose(np.abs(weights.astype(np.float64)), q * expected_sigma, rtol=1e-4)
+    np.testing.assert_array_equal(new_mask.astype(bool)[~near], expected[~near])
+    assert not new_mask[np.isnan(weights)].any()  # NaN weights are removed
+
+
+@settings(max_examples=40, deadline=None)
+@given(value=st.floats(-1e6, 1e6, width=32), size=st.integers(1, 500),
+       std_mode=st.sampled_from(mask_rule.STD_MODES), q=QUALITIES)
+def test_constant_tensor_prunes_nothing(value, size, std_mode, q):
+    weights = tf.fill([size], np.float32(value))
+    ones = tf.ones([size])
+    sigma = mask_rule.layer_sigma(weights, ones, std_mode, tf.constant(mask_rule.UNSET_SIGMA))
+    assert sigma.numpy() == 0.0
+    np.testing.assert_array_equal(mask_rule.prune_mask(weights, ones, q * sigma).numpy(), 1.0)
