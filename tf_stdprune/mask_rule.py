@@ -51,11 +51,11 @@ def layer_sigma(weights, mask, std_mode, stored_sigma):
     """
     if std_mode == "surviving":
         return masked_std(weights, mask)
-    dense_sigma = masked_std(weights, tf.ones_like(weights, dtype=tf.bool))
+    dense_sigma = lambda: masked_std(weights, tf.ones_like(weights, dtype=tf.bool))  # noqa: E731
     if std_mode == "all":
-        return dense_sigma
+        return dense_sigma()
     if std_mode == "initial":
-        return tf.where(stored_sigma >= 0.0, stored_sigma, dense_sigma)
+        return tf.cond(stored_sigma >= 0.0, lambda: tf.identity(stored_sigma), dense_sigma)
     raise ValueError(f"std_mode must be one of {STD_MODES}, got {std_mode!r}.")
 
 
@@ -63,3 +63,21 @@ def prune_mask(weights, mask, threshold):
     """``m_new = m * [|w| >= threshold]``, in the dtype of ``mask``."""
     keep = tf.abs(tf.cast(weights, tf.float32)) >= threshold
     return mask * tf.cast(keep, mask.dtype)
+
+
+def apply_mask(weights, mask):
+    """``w * m``, except that pruned entries are exactly 0.0 even where ``w`` is NaN/inf."""
+    return tf.where(tf.cast(mask, tf.bool), weights, tf.zeros_like(weights))
+
+
+@tf.function(jit_compile=True)
+def std_prune(weights, mask, quality, std_mode, stored_sigma):
+    """One application of the rule, compiled with XLA into a few fused passes.
+
+    Returns ``(m_new, threshold, sigma, w * m_new)`` with ``threshold = q * sigma``.
+    """
+    weights = tf.cast(weights, tf.float32)
+    sigma = layer_sigma(weights, mask, std_mode, stored_sigma)
+    threshold = quality * sigma
+    new_mask = prune_mask(weights, mask, threshold)
+    return new_mask, threshold, sigma, apply_mask(weights, new_mask)

@@ -114,16 +114,11 @@ class StdPruning:
         quality = quality * wrapper.quality_multiplier
         pairs = []
         for (weight, mask, threshold), sigma in zip(wrapper.pruning_vars, wrapper.sigmas):
-            value = _float32_value(weight)
-            new_sigma = mask_rule.layer_sigma(value, mask, wrapper.std_mode, sigma)
-            new_threshold = quality * new_sigma
-            new_mask = mask_rule.prune_mask(value, mask, new_threshold)
-            pairs += [
-                (mask, new_mask),
-                (threshold, new_threshold),
-                (sigma, new_sigma),
-                (weight, value * new_mask),
-            ]
+            new_mask, new_threshold, new_sigma, new_weight = mask_rule.std_prune(
+                _float32_value(weight), tf.convert_to_tensor(mask), quality, wrapper.std_mode,
+                tf.convert_to_tensor(sigma))
+            pairs += [(mask, new_mask), (threshold, new_threshold), (sigma, new_sigma),
+                      (weight, tf.cast(new_weight, getattr(weight, "true_dtype", weight.dtype)))]
         return pairs
 
     def update_masks(self, quality):
@@ -147,7 +142,8 @@ class StdPruning:
 
     def masked_weights(self):
         """``(w, w * m)`` pairs of the wrapped layer."""
-        return [(w, _float32_value(w) * m) for w, m, _ in self._wrapper.pruning_vars]
+        return [(w, mask_rule.apply_mask(_float32_value(w), m))
+                for w, m, _ in self._wrapper.pruning_vars]
 
 
 @keras.utils.register_keras_serializable(package="tf_stdprune")

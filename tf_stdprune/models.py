@@ -1,0 +1,47 @@
+"""`vgg19_bn`: the seed's VGG19_BN_drop_10 for 32x32x3 images.
+
+Convolutions (3x3, stride 1, same padding, with bias), each followed by
+BatchNormalization and ReLU; ``M`` is 2x2 max pooling::
+
+    [64, 64, M, 128, 128, M, 256 x4, M, 512 x4, M, 512 x4, M]
+
+then Flatten -> Dense 4096 -> ReLU -> Dropout -> Dense 4096 -> ReLU -> Dropout -> Dense 10
+(logits). The seed's "4906" is a typo for 4096: only 4096 gives its counts. At width 1 the
+model has exactly 38,969,930 parameters (BN moving statistics included) of which
+38,939,712 are "weights" in the seed's sense (kernels + BN gammas).
+"""
+from tf_stdprune._keras import keras
+
+VGG19_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+                512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+
+
+def _scaled(units, width):
+    return max(1, int(round(units * width)))
+
+
+def vgg19_bn(num_classes=10, width=1.0, dropout=0.5, weight_decay=5e-4,
+             input_shape=(32, 32, 3), dense_units=4096, name="vgg19_bn"):
+    """The seed's VGG19-BN; ``width`` scales every conv and dense layer's units.
+
+    ``weight_decay`` is the L2 factor on every kernel (``loss += wd * sum(w^2)``).
+    """
+    if width <= 0:
+        raise ValueError(f"width must be > 0 (1.0 is the seed's model), got {width!r}.")
+    layers = keras.layers
+    l2 = keras.regularizers.l2(weight_decay) if weight_decay else None
+    model = keras.Sequential(name=name)
+    model.add(keras.Input(input_shape))
+    for item in VGG19_CONFIG:
+        if item == "M":
+            model.add(layers.MaxPooling2D())
+            continue
+        model.add(layers.Conv2D(_scaled(item, width), 3, padding="same", kernel_regularizer=l2))
+        model.add(layers.BatchNormalization())
+        model.add(layers.ReLU())
+    model.add(layers.Flatten())
+    for _ in range(2):
+        model.add(layers.Dense(_scaled(dense_units, width), activation="relu", kernel_regularizer=l2))
+        model.add(layers.Dropout(dropout))
+    model.add(layers.Dense(num_classes, kernel_regularizer=l2))
+    return model
