@@ -1,6 +1,7 @@
-"""Keras callbacks that drive pruning inside ``model.fit``."""
+"""Keras callbacks that drive pruning inside ``model.fit``: pruning step, learning rate."""
 import tensorflow_model_optimization as tfmot
 
+from tf_stdprune._keras import keras
 from tf_stdprune.wrapper import PruneLowStd
 
 PruningSummaries = tfmot.sparsity.keras.PruningSummaries
@@ -40,3 +41,32 @@ def _prunes_between(schedule, start, end):
     if hasattr(schedule, "prunes_between"):
         return schedule.prunes_between(start, end)
     return any(bool(schedule(step)[0]) for step in range(start, end))
+
+
+class IterationLearningRate(keras.callbacks.Callback):
+    """The seed's learning rate: a per-iteration initial rate, dropped inside each iteration.
+
+    For epoch ``e`` (0-based) with ``E`` epochs per iteration, ``i = e // E``, ``j = e % E``::
+
+        lr(e) = initial_lrs[min(i, len(initial_lrs) - 1)] * factor ** #{d in drops : d <= j}
+
+    so with drops ``(3, 10, 16)`` the rate falls 10x at the 4th, 11th and 17th epoch of
+    every iteration (epochs counted from 0). Set on the optimizer at each epoch's start.
+    """
+
+    def __init__(self, initial_lrs, epochs_per_iteration, drops=(3, 10, 16), factor=0.1):
+        super().__init__()
+        if not initial_lrs or any(not lr > 0 for lr in initial_lrs):
+            raise ValueError(f"initial_lrs must be a non-empty list of rates > 0, got {initial_lrs!r}.")
+        if epochs_per_iteration < 1:
+            raise ValueError(f"epochs_per_iteration must be >= 1, got {epochs_per_iteration!r}.")
+        self.initial_lrs, self.drops, self.factor = list(initial_lrs), sorted(drops), factor
+        self.epochs_per_iteration = epochs_per_iteration
+
+    def rate(self, epoch):
+        iteration, epoch_in_iteration = divmod(epoch, self.epochs_per_iteration)
+        initial = self.initial_lrs[min(iteration, len(self.initial_lrs) - 1)]
+        return initial * self.factor ** sum(d <= epoch_in_iteration for d in self.drops)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        keras.backend.set_value(self.model.optimizer.learning_rate, self.rate(epoch))

@@ -8,7 +8,12 @@ BatchNormalization and ReLU; ``M`` is 2x2 max pooling::
 then Flatten -> Dense 4096 -> ReLU -> Dropout -> Dense 4096 -> ReLU -> Dropout -> Dense 10
 (logits). The seed's "4906" is a typo for 4096: only 4096 gives its counts. At width 1 the
 model has exactly 38,969,930 parameters (BN moving statistics included) of which
-38,939,712 are "weights" in the seed's sense (kernels + BN gammas).
+38,939,712 are "weights" in the seed's sense (kernels + BN gammas)::
+
+    parameters = sum_conv (9 c_in c + c + 4 c) + sum_dense (n_in n + n)
+    weights    = sum_conv (9 c_in c + c)     + sum_dense (n_in n)
+
+(``4 c`` = BN gamma, beta, moving mean, moving variance; ``c`` of the first sum = gamma.)
 """
 from tf_stdprune._keras import keras
 
@@ -17,17 +22,26 @@ VGG19_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
 
 
 def _scaled(units, width):
+    """``max(1, round(units * width))``."""
     return max(1, int(round(units * width)))
 
 
 def vgg19_bn(num_classes=10, width=1.0, dropout=0.5, weight_decay=5e-4,
              input_shape=(32, 32, 3), dense_units=4096, name="vgg19_bn"):
-    """The seed's VGG19-BN; ``width`` scales every conv and dense layer's units.
+    """The seed's VGG19-BN; ``width`` scales every conv and hidden dense layer's units.
 
-    ``weight_decay`` is the L2 factor on every kernel (``loss += wd * sum(w^2)``).
+    ``weight_decay`` is the L2 factor on every kernel (``loss += wd * sum(w^2)``; biases
+    and BN parameters are not decayed). The logits are returned in float32 under a
+    mixed-precision policy (a parameter-free float32 ``logits`` activation ends the model).
     """
-    if width <= 0:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}.")
+    if not width > 0:
         raise ValueError(f"width must be > 0 (1.0 is the seed's model), got {width!r}.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1) (the seed uses 0.5), got {dropout!r}.")
+    if weight_decay is not None and not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0 (the seed uses 5e-4), got {weight_decay!r}.")
     layers = keras.layers
     l2 = keras.regularizers.l2(weight_decay) if weight_decay else None
     model = keras.Sequential(name=name)
@@ -44,4 +58,5 @@ def vgg19_bn(num_classes=10, width=1.0, dropout=0.5, weight_decay=5e-4,
         model.add(layers.Dense(_scaled(dense_units, width), activation="relu", kernel_regularizer=l2))
         model.add(layers.Dropout(dropout))
     model.add(layers.Dense(num_classes, kernel_regularizer=l2))
+    model.add(layers.Activation("linear", dtype="float32", name="logits"))
     return model

@@ -13,6 +13,7 @@ does); pass ``end_step`` to stop pruning instead. ``qualities`` may also be a ca
 the (int64 tensor) iteration index returning ``q``; such a schedule cannot be serialized.
 """
 import math
+import numbers
 
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
@@ -21,11 +22,20 @@ from tf_stdprune._keras import keras
 
 
 def _check_quality(q, where):
-    if not isinstance(q, (int, float)) or isinstance(q, bool) or not math.isfinite(q) or q < 0:
+    """Returns ``q`` as a float; raises ValueError unless it is a finite number >= 0."""
+    if not isinstance(q, numbers.Real) or isinstance(q, bool) or not math.isfinite(q) or q < 0:
         raise ValueError(
             f"{where} must be a finite number >= 0 (the multiple of the layer's std below "
             f"which weights are pruned), got {q!r}."
         )
+    return float(q)
+
+
+def _check_step(value, where, minimum, fix):
+    """Returns ``value`` as an int; raises ValueError unless it is an integer >= minimum."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{where} must be an integer >= {minimum} ({fix}), got {value!r}.")
+    return int(value)
 
 
 @keras.utils.register_keras_serializable(package="tf_stdprune")
@@ -40,24 +50,21 @@ class StdPruningSchedule(tfmot.sparsity.keras.PruningSchedule):
         if callable(qualities):
             self._quality_fn = qualities
         else:
-            qualities = list(qualities) if isinstance(qualities, (list, tuple)) else [qualities]
+            qualities = [qualities] if isinstance(qualities, numbers.Real) else list(qualities)
             if not qualities:
                 raise ValueError(
                     "qualities is empty: give at least one quality parameter q, e.g. [0.5, 1.0]."
                 )
-            for i, q in enumerate(qualities):
-                _check_quality(q, f"qualities[{i}]")
+            qualities = [_check_quality(q, f"qualities[{i}]") for i, q in enumerate(qualities)]
             self._quality_fn = None
-        if not isinstance(steps_per_iteration, int) or steps_per_iteration < 1:
-            raise ValueError(
-                "steps_per_iteration must be an integer >= 1 (optimizer steps in one "
-                f"prune + retrain iteration, e.g. epochs * steps_per_epoch), got {steps_per_iteration!r}."
-            )
-        self._validate_step(begin_step, end_step, 1, allow_negative_1=True)
         self.qualities = qualities
-        self.steps_per_iteration = steps_per_iteration
-        self.begin_step = begin_step
-        self.end_step = end_step
+        self.steps_per_iteration = _check_step(
+            steps_per_iteration, "steps_per_iteration", 1,
+            "optimizer steps in one prune + retrain iteration, e.g. epochs * steps_per_epoch")
+        self.begin_step = _check_step(begin_step, "begin_step", 0, "the first step that prunes")
+        self.end_step = _check_step(end_step, "end_step", -1, "the last step that prunes, -1: never stop")
+        if 0 <= self.end_step < self.begin_step:
+            raise ValueError(f"end_step ({end_step}) must be -1 or >= begin_step ({begin_step}).")
 
     def iteration(self, step):
         """The iteration index of ``step`` (negative before ``begin_step``)."""
@@ -99,3 +106,8 @@ class StdPruningSchedule(tfmot.sparsity.keras.PruningSchedule):
                 "end_step": self.end_step,
             },
         }
+
+    @classmethod
+    def from_config(cls, config):
+        """Accepts ``get_config()``'s tfmot form ``{"class_name", "config"}`` or its ``config``."""
+        return cls(**config.get("config", config))

@@ -121,17 +121,28 @@ class StdPruning:
                       (weight, tf.cast(new_weight, getattr(weight, "true_dtype", weight.dtype)))]
         return pairs
 
+    def _updates(self, quality):
+        wrapper = self._wrapper
+        return self.new_values(quality) + [(wrapper.pruned_at_step, wrapper.pruning_step.value())]
+
     def update_masks(self, quality):
-        """Applies the rule once with quality ``q`` (any step, any context)."""
+        """Applies the rule once with quality ``q`` now (any step, any context).
+
+        The current ``pruning_step`` is recorded as pruned, so the schedule does not prune
+        a second time at this step inside the training call.
+        """
         quality = tf.cast(quality, tf.float32)
-        return _cross_replica(lambda s: _assign_everywhere(s, self.new_values(quality)))
+        return _cross_replica(lambda s: _assign_everywhere(s, self._updates(quality)))
 
     def conditional_mask_update(self):
-        """Applies the rule if the schedule prunes at the current ``pruning_step``."""
+        """Applies the rule if the schedule prunes at the current, not yet pruned, step."""
 
         def maybe_update(strategy):
-            should_prune, quality = self._wrapper.pruning_schedule(self._wrapper.pruning_step)
-            update = lambda: _assign_everywhere(strategy, self.new_values(quality))  # noqa: E731
+            wrapper = self._wrapper
+            should_prune, quality = wrapper.pruning_schedule(wrapper.pruning_step)
+            should_prune = tf.logical_and(
+                should_prune, tf.not_equal(wrapper.pruned_at_step, wrapper.pruning_step))
+            update = lambda: _assign_everywhere(strategy, self._updates(quality))  # noqa: E731
             return tf.cond(should_prune, update, tf.no_op)
 
         return _cross_replica(maybe_update)
@@ -214,6 +225,7 @@ class PruneLowStd(PruneLowMagnitude):
             self.pruning_vars.append((weight, mask, threshold))
             self.sigmas.append(sigma)
         self.pruning_step = self._state("pruning_step", [], -1, tf.int64)
+        self.pruned_at_step = self._state("pruned_at_step", [], -1, tf.int64)
         self.pruning_obj = StdPruning(self)
 
     def _state(self, name, shape, initial, dtype):
@@ -264,7 +276,7 @@ class PruneLowStd(PruneLowMagnitude):
     def get_config(self):
         config = keras.layers.Wrapper.get_config(self)
         config.update({
-            "pruning_schedule": keras.utils.serialize_keras_object(self.pruning_schedule),
+            "pruning_schedule": self.pruning_schedule.get_config(),
             "std_mode": self.std_mode,
             "quality_multiplier": self.quality_multiplier,
             "prune_batchnorm": self.prune_batchnorm,
@@ -280,7 +292,7 @@ class PruneLowStd(PruneLowMagnitude):
 
 
 def deserialize_schedule(config):
-    """A pruning schedule from its config: ours or one of tfmot's."""
+    """A pruning schedule from its ``get_config()`` (``{"class_name", "config"}``, as tfmot's)."""
     return keras.utils.deserialize_keras_object(
         config,
         custom_objects={

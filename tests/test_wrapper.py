@@ -1,0 +1,235 @@
+"""PruneLowStd: masked kernels AND masked gradients, optimizer slots, tfmot protocol."""
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import (
+    collect_prunable_layers,
+)
+
+import tf_stdprune
+from tf_stdprune._keras import keras
+from tf_stdprune.wrapper import optimizer_slots
+
+from conftest import tiny_cnn
+from reference import reference_step
+
+OPTIMIZERS = {
+    "sgd_momentum_l2": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+    "adam": lambda: keras.optimizers.Adam(0.01),
+    "adamw": lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1),
+    "legacy_sgd_momentum": lambda: keras.optimizers.legacy.SGD(0.05, momentum=0.9),
+}
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _pruned(steps_per_iteration=4, qualities=(0.8, 1.0), **kwargs):
+    return tf_stdprune.prune_low_std(
+        tiny_cnn(l2=1e-3),
+        pruning_schedule=tf_stdprune.StdPruningSchedule(list(qualities), steps_per_iteration),
+        **kwargs)
+
+
+def _wrappers(model):
+    return [l for l in model.layers if isinstance(l, tf_stdprune.PruneLowStd)]
+
+
+def _kernel_state(model):
+    return [(w.numpy().copy(), m.numpy().copy()) for l in _wrappers(model)
+            for w, m, _ in l.pruning_vars]
+
+
+def _assert_exactly_pruned(model, data, initial):
+    """Pruned entries of kernel, gradient and every optimizer slot are exactly 0."""
+    x, y = data
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, model(x, training=False)) + tf.add_n(model.losses)
+    variables = [w for l in _wrappers(model) for w, _, _ in l.pruning_vars]
+    gradients = dict(zip(map(id, variables), tape.gradient(loss, variables)))
+    pruned_somewhere = 0
+    for layer in _wrappers(model):
+        for weight, mask, _ in layer.pruning_vars:
+            pruned = mask.numpy() == 0
+            pruned_somewhere += pruned.sum()
+            assert np.all(weight.numpy()[pruned] == 0.0), weight.name
+            gradient = gradients[id(weight)].numpy()
+            assert np.all(gradient[pruned] == 0.0), weight.name
+            assert np.any(gradient[~pruned] != 0.0)
+            slots = optimizer_slots(model.optimizer, weight)
+            assert slots, weight.name
+            for slot in slots:
+                assert np.all(slot.numpy()[pruned] == 0.0), slot.name
+    assert pruned_somewhere > 0
+    for (before, mask), (after, _) in zip(initial, _kernel_state(model)):
+        if before.std() > 0:
+            assert np.any(after[mask == 1] != before[mask == 1])  # survivors trained
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_fit_masks_kernel_gradient_and_slots(name, tiny_data):
+    model = _pruned()
+    model.compile(OPTIMIZERS[name](), LOSS)
+    initial = _kernel_state(model)
+    x, y = tiny_data
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+              callbacks=[tf_stdprune.UpdatePruningStep()])
+    assert int(_wrappers(model)[0].pruning_step.numpy()) == 16
+    _assert_exactly_pruned(model, tiny_data, initial)
+
+
+def test_xla_compiled_fit(tiny_data):
+    model = _pruned()
+    model.compile(OPTIMIZERS["adam"](), LOSS, jit_compile=True)
+    initial = _kernel_state(model)
+    model.fit(*tiny_data, batch_size=8, epochs=2, verbose=0,
+              callbacks=[tf_stdprune.UpdatePruningStep()])
+    _assert_exactly_pruned(model, tiny_data, initial)
+
+
+def test_custom_gradient_tape_loop(tiny_data):
+    """The custom-loop protocol (as tfmot's): drive the callback around each step."""
+    model = _pruned()
+    optimizer = OPTIMIZERS["sgd_momentum_l2"]()
+    model.optimizer = optimizer
+    callback = tf_stdprune.UpdatePruningStep()
+    callback.set_model(model)
+    callback.on_train_begin()
+    initial = _kernel_state(model)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True)) + tf.add_n(model.losses)
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                      model.trainable_variables))
+
+    x, y = tiny_data
+    for batch in range(12):
+        callback.on_train_batch_begin(batch)
+        train_step(x[batch % 8 * 8:][:8], y[batch % 8 * 8:][:8])
+        callback.on_train_batch_end(batch)
+    callback.on_epoch_end(0)
+    _assert_exactly_pruned(model, tiny_data, initial)
+
+
+def test_masks_follow_reference_rule_each_iteration(tiny_data):
+    """Each pruning step's mask equals the numpy rule applied to the weights just before."""
+    qualities = [0.5, 0.9, 1.2]
+    for std_mode in ("initial", "surviving", "all"):
+        keras.backend.clear_session()
+        model = _pruned(steps_per_iteration=1, qualities=qualities, std_mode=std_mode)
+        model.compile(keras.optimizers.SGD(0.05), LOSS)
+        layer = _wrappers(model)[0]
+        model(tiny_data[0][:1])  # build
+        weight, mask, threshold = layer.pruning_vars[0]
+        step = tf_stdprune.UpdatePruningStep()
+        step.set_model(model)
+        step.on_train_begin()
+        initial_sigma = None
+        for iteration, q in enumerate(qualities):
+            before_w, before_m = weight.numpy().copy(), mask.numpy().astype(bool)
+            expected, sigma = reference_step(before_w, before_m, q, std_mode, initial_sigma)
+            initial_sigma = initial_sigma if initial_sigma is not None else sigma
+            model.train_on_batch(tiny_data[0][:8], tiny_data[1][:8])
+            np.testing.assert_array_equal(mask.numpy().astype(bool), expected, err_msg=std_mode)
+            np.testing.assert_allclose(threshold.numpy(), q * sigma, rtol=1e-5)
+            assert np.all(mask.numpy() <= before_m)
+
+
+def test_quality_multiplier_scales_threshold(tiny_data):
+    models = []
+    for factor in (1.0, 2.0):
+        keras.backend.clear_session()
+        base = tiny_cnn(l2=1e-3)
+        models.append(tf_stdprune.prune_low_std(
+            base, pruning_schedule=tf_stdprune.StdPruningSchedule([0.7], 4),
+            layer_quality={base.layers[-1].name: factor}))
+    models[1].set_weights(models[0].get_weights())
+    for model in models:
+        model.compile(keras.optimizers.SGD(0.0), LOSS)
+        model.fit(*tiny_data, batch_size=64, epochs=1, verbose=0,
+                  callbacks=[tf_stdprune.UpdatePruningStep()])
+    plain, scaled = (_wrappers(m)[-1].pruning_vars[0][2].numpy() for m in models)
+    assert scaled == pytest.approx(2.0 * plain, rel=1e-6)
+    assert _wrappers(models[1])[0].pruning_vars[0][2].numpy() == pytest.approx(
+        _wrappers(models[0])[0].pruning_vars[0][2].numpy(), rel=1e-6)
+
+
+def test_batchnorm_gamma_pruned_never_beta_or_statistics():
+    bn = keras.layers.BatchNormalization()
+    wrapped = tf_stdprune.PruneLowStd(bn, tf_stdprune.StdPruningSchedule([1.0], 1))
+    wrapped.build((None, 6))
+    bn.gamma.assign([0.01, 1.0, 2.0, -0.02, 1.5, 0.9])
+    wrapped.pruning_obj.update_masks(0.5)
+    assert [w.name for w, _, _ in wrapped.pruning_vars] == [bn.gamma.name]
+    np.testing.assert_array_equal(bn.gamma.numpy() == 0, [True, False, False, True, False, False])
+    assert np.all(bn.beta.numpy() == 0) and np.all(bn.moving_variance.numpy() == 1)
+    assert tf_stdprune.prune_low_std([bn], prune_batchnorm=False) == [bn]
+
+
+def test_tfmot_callbacks_and_helpers_work_unchanged(tiny_data, tmp_path):
+    model = _pruned()
+    model.compile(OPTIMIZERS["sgd_momentum_l2"](), LOSS)
+    model.fit(*tiny_data, batch_size=8, epochs=1, verbose=0, callbacks=[
+        tfmot.sparsity.keras.UpdatePruningStep(),
+        tfmot.sparsity.keras.PruningSummaries(log_dir=str(tmp_path))])
+    layers = collect_prunable_layers(model)
+    assert layers == _wrappers(model)
+    for layer in layers:  # tfmot's callback re-masks at epoch end: stored zeros exact
+        for weight, mask, _ in layer.pruning_vars:
+            assert np.all(weight.numpy()[mask.numpy() == 0] == 0)
+    assert (1 - _wrappers(model)[0].pruning_vars[0][1].numpy().mean()) > 0.2
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_missing_callback_raises_clear_error(tiny_data):
+    model = _pruned()
+    model.compile(keras.optimizers.SGD(0.1), LOSS)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="UpdatePruningStep"):
+        model.fit(*tiny_data, batch_size=8, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (lambda: tf_stdprune.PruneLowStd(tiny_cnn()), TypeError, "prune_low_std"),
+    (lambda: tf_stdprune.PruneLowStd(tf_stdprune.PruneLowStd(keras.layers.Dense(2))),
+     ValueError, "already wrapped"),
+    (lambda: tf_stdprune.PruneLowStd("dense"), TypeError, "tf_keras layer"),
+    (lambda: tf_stdprune.PruneLowStd(keras.layers.ReLU()), ValueError, "no prunable"),
+    (lambda: tf_stdprune.PruneLowStd(keras.layers.Dense(2), std_mode="median"), ValueError,
+     "std_mode"),
+    (lambda: tf_stdprune.PruneLowStd(keras.layers.Dense(2), quality_multiplier=-1), ValueError,
+     "quality_multiplier"),
+    (lambda: tf_stdprune.PruneLowStd(keras.layers.Dense(2), pruning_schedule=0.5), TypeError,
+     "pruning_schedule"),
+])
+def test_bad_input(bad, error, match):
+    with pytest.raises(error, match=match):
+        bad()
+
+
+def test_keras3_objects_rejected_with_fix():
+    keras3 = pytest.importorskip("keras")
+    if not keras3.__version__.startswith("3."):
+        pytest.skip("Keras 3 not installed")
+    for obj in (keras3.layers.Dense(2), keras3.Sequential([keras3.layers.Dense(2)])):
+        with pytest.raises(TypeError, match="tf_keras.*TF_USE_LEGACY_KERAS"):
+            tf_stdprune.prune_low_std(obj)
+        with pytest.raises(TypeError, match="TF_USE_LEGACY_KERAS"):
+            tf_stdprune.PruneLowStd(obj)
+
+
+def test_zero_std_and_nan_weights():
+    dense = keras.layers.Dense(3)
+    wrapped = tf_stdprune.PruneLowStd(dense, std_mode="surviving")
+    wrapped.build((None, 4))
+    dense.kernel.assign(tf.fill([4, 3], 0.25))
+    wrapped.pruning_obj.update_masks(2.0)
+    assert np.all(wrapped.pruning_vars[0][1].numpy() == 1.0)  # sigma = 0: nothing pruned
+    kernel = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+    kernel[0, 0] = np.nan
+    dense.kernel.assign(kernel)
+    wrapped.pruning_obj.update_masks(0.5)
+    _, mask, threshold = wrapped.pruning_vars[0]
+    assert not np.isnan(mask.numpy()).any() and np.isfinite(threshold.numpy())
+    assert mask.numpy()[0, 0] == 0 and dense.kernel.numpy()[0, 0] == 0.0
+    assert 0 < (mask.numpy() == 0).sum() < 12

@@ -1,0 +1,127 @@
+"""The seed's figures, drawn from a run directory's ``history.jsonl`` and ``report.json``.
+
+* Figure 1: validation top-1 vs ``zero_weights / all_parameters`` (%).
+* Figure 2: the same with train and validation curves, before and after retraining.
+* Figure 3: top-1 vs compression rate ``all_parameters / nonzero_weights`` (log x).
+* Figure 4: per-layer zero weights (%) of the final model, conv / bn / dense coloured.
+* Figure 5: the quality parameter q and the zero-weights rate per iteration.
+
+Only matplotlib (Agg), json and numpy: it runs without TensorFlow.
+"""
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+KIND_COLOURS = {"conv": "tab:blue", "bn": "tab:orange", "dense": "tab:green", "other": "tab:gray"}
+FIGURES = ("fig1_accuracy_vs_zero_parameters.png", "fig2_train_val_before_after.png",
+           "fig3_accuracy_vs_compression_rate.png", "fig4_layer_compression.png",
+           "fig5_quality_and_sparsity.png")
+
+
+def _read_json_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _optional_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _series(history, stage, key):
+    return [100 * r[stage][key] if r[stage].get(key) is not None else None for r in history]
+
+
+def _save(fig, path):
+    tmp = path + ".tmp.png"
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _accuracy_axes(title, xlabel):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _with_dense(xs, ys, baseline, key, dense_x):
+    """Prepends the dense baseline's point (0 % zeros, compression x1) when known."""
+    if baseline and baseline.get(key) is not None:
+        return [dense_x] + xs, [100 * baseline[key]] + ys
+    return xs, ys
+
+
+def write_figures(run_dir):
+    """Writes the five PNGs into ``run_dir/figures`` and returns their paths."""
+    history = _read_json_lines(os.path.join(run_dir, "history.jsonl"))
+    report = _optional_json(os.path.join(run_dir, "report.json"))
+    baseline = _optional_json(os.path.join(run_dir, "baseline.json"))
+    out = os.path.join(run_dir, "figures")
+    os.makedirs(out, exist_ok=True)
+    paths = [os.path.join(out, name) for name in FIGURES]
+    zeros = [r["zero_parameters_rate"] for r in history]
+    rates = [r["compression_rate"] for r in history]
+
+    fig, ax = _accuracy_axes("Figure 1: compression vs accuracy",
+                             "zero weights / all parameters (%)")
+    ax.plot(*_with_dense(zeros, _series(history, "after", "val_top1"), baseline, "val_top1", 0.0),
+            "o-", label="validation, after retraining")
+    ax.legend()
+    _save(fig, paths[0])
+
+    fig, ax = _accuracy_axes("Figure 2: train and validation, before and after retraining",
+                             "zero weights / all parameters (%)")
+    for split, colour in (("train", "tab:blue"), ("val", "tab:red")):
+        key = f"{split}_top1"
+        ax.plot(*_with_dense(zeros, _series(history, "after", key), baseline, key, 0.0),
+                "o-", color=colour, label=f"{split}, after retraining")
+        ax.plot(zeros, _series(history, "before", key), "x--", color=colour, alpha=0.6,
+                label=f"{split}, right after pruning")
+    ax.legend()
+    _save(fig, paths[1])
+
+    fig, ax = _accuracy_axes("Figure 3: compression rate vs accuracy",
+                             "compression rate: all parameters / nonzero weights (x)")
+    ax.plot(*_with_dense(rates, _series(history, "after", "val_top1"), baseline, "val_top1", 1.0),
+            "o-", label="validation, after retraining")
+    ax.set_xscale("log")
+    ax.legend()
+    _save(fig, paths[2])
+
+    layers = (report or {}).get("layers", [])
+    fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(layers) + 2), 4.5))
+    ax.bar(range(len(layers)), [l["rate"] for l in layers],
+           color=[KIND_COLOURS.get(l["kind"], "tab:gray") for l in layers])
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels([l["name"] for l in layers], rotation=90, fontsize=7)
+    ax.set_ylabel("zero weights (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Figure 4: compression in each layer")
+    for kind, colour in KIND_COLOURS.items():
+        if any(l["kind"] == kind for l in layers):
+            ax.bar([], [], color=colour, label=kind)
+    ax.legend()
+    _save(fig, paths[3])
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    iterations = [r["iteration"] for r in history]
+    ax.plot(iterations, [r["q"] for r in history], "o-", color="tab:purple")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("quality parameter q", color="tab:purple")
+    other = ax.twinx()
+    other.plot(iterations, [r["zero_weights_rate"] for r in history], "s-", color="tab:green")
+    other.set_ylabel("zero weights (%)", color="tab:green")
+    ax.set_title("q and sparsity per iteration")
+    _save(fig, paths[4])
+    return paths

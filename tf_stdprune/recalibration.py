@@ -1,0 +1,57 @@
+"""BatchNormalization recalibration: fresh moving statistics for a pruned network.
+
+Pruning changes every activation downstream, so the moving mean/variance a BN layer
+learned before are stale and inference accuracy collapses even when training-mode
+accuracy is fine. Recalibration runs ``K`` forward passes in training mode, no weight
+update, and sets for every BN layer
+
+    moving_mean     = (1/K) sum_k mean_k
+    moving_variance = (1/K) sum_k var_k
+
+the average of the per-batch statistics (each pass runs with momentum 0, so after it the
+moving statistics hold exactly that batch's statistics).
+"""
+import numpy as np
+import tensorflow as tf
+
+from tf_stdprune._keras import keras
+from tf_stdprune.prune import all_layers, strip_pruning
+
+_BATCHNORM = (keras.layers.BatchNormalization, keras.layers.experimental.SyncBatchNormalization)
+
+
+def recalibrate_batchnorm(model, data, batches):
+    """Re-estimates the moving statistics of every BN layer of ``model`` over ``batches``.
+
+    ``data`` yields ``x`` or ``(x, ...)`` batches. The forward passes go through the
+    stripped model, which shares its layers with ``model``: pruning steps and masks are
+    left untouched, and the pruned weights it reads are exactly 0 already.
+    Returns the number of batches used.
+    """
+    forward_model = strip_pruning(model)
+    layers = [l for l in all_layers(forward_model) if isinstance(l, _BATCHNORM)]
+    if not layers or batches < 1:
+        return 0
+    momenta = [layer.momentum for layer in layers]
+    sums = [[np.zeros(l.moving_mean.shape, np.float64) for _ in range(2)] for l in layers]
+    forward = tf.function(lambda x: forward_model(x, training=True))
+    count = 0
+    try:
+        for layer in layers:
+            layer.momentum = 0.0
+        for batch in data.take(batches) if isinstance(data, tf.data.Dataset) else data:
+            forward(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            for layer, (mean, variance) in zip(layers, sums):
+                mean += layer.moving_mean.numpy()
+                variance += layer.moving_variance.numpy()
+            count += 1
+            if count == batches:
+                break
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    for layer, (mean, variance) in zip(layers, sums):
+        if count:
+            layer.moving_mean.assign(mean / count)
+            layer.moving_variance.assign(variance / count)
+    return count
