@@ -7,6 +7,8 @@ reported with the ratio to dense.
     python benchmarks/overhead.py --width=0.25
     python benchmarks/overhead.py --width=1.0 --batch_size=32 --rounds=5
 """
+import time
+
 from absl import app, flags
 import numpy as np
 import tensorflow as tf
@@ -24,6 +26,8 @@ flags.DEFINE_integer("batch_size", 64, "Images per train step.")
 flags.DEFINE_integer("steps", 10, "Train steps per contender per round.")
 flags.DEFINE_integer("rounds", 7, "Interleaved rounds.")
 flags.DEFINE_bool("jit_compile", False, "Compile the train steps with XLA.")
+flags.DEFINE_enum("clock", "wall", ["wall", "cpu"],
+                  "wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine).")
 flags.DEFINE_bool("mixed_precision", False,
                   "mixed_float16 on GPU, mixed_bfloat16 on CPU (masks stay float32).")
 
@@ -79,11 +83,12 @@ def main(_):
                                        tfmot.sparsity.keras.UpdatePruningStep()),
         "prune_low_std": _runner(_compiled(ours), data, tf_stdprune.UpdatePruningStep()),
     }
-    medians = interleaved_medians(contenders, FLAGS.rounds)
+    clock = time.perf_counter if FLAGS.clock == "wall" else time.process_time
+    medians = interleaved_medians(contenders, FLAGS.rounds, clock=clock)
     per_step = {name: t / FLAGS.steps for name, t in medians.items()}
     report("train step", {"width": FLAGS.width, "batch_size": FLAGS.batch_size,
                           "steps": FLAGS.steps, "rounds": FLAGS.rounds,
-                          "jit_compile": FLAGS.jit_compile,
+                          "jit_compile": FLAGS.jit_compile, "clock": FLAGS.clock,
                           "policy": keras.mixed_precision.global_policy().name,
                           "devices": [d.device_type for d in tf.config.list_logical_devices()]},
            per_step, "dense", items=FLAGS.batch_size)

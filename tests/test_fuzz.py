@@ -14,11 +14,11 @@ from tf_stdprune import mask_rule
 from reference import reference_step
 
 FLOATS = st.one_of(
-    st.floats(-1e3, 1e3, width=32),
+    st.floats(-1e3, 1e3, width=32, allow_subnormal=False),
     st.sampled_from([np.nan, np.inf, -np.inf, 0.0, 1e-30, -1e-30]),
 )
 WEIGHTS = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=4, max_side=9), elements=FLOATS)
-QUALITIES = st.one_of(st.floats(0, 10), st.sampled_from([0.0, 1e-12, 1e6, 1e30]))
+QUALITIES = st.one_of(st.floats(0, 10, width=32, allow_subnormal=False), st.sampled_from([0.0, 1e-12, 1e6, 1e30]))
 
 
 @settings(max_examples=80, deadline=None)

@@ -40,6 +40,7 @@ def full_model():
 
 def test_seed_counts_at_width_one(full_model):
     assert arithmetic_counts() == (38_969_930, 38_939_712)
+    assert arithmetic_counts(dense_units=4906) != (38_969_930, 38_939_712)  # the seed's typo
     assert full_model.count_params() == 38_969_930
     report = tf_stdprune.sparsity_report(full_model)
     assert report.total_parameters == 38_969_930

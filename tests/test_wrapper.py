@@ -8,6 +8,7 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
 )
 
 import tf_stdprune
+from tf_stdprune import mask_rule
 from tf_stdprune._keras import keras
 from tf_stdprune.wrapper import optimizer_slots
 
@@ -20,6 +21,7 @@ OPTIMIZERS = {
     "adamw": lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1),
     "legacy_sgd_momentum": lambda: keras.optimizers.legacy.SGD(0.05, momentum=0.9),
 }
+SLOTS_PER_WEIGHT = {"SGD": 1, "Adam": 2, "AdamW": 2}  # momentum; m and v
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
@@ -56,7 +58,7 @@ def _assert_exactly_pruned(model, data, initial):
             assert np.all(gradient[pruned] == 0.0), weight.name
             assert np.any(gradient[~pruned] != 0.0)
             slots = optimizer_slots(model.optimizer, weight)
-            assert slots, weight.name
+            assert len(slots) == SLOTS_PER_WEIGHT[type(model.optimizer).__name__], weight.name
             for slot in slots:
                 assert np.all(slot.numpy()[pruned] == 0.0), slot.name
     assert pruned_somewhere > 0
@@ -79,7 +81,7 @@ def test_fit_masks_kernel_gradient_and_slots(name, tiny_data):
 
 def test_xla_compiled_fit(tiny_data):
     model = _pruned()
-    model.compile(OPTIMIZERS["adam"](), LOSS, jit_compile=True)
+    model.compile(OPTIMIZERS["adamw"](), LOSS, jit_compile=True)
     initial = _kernel_state(model)
     model.fit(*tiny_data, batch_size=8, epochs=2, verbose=0,
               callbacks=[tf_stdprune.UpdatePruningStep()])
@@ -87,7 +89,15 @@ def test_xla_compiled_fit(tiny_data):
 
 
 def test_custom_gradient_tape_loop(tiny_data):
-    """The custom-loop protocol (as tfmot's): drive the callback around each step."""
+    """How to prune in a custom loop (tfmot's protocol, plus our slot masking):
+
+    1. ``callback = tf_stdprune.UpdatePruningStep(); callback.set_model(model)``, with
+       ``model.optimizer`` set to the optimizer the loop uses;
+    2. ``callback.on_train_begin()`` once (sets ``pruning_step`` to 0);
+    3. each step: forward with ``model(x, training=True)`` (advances ``pruning_step`` and
+       prunes when the schedule fires), ``optimizer.apply_gradients(...)``, then
+       ``callback.on_train_batch_end(batch)`` (zeroes slots and weights after a prune).
+    """
     model = _pruned()
     optimizer = OPTIMIZERS["sgd_momentum_l2"]()
     model.optimizer = optimizer
@@ -112,59 +122,66 @@ def test_custom_gradient_tape_loop(tiny_data):
     _assert_exactly_pruned(model, tiny_data, initial)
 
 
-def test_masks_follow_reference_rule_each_iteration(tiny_data):
-    """Each pruning step's mask equals the numpy rule applied to the weights just before."""
+def test_training_path_prunes_by_reference_rule(tiny_data):
+    """Inside train_on_batch each pruning step's mask is the numpy rule applied to the
+    weights just before it, with the iteration's q and the sigma stored at the first
+    step (default mode "initial"; every mode is compared in test_mask_rule)."""
     qualities = [0.5, 0.9, 1.2]
-    for std_mode in ("initial", "surviving", "all"):
-        keras.backend.clear_session()
-        model = _pruned(steps_per_iteration=1, qualities=qualities, std_mode=std_mode)
-        model.compile(keras.optimizers.SGD(0.05), LOSS)
-        layer = _wrappers(model)[0]
-        model(tiny_data[0][:1])  # build
-        weight, mask, threshold = layer.pruning_vars[0]
-        step = tf_stdprune.UpdatePruningStep()
-        step.set_model(model)
-        step.on_train_begin()
-        initial_sigma = None
-        for iteration, q in enumerate(qualities):
-            before_w, before_m = weight.numpy().copy(), mask.numpy().astype(bool)
-            expected, sigma = reference_step(before_w, before_m, q, std_mode, initial_sigma)
-            initial_sigma = initial_sigma if initial_sigma is not None else sigma
-            model.train_on_batch(tiny_data[0][:8], tiny_data[1][:8])
-            np.testing.assert_array_equal(mask.numpy().astype(bool), expected, err_msg=std_mode)
-            np.testing.assert_allclose(threshold.numpy(), q * sigma, rtol=1e-5)
-            assert np.all(mask.numpy() <= before_m)
+    model = _pruned(steps_per_iteration=1, qualities=qualities)
+    model.compile(keras.optimizers.SGD(0.05), LOSS)
+    layer = _wrappers(model)[0]
+    assert layer.std_mode == "initial"
+    weight, mask, threshold = layer.pruning_vars[0]
+    step = tf_stdprune.UpdatePruningStep()
+    step.set_model(model)
+    step.on_train_begin()
+    initial_sigma = None
+    for q in qualities:
+        before_w, before_m = weight.numpy().copy(), mask.numpy().astype(bool)
+        expected, sigma = reference_step(before_w, before_m, q, "initial", initial_sigma)
+        initial_sigma = sigma if initial_sigma is None else initial_sigma
+        model.train_on_batch(tiny_data[0][:8], tiny_data[1][:8])
+        np.testing.assert_array_equal(mask.numpy().astype(bool), expected)
+        np.testing.assert_allclose(threshold.numpy(), q * initial_sigma, rtol=1e-5)
+        assert np.all(mask.numpy() <= before_m)
 
 
-def test_quality_multiplier_scales_threshold(tiny_data):
+def test_quality_multiplier_scales_threshold():
     models = []
     for factor in (1.0, 2.0):
-        keras.backend.clear_session()
-        base = tiny_cnn(l2=1e-3)
-        models.append(tf_stdprune.prune_low_std(
-            base, pruning_schedule=tf_stdprune.StdPruningSchedule([0.7], 4),
-            layer_quality={base.layers[-1].name: factor}))
+        base = tiny_cnn()
+        models.append(tf_stdprune.prune_low_std(base, layer_quality={base.layers[-1].name: factor}))
     models[1].set_weights(models[0].get_weights())
     for model in models:
-        model.compile(keras.optimizers.SGD(0.0), LOSS)
-        model.fit(*tiny_data, batch_size=64, epochs=1, verbose=0,
-                  callbacks=[tf_stdprune.UpdatePruningStep()])
+        for layer in _wrappers(model):
+            layer.pruning_obj.update_masks(0.7)
     plain, scaled = (_wrappers(m)[-1].pruning_vars[0][2].numpy() for m in models)
-    assert scaled == pytest.approx(2.0 * plain, rel=1e-6)
-    assert _wrappers(models[1])[0].pruning_vars[0][2].numpy() == pytest.approx(
-        _wrappers(models[0])[0].pruning_vars[0][2].numpy(), rel=1e-6)
+    assert plain > 0 and scaled == 2.0 * plain  # (2 q) sigma, same sigma: exactly twice
+    assert _wrappers(models[1])[0].pruning_vars[0][2].numpy() == (
+        _wrappers(models[0])[0].pruning_vars[0][2].numpy())
 
 
-def test_batchnorm_gamma_pruned_never_beta_or_statistics():
-    bn = keras.layers.BatchNormalization()
-    wrapped = tf_stdprune.PruneLowStd(bn, tf_stdprune.StdPruningSchedule([1.0], 1))
-    wrapped.build((None, 6))
-    bn.gamma.assign([0.01, 1.0, 2.0, -0.02, 1.5, 0.9])
-    wrapped.pruning_obj.update_masks(0.5)
-    assert [w.name for w, _, _ in wrapped.pruning_vars] == [bn.gamma.name]
-    np.testing.assert_array_equal(bn.gamma.numpy() == 0, [True, False, False, True, False, False])
-    assert np.all(bn.beta.numpy() == 0) and np.all(bn.moving_variance.numpy() == 1)
+def test_only_kernels_and_batchnorm_gamma_are_pruned():
+    rng = np.random.default_rng(0)
+    bn, dense = keras.layers.BatchNormalization(), keras.layers.Dense(4)
+    wrappers = [tf_stdprune.PruneLowStd(bn), tf_stdprune.PruneLowStd(dense)]
+    wrappers[0].build((None, 6))
+    wrappers[1].build((None, 5))
+    assert [w.name for l in wrappers for w, _, _ in l.pruning_vars] == [bn.gamma.name,
+                                                                        dense.kernel.name]
+    others = [bn.beta, bn.moving_mean, bn.moving_variance, dense.bias]
+    for variable in [bn.gamma, dense.kernel] + others:
+        sign = rng.choice([-1, 1], variable.shape)
+        variable.assign(rng.uniform(0.01, 1.0, variable.shape) * sign)
+    before = [v.numpy() for v in others]
+    for wrapper in wrappers:
+        wrapper.pruning_obj.update_masks(1e6)  # prunes every pruned tensor completely
+    assert np.all(bn.gamma.numpy() == 0) and np.all(dense.kernel.numpy() == 0)
+    for variable, value in zip(others, before):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.name)
     assert tf_stdprune.prune_low_std([bn], prune_batchnorm=False) == [bn]
+    no_scale = keras.layers.BatchNormalization(scale=False)
+    assert tf_stdprune.prune_low_std([no_scale]) == [no_scale]
 
 
 def test_tfmot_callbacks_and_helpers_work_unchanged(tiny_data, tmp_path):
@@ -193,7 +210,7 @@ def test_missing_callback_raises_clear_error(tiny_data):
     (lambda: tf_stdprune.PruneLowStd(tiny_cnn()), TypeError, "prune_low_std"),
     (lambda: tf_stdprune.PruneLowStd(tf_stdprune.PruneLowStd(keras.layers.Dense(2))),
      ValueError, "already wrapped"),
-    (lambda: tf_stdprune.PruneLowStd("dense"), TypeError, "tf_keras layer"),
+    (lambda: tf_stdprune.PruneLowStd("dense"), TypeError, "tf_keras layer.*Dense"),
     (lambda: tf_stdprune.PruneLowStd(keras.layers.ReLU()), ValueError, "no prunable"),
     (lambda: tf_stdprune.PruneLowStd(keras.layers.Dense(2), std_mode="median"), ValueError,
      "std_mode"),
@@ -233,3 +250,68 @@ def test_zero_std_and_nan_weights():
     assert not np.isnan(mask.numpy()).any() and np.isfinite(threshold.numpy())
     assert mask.numpy()[0, 0] == 0 and dense.kernel.numpy()[0, 0] == 0.0
     assert 0 < (mask.numpy() == 0).sum() < 12
+
+
+def test_no_retracing_across_iterations_and_qualities(tiny_data):
+    model = _pruned(steps_per_iteration=2, qualities=(0.5, 0.8, 1.1))
+    model.compile(keras.optimizers.SGD(0.05), LOSS)
+    fit = lambda: model.fit(*tiny_data, batch_size=16, epochs=1, verbose=0,  # noqa: E731
+                            callbacks=[tf_stdprune.UpdatePruningStep()])
+    fit()
+    layer = _wrappers(model)[0]
+    layer.pruning_obj.update_masks(0.3)
+    counts = (model.train_function.experimental_get_tracing_count(),
+              mask_rule.std_prune.experimental_get_tracing_count())
+    fit()  # prunes again, with new q values
+    for q in (0.9, 1.3, 2):
+        layer.pruning_obj.update_masks(q)
+    assert (model.train_function.experimental_get_tracing_count(),
+            mask_rule.std_prune.experimental_get_tracing_count()) == counts
+
+
+def test_inner_layer_gets_its_variables_back(tiny_data):
+    """The masked kernel is swapped in only during call(), also when the call fails."""
+    model = _pruned()
+    model.compile(keras.optimizers.SGD(0.05), LOSS)
+    model.fit(*tiny_data, batch_size=32, epochs=1, verbose=0,
+              callbacks=[tf_stdprune.UpdatePruningStep()])
+    with pytest.raises(Exception):
+        model.layers[0](tf.zeros([1, 8, 8, 5]))  # wrong channel count
+    for layer in _wrappers(model):
+        for attribute, (weight, _, _) in zip(layer._weight_attributes, layer.pruning_vars):
+            assert getattr(layer.layer, attribute) is weight
+            assert any(w is weight for w in layer.trainable_weights)
+    assert len(model.trainable_weights) == 6  # conv k, b; BN gamma, beta; dense k, b
+
+
+def test_mixed_precision_rule_uses_float32_weights(tiny_data):
+    """With mixed_float16 the layer computes in float16, the rule on the float32 weights.
+
+    sigma is brought to T = 0.75 (a float16 number) and every 7th entry set to
+    +-T (1 +- 2e-4): in float16 they all round to exactly T, so a rule fed float16
+    weights would decide half of them against the float32 reference.
+    """
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = tf_stdprune.prune_low_std(
+            keras.Sequential([keras.layers.Flatten(input_shape=(8, 8, 3)),
+                              keras.layers.Dense(20, name="d")]),
+            pruning_schedule=tf_stdprune.StdPruningSchedule([1.0], 100))
+        model.compile(keras.optimizers.SGD(0.0), LOSS)
+        layer = _wrappers(model)[0]
+        assert layer.compute_dtype == "float16"
+        kernel = np.random.default_rng(2).normal(size=(192, 20)).astype(np.float32)
+        near = np.arange(0, kernel.size, 7)
+        sign = np.where(np.arange(near.size) % 2, 1.0, -1.0)
+        for _ in range(4):  # converges: sigma = T within 2e-5
+            kernel = (kernel * (0.75 / kernel.astype(np.float64).std())).astype(np.float32)
+            kernel.flat[near] = 0.75 * (1 + 2e-4 * sign) * np.sign(kernel.flat[near])
+        layer.layer.kernel.assign(kernel)
+        model.fit(*tiny_data, batch_size=64, epochs=1, verbose=0,
+                  callbacks=[tf_stdprune.UpdatePruningStep()])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    _, mask, _ = layer.pruning_vars[0]
+    expected = np.abs(kernel.astype(np.float64)) >= kernel.astype(np.float64).std()
+    assert np.all(np.float16(kernel.flat[near]) == 0.75 * np.sign(kernel.flat[near]))
+    np.testing.assert_array_equal(mask.numpy().astype(bool), expected)

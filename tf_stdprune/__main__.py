@@ -19,12 +19,13 @@ def _report(run_dir):
     print()
     print(report.table())
     print()
+    nan = float("nan")
     print(f"{'iteration':>9} {'q':>7} {'zeros %':>8} {'x':>7} {'val before':>11} {'val after':>10}")
     with open(os.path.join(run_dir, "history.jsonl")) as f:
         for record in map(json.loads, filter(str.strip, f)):
-            before = record["before"].get("val_top1", float("nan")) * 100
-            after = record["after"].get("val_top1", float("nan")) * 100
-            print(f"{record['iteration']:>9} {record['q'] or float('nan'):>7.3g} "
+            before = record["before"].get("val_top1", nan) * 100
+            after = record["after"].get("val_top1", nan) * 100
+            print(f"{record['iteration']:>9} {nan if record['q'] is None else record['q']:>7.3g} "
                   f"{record['zero_weights_rate']:>8.2f} {record['compression_rate']:>7.2f} "
                   f"{before:>11.2f} {after:>10.2f}")
     for path in plots.write_figures(run_dir):

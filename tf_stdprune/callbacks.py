@@ -1,4 +1,8 @@
 """Keras callbacks that drive pruning inside ``model.fit``: pruning step, learning rate."""
+import math
+import numbers
+
+import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 from tf_stdprune._keras import keras
@@ -10,30 +14,30 @@ PruningSummaries = tfmot.sparsity.keras.PruningSummaries
 class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
     """tfmot's `UpdatePruningStep`, plus optimizer-slot masking after each pruning step.
 
-    At the end of a batch in which a `PruneLowStd` layer pruned (its schedule fired at
-    that batch's ``pruning_step``), the optimizer slots of every pruned tensor are
-    multiplied by the mask and the weights re-masked: ``s = s * m``, ``w = w * m``. The
-    pruning batch's own update used the old momentum; after this nothing moves a
-    pruned weight again. With ``steps_per_execution > 1`` it runs at the end of the
-    execution that contains the pruning step.
+    At the end of a batch in which a `PruneLowStd` layer pruned (its schedule fired at a
+    ``pruning_step`` in ``[step at the last batch end, step now)``), the optimizer slots
+    of its pruned tensors are multiplied by the mask and the weights re-masked:
+    ``s = s * m``, ``w = w * m``. The pruning batch's own update used the old momentum;
+    after this nothing moves a pruned weight again. Steps are tracked per layer: a layer
+    shared by two branches advances two steps per batch. With ``steps_per_execution > 1``
+    it runs at the end of the execution that contains the pruning step.
     """
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self._std_layers = [l for l in self.prunable_layers if isinstance(l, PruneLowStd)]
-        self._last_step = self._current_step()
-
-    def _current_step(self):
-        return int(self._std_layers[0].pruning_step.numpy()) if self._std_layers else 0
+        steps = [l.pruning_step for l in self._std_layers]
+        self._read_steps = tf.function(lambda: tf.stack(steps))  # one call per batch
+        self._last_steps = self._read_steps().numpy() if steps else []
 
     def on_train_batch_end(self, batch, logs=None):
         if not self._std_layers:
             return
-        step = self._current_step()
-        for layer in self._std_layers:
-            if _prunes_between(layer.pruning_schedule, self._last_step, step):
+        steps = self._read_steps().numpy()
+        for layer, start, end in zip(self._std_layers, self._last_steps, steps):
+            if _prunes_between(layer.pruning_schedule, int(start), int(end)):
                 layer.mask_optimizer_slots(self.model.optimizer)
-        self._last_step = step
+        self._last_steps = steps
 
 
 def _prunes_between(schedule, start, end):
@@ -56,12 +60,24 @@ class IterationLearningRate(keras.callbacks.Callback):
 
     def __init__(self, initial_lrs, epochs_per_iteration, drops=(3, 10, 16), factor=0.1):
         super().__init__()
-        if not initial_lrs or any(not lr > 0 for lr in initial_lrs):
+        initial_lrs = [initial_lrs] if isinstance(initial_lrs, numbers.Real) else list(initial_lrs)
+        if not initial_lrs or any(not _is_positive(lr) for lr in initial_lrs):
             raise ValueError(f"initial_lrs must be a non-empty list of rates > 0, got {initial_lrs!r}.")
-        if epochs_per_iteration < 1:
-            raise ValueError(f"epochs_per_iteration must be >= 1, got {epochs_per_iteration!r}.")
-        self.initial_lrs, self.drops, self.factor = list(initial_lrs), sorted(drops), factor
+        if not _is_integer(epochs_per_iteration, 1):
+            raise ValueError(f"epochs_per_iteration must be an integer >= 1, got {epochs_per_iteration!r}.")
+        if any(not _is_integer(d, 0) for d in drops):
+            raise ValueError(f"drops must be epochs (integers >= 0) inside an iteration, got {drops!r}.")
+        if not _is_positive(factor):
+            raise ValueError(f"factor must be a number > 0 (0.1: a 10x drop), got {factor!r}.")
+        self.initial_lrs, self.drops, self.factor = initial_lrs, sorted(drops), factor
         self.epochs_per_iteration = epochs_per_iteration
+
+    def on_train_begin(self, logs=None):
+        if isinstance(self.model.optimizer.get_config().get("learning_rate"), dict):  # a schedule
+            raise TypeError(
+                "IterationLearningRate sets the learning rate at every epoch, but the optimizer "
+                "has a LearningRateSchedule: compile with a float learning rate instead."
+            )
 
     def rate(self, epoch):
         iteration, epoch_in_iteration = divmod(epoch, self.epochs_per_iteration)
@@ -70,3 +86,12 @@ class IterationLearningRate(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         keras.backend.set_value(self.model.optimizer.learning_rate, self.rate(epoch))
+
+
+def _is_positive(value):
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
+            and math.isfinite(value))
+
+
+def _is_integer(value, minimum):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum

@@ -114,16 +114,21 @@ def huffman_encode(symbols, lengths, block=BLOCK_SYMBOLS):
     symbols = np.asarray(symbols, np.int64)
     if len(symbols) and lengths[symbols].min() == 0:
         raise ValueError("a symbol to encode has no code (frequency 0 in `lengths`).")
-    codes = canonical_codes(lengths).astype(np.int64)[symbols]
+    codes = canonical_codes(lengths).astype(np.float64)[symbols]
     sizes = np.asarray(lengths, np.int64)[symbols]
     ends = np.cumsum(sizes)
     starts = ends - sizes
     bit_count = int(ends[-1]) if len(ends) else 0
-    bits = np.zeros(bit_count, np.uint8)
-    for b in range(int(sizes.max(initial=0))):  # bit b (from the MSB) of every code
-        has = sizes > b
-        bits[starts[has] + b] = (codes[has] >> (sizes[has] - 1 - b)) & 1
-    return np.packbits(bits).tobytes(), bit_count, starts[::block]
+    # Code i covers bits [off, off + len) of 32-bit word starts >> 5 and maybe the next:
+    # x = code * 2^(32 - off - len) splits exactly (float64) into an integer part for the
+    # word and a fraction for the next one. Codes never overlap, so the sums are ORs.
+    x = np.ldexp(codes, (32 - (starts & 31) - sizes).astype(np.int32))
+    high = np.floor(x)
+    n_words = (bit_count + 31) // 32 + 1
+    words = (np.bincount(starts >> 5, weights=high, minlength=n_words)
+             + np.bincount((starts >> 5) + 1, weights=(x - high) * 2.0 ** 32, minlength=n_words))
+    data = words.astype(">u4").tobytes()[:(bit_count + 7) // 8]
+    return data, bit_count, starts[::block]
 
 
 def _decode_table(lengths):

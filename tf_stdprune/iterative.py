@@ -16,8 +16,11 @@ prune again inside the first batch), zeroes the optimizer slots at pruned positi
 recalibrates BatchNormalization, evaluates (before retraining), and at the iteration's
 end recalibrates and evaluates again (after retraining), appends a line to
 ``history.jsonl``, writes TensorBoard scalars and an atomic checkpoint. At the end of
-training it writes ``report.json`` and the figures.
+training it writes ``report.json`` and the figures. A new run (epoch 0) first evaluates
+the still dense model into ``baseline.json`` (the figures' 0 % point).
 """
+import json
+import numbers
 import os
 import time
 
@@ -28,10 +31,35 @@ from tf_stdprune import plots
 from tf_stdprune._keras import keras
 from tf_stdprune.callbacks import IterationLearningRate, UpdatePruningStep
 from tf_stdprune.prune import all_layers
-from tf_stdprune.recalibration import recalibrate_batchnorm
+from tf_stdprune.recalibration import BATCHNORM_LAYERS, recalibrate_batchnorm
 from tf_stdprune.report import sparsity_report
-from tf_stdprune.run_state import atomic_write, check_writable, read_history, save_iteration
+from tf_stdprune.run_state import (
+    HISTORY_FILE, STATE_FILE, atomic_write, check_writable, read_history, save_iteration)
 from tf_stdprune.wrapper import PruneLowStd
+
+# Names Keras gives a compiled top-1 accuracy; the history calls it ``top1``.
+_TOP1_NAMES = {"accuracy", "acc", "sparse_categorical_accuracy", "categorical_accuracy"}
+
+
+def _as_dataset(data, batch_size, argument):
+    """``data`` as batches: a `tf.data.Dataset` as it is, ``(x, y[, w])`` arrays batched."""
+    if data is None or isinstance(data, tf.data.Dataset):
+        return data
+    if isinstance(data, tuple) and 1 <= len(data) <= 3:
+        return tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
+    raise TypeError(
+        f"{argument} must be a batched tf.data.Dataset or a tuple (x, y) of arrays, got "
+        f"{type(data).__name__}."
+    )
+
+
+def _saved_epoch(run_dir):
+    """The epoch of ``run_dir``'s last checkpoint, or ``None`` if it has none."""
+    path = os.path.join(run_dir, STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["epoch"]
 
 
 class IterativePruning(keras.callbacks.Callback):
@@ -41,27 +69,51 @@ class IterativePruning(keras.callbacks.Callback):
       run_dir: directory of history, checkpoints, report and figures.
       epochs_per_iteration: ``E``; the wrappers' schedule must have
         ``steps_per_iteration = E * steps_per_epoch``.
-      train_eval_data / validation_data: datasets evaluated before and after retraining
-        (``model.evaluate``; the compiled metrics are logged, e.g. ``top1``/``top5``).
-      recalibration_data: training batches for BN recalibration; ``None`` switches it off.
-      recalibration_batches: ``K``, the number of batches it uses.
+      train_eval_data / validation_data: evaluated before and after retraining with
+        ``model.evaluate``: the loss and the compiled metrics are logged, Keras's
+        ``accuracy`` names renamed ``top1`` (compile
+        ``SparseTopKCategoricalAccuracy(5, name="top5")`` to log top-5).
+      recalibration_data: training batches for BN recalibration.
+      recalibration_batches: ``K``, the number of batches it uses; ``0`` switches it off.
+        On by default: a model with BatchNormalization needs ``recalibration_data``.
+      batch_size: batch size of data given as ``(x, y)`` arrays.
+      figures: write the figures at the end of training.
+
+    ``fit`` must start where the model and ``run_dir`` stand: at an iteration boundary, at
+    ``epoch = pruning_step / steps_per_epoch``, and at the epoch of ``run_dir``'s last
+    checkpoint if it has one (``initial_epoch=restore_run(model, run_dir)``); anything
+    else raises ``ValueError`` before a file is touched. Under a multi-worker strategy
+    only the chief writes files.
     """
 
     def __init__(self, run_dir, epochs_per_iteration, train_eval_data=None,
                  validation_data=None, recalibration_data=None, recalibration_batches=20,
-                 figures=True):
+                 batch_size=32, figures=True):
         super().__init__()
+        if not isinstance(epochs_per_iteration, numbers.Integral) or epochs_per_iteration < 1:
+            raise ValueError(f"epochs_per_iteration must be an integer >= 1, got {epochs_per_iteration!r}.")
+        if not isinstance(recalibration_batches, numbers.Integral) or recalibration_batches < 0:
+            raise ValueError("recalibration_batches must be an integer >= 0 (0 switches BN "
+                             f"recalibration off), got {recalibration_batches!r}.")
         self.run_dir, self.epochs_per_iteration = run_dir, epochs_per_iteration
-        self.train_eval_data, self.validation_data = train_eval_data, validation_data
-        self.recalibration_data, self.recalibration_batches = recalibration_data, recalibration_batches
+        self.train_eval_data = _as_dataset(train_eval_data, batch_size, "train_eval_data")
+        self.validation_data = _as_dataset(validation_data, batch_size, "validation_data")
+        self.recalibration_data = _as_dataset(recalibration_data, batch_size, "recalibration_data")
+        self.recalibration_batches = recalibration_batches
         self.figures = figures
 
     def on_train_begin(self, logs=None):
-        check_writable(self.run_dir)
         self.wrappers = [l for l in all_layers(self.model) if isinstance(l, PruneLowStd)]
         if not self.wrappers:
             raise ValueError("IterativePruning needs a model returned by tf_stdprune.prune_low_std.")
-        expected = self.epochs_per_iteration * self.params["steps"]
+        self.steps = self.params.get("steps")
+        if self.steps is None:
+            raise ValueError(
+                "model.fit does not know the number of steps per epoch (a dataset of unknown "
+                "size): repeat the dataset and pass steps_per_epoch to model.fit, so that "
+                "every epoch runs the same number of steps."
+            )
+        expected = self.epochs_per_iteration * self.steps
         for layer in self.wrappers:
             steps = getattr(layer.pruning_schedule, "steps_per_iteration", expected)
             if steps != expected:
@@ -70,11 +122,49 @@ class IterativePruning(keras.callbacks.Callback):
                     f"iteration is epochs_per_iteration * steps_per_epoch = {expected} steps; "
                     "build StdPruningSchedule(qualities, steps_per_iteration=E * steps_per_epoch)."
                 )
-        self.history = read_history(self.run_dir)
+        if self.recalibration_batches and self.recalibration_data is None and any(
+                isinstance(getattr(l, "layer", l), BATCHNORM_LAYERS) for l in all_layers(self.model)):
+            raise ValueError(
+                "The model has BatchNormalization layers, whose statistics go stale after "
+                "pruning: pass recalibration_data=<batches of the training data>, or "
+                "recalibration_batches=0 to switch recalibration off."
+            )
+        if self.params["epochs"] % self.epochs_per_iteration:
+            logging.warning("fit runs %d epochs, not a multiple of epochs_per_iteration=%d: the "
+                            "last, incomplete iteration is neither logged nor checkpointed.",
+                            self.params["epochs"], self.epochs_per_iteration)
         self.iterations = self.params["epochs"] // self.epochs_per_iteration
-        self.writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard"))
+        self.chief = self.model.distribute_strategy.extended.should_checkpoint
+        if self.chief:
+            check_writable(self.run_dir)
+            self.writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard"))
+        self.history, self.started = None, None
+
+    def _start(self, epoch):
+        """Checks that ``fit`` starts where the model and ``run_dir`` stand; the baseline."""
+        step = int(self.wrappers[0].pruning_step.numpy())
+        saved_epoch = _saved_epoch(self.run_dir)
+        if (epoch % self.epochs_per_iteration or step != epoch * self.steps
+                or saved_epoch not in (None, epoch)):
+            where = (f"{self.run_dir} holds a run finished up to epoch {saved_epoch}"
+                     if saved_epoch is not None else f"{self.run_dir} holds no checkpoint")
+            raise ValueError(
+                f"model.fit starts at epoch {epoch} but the model's pruning step is {step} "
+                f"({self.steps} steps per epoch) and {where}. To continue a run, pass "
+                "initial_epoch=tf_stdprune.restore_run(model, run_dir) to model.fit; to start "
+                "anew, use a new run_dir (or delete this one) and a freshly pruned model."
+            )
+        self.history = [r for r in read_history(self.run_dir)
+                        if r["iteration"] <= epoch // self.epochs_per_iteration]
+        if epoch == 0:
+            baseline = self._evaluate()
+            if self.chief:
+                atomic_write(os.path.join(self.run_dir, HISTORY_FILE), "")
+                atomic_write(os.path.join(self.run_dir, "baseline.json"), json.dumps(baseline, indent=2))
 
     def on_epoch_begin(self, epoch, logs=None):
+        if self.history is None:
+            self._start(epoch)
         if epoch % self.epochs_per_iteration:
             return
         self.started, self.learning_rates = time.time(), []
@@ -89,6 +179,13 @@ class IterativePruning(keras.callbacks.Callback):
         self.before = self._recalibrate_and_evaluate()
 
     def on_epoch_end(self, epoch, logs=None):
+        step = int(self.wrappers[0].pruning_step.numpy())
+        if step != (epoch + 1) * self.steps:
+            raise ValueError(
+                f"After epoch {epoch} the pruning step is {step}, not (epoch + 1) * "
+                f"steps_per_epoch = {(epoch + 1) * self.steps}: every epoch must run exactly "
+                "steps_per_epoch steps, or pruning drifts away from the iteration starts."
+            )
         self.learning_rates.append(float(keras.backend.get_value(self.model.optimizer.learning_rate)))
         if (epoch + 1) % self.epochs_per_iteration:
             return
@@ -111,25 +208,36 @@ class IterativePruning(keras.callbacks.Callback):
             "wall_time_s": time.time() - self.started,
         }
         self.history.append(record)
-        save_iteration(self.model, self.run_dir, iteration, epoch + 1, self.history)
+        if self.chief:
+            save_iteration(self.model, self.run_dir, iteration, epoch + 1, self.history)
         self._log(record)
 
     def on_train_end(self, logs=None):
         report = sparsity_report(self.model)
         logging.info("\n%s\n%s", report, report.table())
+        if not self.chief:
+            return
+        self.writer.close()
         atomic_write(os.path.join(self.run_dir, "report.json"), report.to_json())
         if self.figures:
             plots.write_figures(self.run_dir)
 
     def _recalibrate_and_evaluate(self):
-        if self.recalibration_data is not None:
+        if self.recalibration_data is not None and self.recalibration_batches:
             recalibrate_batchnorm(self.model, self.recalibration_data, self.recalibration_batches)
+        return self._evaluate()
+
+    def _evaluate(self):
         results = {}
         for split, data in (("train", self.train_eval_data), ("val", self.validation_data)):
             if data is not None:
                 for name, value in self.model.evaluate(data, verbose=0, return_dict=True).items():
+                    name = "top1" if name in _TOP1_NAMES else name
                     results[f"{split}_{name}"] = float(value)
         self.model.reset_metrics()  # fit's epoch metrics must not include the evaluation
+        if results and not any(key.endswith("_top1") for key in results):
+            logging.warning("No accuracy among the compiled metrics (%s): compile with "
+                            "metrics=['accuracy'] to log top-1.", sorted(results))
         return results
 
     def _log(self, record):
@@ -138,10 +246,13 @@ class IterativePruning(keras.callbacks.Callback):
                     if before is not None and after is not None else "")
         quality = f"{record['q']:.3g}" if record["q"] is not None else "-"
         logging.info("iteration %d/%d  q=%s  zeros %.1f %%  x%.2f%s", record["iteration"],
-                     self.iterations, quality, record["zero_weights_rate"],
+                     self.iterations, quality, record["zero_parameters_rate"],
                      record["compression_rate"], accuracy)
+        if not self.chief:
+            return
         with self.writer.as_default():
             scalars = {"q": record["q"], "zero_weights_rate": record["zero_weights_rate"],
+                       "zero_parameters_rate": record["zero_parameters_rate"],
                        "compression_rate": record["compression_rate"]}
             scalars.update({f"before/{k}": v for k, v in record["before"].items()})
             scalars.update({f"after/{k}": v for k, v in record["after"].items()})
@@ -163,4 +274,3 @@ def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, lr_drops=(3,
         IterationLearningRate(initial_lrs, epochs_per_iteration, lr_drops, lr_drop_factor),
         IterativePruning(run_dir, epochs_per_iteration, **kwargs),
     ]
-

@@ -70,11 +70,15 @@ def apply_mask(weights, mask):
     return tf.where(tf.cast(mask, tf.bool), weights, tf.zeros_like(weights))
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
 def std_prune(weights, mask, quality, std_mode, stored_sigma):
     """One application of the rule, compiled with XLA into a few fused passes.
 
+    One trace serves every kernel shape of a rank (``reduce_retracing``), so a model
+    with many kernel shapes does not retrace; XLA still compiles each shape once.
+
     Returns ``(m_new, threshold, sigma, w * m_new)`` with ``threshold = q * sigma``.
+    XLA flushes subnormal floats to zero: a subnormal ``q`` acts as ``q = 0``.
     """
     weights = tf.cast(weights, tf.float32)
     sigma = layer_sigma(weights, mask, std_mode, stored_sigma)

@@ -3,7 +3,8 @@
 * Figure 1: validation top-1 vs ``zero_weights / all_parameters`` (%).
 * Figure 2: the same with train and validation curves, before and after retraining.
 * Figure 3: top-1 vs compression rate ``all_parameters / nonzero_weights`` (log x).
-* Figure 4: per-layer zero weights (%) of the final model, conv / bn / dense coloured.
+* Figure 4: per-layer zero weights (%) and weight counts (all, nonzero; log) of the final
+  model in layer order, conv / bn / dense coloured.
 * Figure 5: the quality parameter q and the zero-weights rate per iteration.
 
 Only matplotlib (Agg), json and numpy: it runs without TensorFlow.
@@ -14,7 +15,9 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
+from matplotlib.patches import Patch  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 KIND_COLOURS = {"conv": "tab:blue", "bn": "tab:orange", "dense": "tab:green", "other": "tab:gray"}
 FIGURES = ("fig1_accuracy_vs_zero_parameters.png", "fig2_train_val_before_after.png",
@@ -96,22 +99,29 @@ def write_figures(run_dir):
     ax.plot(*_with_dense(rates, _series(history, "after", "val_top1"), baseline, "val_top1", 1.0),
             "o-", label="validation, after retraining")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"x{value:g}"))
     ax.legend()
     _save(fig, paths[2])
 
     layers = (report or {}).get("layers", [])
-    fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(layers) + 2), 4.5))
-    ax.bar(range(len(layers)), [l["rate"] for l in layers],
-           color=[KIND_COLOURS.get(l["kind"], "tab:gray") for l in layers])
-    ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels([l["name"] for l in layers], rotation=90, fontsize=7)
+    colours = [KIND_COLOURS.get(l["kind"], "tab:gray") for l in layers]
+    positions = range(len(layers))
+    fig, (ax, counts) = plt.subplots(2, 1, sharex=True,
+                                     figsize=(max(7, 0.3 * len(layers) + 2.5), 7))
+    ax.bar(positions, [l["rate"] for l in layers], color=colours)
     ax.set_ylabel("zero weights (%)")
     ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
     ax.set_title("Figure 4: compression in each layer")
-    for kind, colour in KIND_COLOURS.items():
-        if any(l["kind"] == kind for l in layers):
-            ax.bar([], [], color=colour, label=kind)
-    ax.legend()
+    ax.legend(handles=[Patch(color=colour, label=kind) for kind, colour in KIND_COLOURS.items()
+                       if any(l["kind"] == kind for l in layers)],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    counts.bar(positions, [l["total"] for l in layers], color=colours, alpha=0.25)
+    counts.bar(positions, [l["total"] - l["zeros"] for l in layers], color=colours)
+    counts.set_yscale("log")
+    counts.set_ylabel("weights: all (light), nonzero (dark)")
+    counts.set_xticks(positions)
+    counts.set_xticklabels([l["name"] for l in layers], rotation=90, fontsize=7)
     _save(fig, paths[3])
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

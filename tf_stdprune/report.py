@@ -62,7 +62,12 @@ class SparsityReport:
 
     @property
     def compression_rate(self):
-        return self.total_parameters / (self.total_parameters - self.zero_weights)
+        """``total_parameters / (total_parameters - zero_weights)``; 1 if there are no
+        parameters, inf if every parameter is a pruned zero."""
+        nonzero = self.total_parameters - self.zero_weights
+        if nonzero == 0:
+            return 1.0 if self.total_parameters == 0 else float("inf")
+        return self.total_parameters / nonzero
 
     def to_dict(self):
         """Plain JSON-able dict: the seed's fields and the per-layer list (with rates)."""

@@ -95,6 +95,9 @@ def restore_run(model, run_dir):
     Returns the epoch to pass as ``model.fit(initial_epoch=...)``: 0 for a new run.
     The optimizer is built first so that its slots are restored exactly.
     """
+    if model.optimizer is None:
+        raise ValueError("Compile the model before restore_run(model, run_dir): its optimizer "
+                         "state is restored too.")
     for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
         if name.startswith(".tmp-"):  # left by a run killed while writing
             target = os.path.join(run_dir, name)

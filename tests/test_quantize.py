@@ -1,0 +1,151 @@
+"""Weight sharing: k-means against a brute-force numpy Lloyd's, clustering, fine-tuning."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_stdprune._keras import keras
+from tf_stdprune.prune import prune_low_std
+from tf_stdprune.quantize import (QuantizeWeights, linear_kmeans, plain_model,
+                                  quantize_weights, strip_quantization)
+from tf_stdprune.wrapper import prunable_attributes
+
+from conftest import tiny_cnn
+
+
+def zero_out(model, fraction, seed=0):
+    """Sets a random ``fraction`` of every kernel / BN gamma to 0 (numpy, in place)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        for attribute in prunable_attributes(layer) or []:
+            variable = getattr(layer, attribute)
+            value = variable.numpy()
+            if attribute == "gamma":
+                value = rng.uniform(0.5, 1.5, value.shape).astype(np.float32)
+            value[rng.random(value.shape) < fraction] = 0.0
+            variable.assign(value)
+    return model
+
+
+def reference_kmeans(x, clusters, max_iter):
+    """Lloyd's algorithm by brute force: argmin over a distance matrix, masked means."""
+    x = np.asarray(x, np.float64)
+    centroids = np.array([x.min() + j * (x.max() - x.min()) / max(clusters - 1, 1)
+                          for j in range(clusters)])
+    labels = None
+    for _ in range(max_iter):
+        new = np.argmin(np.abs(x[:, None] - centroids[None, :]), axis=1)
+        if labels is not None and np.array_equal(new, labels):
+            break
+        labels = new
+        for j in range(clusters):
+            if np.any(labels == j):
+                centroids[j] = x[labels == j].mean()
+    return centroids.astype(np.float32), labels
+
+
+@pytest.mark.parametrize("clusters,max_iter", [(1, 5), (2, 20), (8, 50), (32, 50), (16, 2)])
+def test_linear_kmeans_matches_brute_force_lloyd(clusters, max_iter):
+    rng = np.random.default_rng(clusters)
+    x = np.concatenate([rng.normal(-0.4, 0.1, 300), rng.laplace(0.3, 0.05, 500)])
+    centroids, labels = linear_kmeans(x, clusters, max_iter)
+    expected_centroids, expected_labels = reference_kmeans(x, clusters, max_iter)
+    np.testing.assert_allclose(centroids, expected_centroids, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(labels, expected_labels)
+
+
+def _pruned_quantized(bits):
+    model = zero_out(tiny_cnn(), 0.6)
+    original = [w.numpy().copy() for w in model.weights]
+    return model, original, quantize_weights(model, **bits)
+
+
+def test_clustering_shares_values_and_keeps_zeros_exactly():
+    bits = dict(conv_bits=3, dense_bits=2, bn_bits=1)
+    model, original, quantized = _pruned_quantized(bits)
+    x = np.random.default_rng(1).normal(size=(16, 8, 8, 3)).astype("float32")
+    wrapped_outputs = quantized.predict(x, verbose=0)
+    stripped = strip_quantization(quantized)
+    layer_bits = {"conv2d": 3, "dense": 2, "batch_normalization": 1}
+    for before, variable in zip(original, stripped.weights):
+        after = variable.numpy()
+        layer = variable.name.split("/")[0]
+        if variable.name.split("/")[1].split(":")[0] not in ("kernel", "gamma"):
+            np.testing.assert_array_equal(after, before)  # biases, BN statistics untouched
+            continue
+        np.testing.assert_array_equal(after == 0, before == 0)
+        assert np.all(np.signbit(after[after == 0]) == 0)  # exactly +0.0
+        assert len(np.unique(after[after != 0])) <= 2 ** layer_bits[layer]
+        centroids, labels = reference_kmeans(before[before != 0], 2 ** layer_bits[layer], 50)
+        np.testing.assert_allclose(after[before != 0], centroids[labels], rtol=1e-6)
+    np.testing.assert_allclose(stripped.predict(x, verbose=0), wrapped_outputs, atol=1e-6)
+
+
+def test_centroid_gradient_is_the_sum_of_member_gradients():
+    _, _, quantized = _pruned_quantized(dict(bits=3))
+    stripped_copy = keras.models.clone_model(strip_quantization(quantized))
+    stripped_copy.set_weights(strip_quantization(quantized).get_weights())
+    x = np.random.default_rng(2).normal(size=(8, 8, 8, 3)).astype("float32")
+    wrappers = [l for l in quantized.layers if isinstance(l, QuantizeWeights)]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(quantized(x, training=False) ** 2)
+    centroid_grads = tape.gradient(loss, [w.centroids[0] for w in wrappers])
+    plain_layers = {l.name: l for l in stripped_copy.layers}
+    kernels = [getattr(plain_layers[w.layer.name], w._weight_attributes[0]) for w in wrappers]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(stripped_copy(x, training=False) ** 2)
+    kernel_grads = tape.gradient(loss, kernels)
+    for wrapper, grad, kernel_grad in zip(wrappers, centroid_grads, kernel_grads):
+        index = wrapper.indices[0].numpy().ravel()
+        expected = np.bincount(index, weights=kernel_grad.numpy().ravel(), minlength=9)[1:]
+        np.testing.assert_allclose(tf.convert_to_tensor(grad).numpy(), expected,
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_fine_tuning_moves_centroids_only():
+    _, original, quantized = _pruned_quantized(dict(conv_bits=3, dense_bits=2, bn_bits=2))
+    wrappers = [l for l in quantized.layers if isinstance(l, QuantizeWeights)]
+    centroids = [w.centroids[0].numpy().copy() for w in wrappers]
+    indices = [w.indices[0].numpy().copy() for w in wrappers]
+    assert all(not any(v is w.layer.kernel for v in quantized.trainable_weights)
+               for w in wrappers if hasattr(w.layer, "kernel"))
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(64, 8, 8, 3)).astype("float32"), rng.integers(0, 3, 64)
+    quantized.compile(keras.optimizers.SGD(1e-3),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    quantized.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    stripped = strip_quantization(quantized)
+    for wrapper, before_c, before_i in zip(wrappers, centroids, indices):
+        after_c = wrapper.centroids[0].numpy()
+        assert np.abs(after_c - before_c).max() > 1e-6
+        np.testing.assert_array_equal(wrapper.indices[0].numpy(), before_i)
+        kernel = getattr(wrapper.layer, wrapper._weight_attributes[0]).numpy()
+        np.testing.assert_array_equal(kernel == 0, before_i == 0)
+        np.testing.assert_array_equal(kernel[before_i > 0], after_c[before_i[before_i > 0] - 1])
+    for before, variable in zip(original, stripped.weights):
+        if variable.name.endswith(("kernel:0", "gamma:0")):
+            np.testing.assert_array_equal(variable.numpy() == 0, before == 0)
+
+
+def test_bits_per_layer_and_kind():
+    model = zero_out(tiny_cnn(), 0.5)
+    quantized = quantize_weights(model, dense_bits=4, bn_bits=None, layer_bits={"conv2d": 2})
+    bits = {l.layer.name: l.bits for l in quantized.layers if isinstance(l, QuantizeWeights)}
+    assert bits == {"conv2d": 2, "dense": 4}
+    with pytest.raises(ValueError, match="layer_bits names layers"):
+        quantize_weights(model, layer_bits={"nope": 3})
+    with pytest.raises(ValueError, match="conv_bits must be an integer"):
+        quantize_weights(model, conv_bits=0)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_weights(quantized)
+    with pytest.raises(TypeError, match="tf_keras Model"):
+        quantize_weights(model.layers[0])
+
+
+def test_pruning_wrappers_are_stripped_first_and_keras_file_round_trip(tmp_path):
+    pruned = prune_low_std(zero_out(tiny_cnn(), 0.5))
+    assert not any(isinstance(l, QuantizeWeights) for l in plain_model(pruned).layers)
+    quantized = quantize_weights(pruned, bits=3)
+    x = np.random.default_rng(4).normal(size=(4, 8, 8, 3)).astype("float32")
+    quantized.save(tmp_path / "q.keras")
+    restored = keras.models.load_model(tmp_path / "q.keras", compile=False)
+    np.testing.assert_array_equal(restored.predict(x, verbose=0), quantized.predict(x, verbose=0))

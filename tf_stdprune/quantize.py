@@ -1,0 +1,281 @@
+"""Trained quantization with weight sharing (Deep Compression, Han et al. 2016, section 3).
+
+Per prunable tensor (see `wrapper.prunable_attributes`: kernels and BN gammas) the
+surviving weights ``x_i != 0`` are clustered into ``K = 2^b`` shared values by 1-D k-means
+with linear initialisation (`linear_kmeans`). The layer then computes with
+
+    w = gather([0, c_1, ..., c_K], idx),   idx_i = 0 for pruned weights, 1 + cluster else,
+
+so pruned weights are exactly 0 and receive no update, the assignment ``idx`` is fixed,
+and the gradient of centroid ``c_k`` is the sum of its members' gradients,
+``dL/dc_k = sum_{i: idx_i = k} dL/dw_i`` (the gradient of ``gather``). Fine-tuning is
+plain ``model.fit`` on the quantized model; only centroids, biases and BN beta train::
+
+    quantized = quantize_weights(stripped_model)              # 8 bits conv, 5 bits dense
+    quantized.compile(keras.optimizers.SGD(1e-4, momentum=0.9), loss, metrics)
+    quantized.fit(x, y, epochs=3)                             # centroid fine-tuning
+    final = strip_quantization(quantized)                     # plain model, shared values
+
+Centroid gradients sum over thousands of members, so use a learning rate ~100x smaller
+than for training the weights. Kernel regularizers act on the inner (unused) kernels and
+so do not affect the centroids.
+
+Why not ``tfmot.clustering.keras.cluster_weights(..., preserve_sparsity=True)`` (0.8.1):
+it initialises the centroids (linear) but runs no k-means; it re-assigns every weight to
+its nearest centroid in every training call and trains the original weights through a
+straight-through gradient, so the assignment is not fixed; it spends one of the 2^b
+clusters on the zero centroid; its indices are int64; and it does not cluster
+BatchNormalization at all (its registry lists no clusterable BN weights). We would have
+had to add k-means, frozen indices and BN support, i.e. most of this module.
+"""
+import contextlib
+import inspect
+
+import numpy as np
+import tensorflow as tf
+from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import (
+    PruneLowMagnitude,
+)
+
+from tf_stdprune._keras import check_keras2, keras
+from tf_stdprune.prune import all_layers, strip_pruning
+from tf_stdprune.report import _kind, _leaf_layers
+from tf_stdprune.wrapper import prunable_attributes
+
+MAX_BITS = 12
+DEFAULT_MAX_ITER = 50
+
+
+def linear_kmeans(values, clusters, max_iter=DEFAULT_MAX_ITER):
+    """1-D k-means (Lloyd's algorithm) with linear initialisation.
+
+    ``c_j = min(x) + j * (max(x) - min(x)) / (K - 1)`` for ``j = 0..K-1``; then repeat
+    ``a_i = argmin_j |x_i - c_j|`` (lowest ``j`` on ties) and ``c_j = mean{x_i : a_i = j}``
+    (kept if the cluster is empty) until the assignment stops changing or ``max_iter``
+    iterations. Returns ``(centroids float32 [K], labels int32 [n])``, centroids ascending.
+    """
+    if max_iter < 1 or clusters < 1:
+        raise ValueError(f"clusters and max_iter must be >= 1, got {clusters!r}, {max_iter!r}.")
+    x = np.asarray(values, np.float64).ravel()
+    if x.size == 0:
+        return np.zeros(clusters, np.float32), np.zeros(0, np.int32)
+    # Centroids stay sorted, so cluster j is the run of sorted x between midpoints j-1 and
+    # j: one sort, then each iteration is K binary searches and prefix-sum differences.
+    ordered = np.sort(x)
+    prefix = np.concatenate([[0.0], np.cumsum(ordered)])
+    centroids = np.linspace(ordered[0], ordered[-1], clusters)
+    bounds = None
+    for _ in range(max_iter):
+        midpoints = (centroids[1:] + centroids[:-1]) / 2
+        new_bounds = np.searchsorted(ordered, midpoints, side="right")  # ties: lower j
+        if bounds is not None and np.array_equal(new_bounds, bounds):
+            break
+        bounds, assigned = new_bounds, midpoints
+        edges = np.concatenate([[0], bounds, [x.size]])
+        counts = np.diff(edges)
+        sums = prefix[edges[1:]] - prefix[edges[:-1]]
+        centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
+    labels = np.searchsorted(assigned, x, side="left")
+    return centroids.astype(np.float32), labels.astype(np.int32)
+
+
+@contextlib.contextmanager
+def substituted(layer, attributes, tensors):
+    """Sets ``layer.<attribute> = tensor`` (bypassing Keras tracking), restores on exit."""
+    originals = [getattr(layer, a) for a in attributes]
+    for attribute, tensor in zip(attributes, tensors):
+        object.__setattr__(layer, attribute, tensor)
+    try:
+        yield
+    finally:
+        for attribute, original in zip(attributes, originals):
+            object.__setattr__(layer, attribute, original)
+
+
+def _check_bits(bits, what):
+    if bits is not None and not (isinstance(bits, (int, np.integer)) and 1 <= bits <= MAX_BITS):
+        raise ValueError(f"{what} must be an integer in [1, {MAX_BITS}] (or None: not "
+                         f"quantized), got {bits!r}.")
+
+
+@keras.utils.register_keras_serializable(package="tf_stdprune")
+class QuantizeWeights(keras.layers.Wrapper):
+    """Computes a layer with shared weights ``gather([0, c_1..c_K], idx)`` (module docstring).
+
+    Args:
+      layer: a built tf_keras layer with prunable tensors (its current weights are the
+        ones `cluster` clusters).
+      bits: ``b``; every prunable tensor of the layer gets ``K = 2^b`` centroids.
+    """
+
+    def __init__(self, layer, bits, **kwargs):
+        check_keras2(layer, "The layer passed to QuantizeWeights")
+        _check_bits(bits, "bits")
+        if bits is None:
+            raise ValueError("QuantizeWeights needs bits; leave the layer unwrapped instead.")
+        self._weight_attributes = prunable_attributes(layer, prune_batchnorm=True)
+        if self._weight_attributes == []:
+            raise ValueError(f"Layer {layer.name!r} ({type(layer).__name__}) has no kernel "
+                             "or BN gamma to quantize.")
+        kwargs.setdefault("name", f"quantize_{layer.name}")
+        super().__init__(layer, **kwargs)
+        if not hasattr(self, "_batch_input_shape") and hasattr(layer, "_batch_input_shape"):
+            self._batch_input_shape = layer._batch_input_shape
+        self.bits = int(bits)
+        self.centroids, self.indices = [], []
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        if self._weight_attributes is None:
+            self._weight_attributes = prunable_attributes(self.layer, prune_batchnorm=True)
+        for attribute in self._weight_attributes:
+            shape = getattr(self.layer, attribute).shape
+            self.centroids.append(self.add_weight(
+                f"{attribute}_centroids", shape=[2 ** self.bits], initializer="zeros",
+                dtype=tf.float32, trainable=True, experimental_autocast=False))
+            self.indices.append(self.add_weight(
+                f"{attribute}_indices", shape=shape, initializer="zeros", dtype=tf.int32,
+                trainable=False))
+
+    def _replaced(self):
+        """References of the inner tensors that the shared weights replace."""
+        return {getattr(self.layer, a).ref() for a in self._weight_attributes or []}
+
+    @property
+    def trainable_weights(self):
+        replaced = self._replaced()
+        return [w for w in super().trainable_weights if w.ref() not in replaced]
+
+    @property
+    def non_trainable_weights(self):
+        replaced = self._replaced()
+        moved = [w for w in super().trainable_weights if w.ref() in replaced]
+        return super().non_trainable_weights + moved
+
+    def cluster(self, max_iter=DEFAULT_MAX_ITER):
+        """Sets centroids and indices by `linear_kmeans` of the inner layer's nonzeros."""
+        for attribute, centroids, indices in zip(self._weight_attributes, self.centroids,
+                                                 self.indices):
+            weight = np.asarray(getattr(self.layer, attribute))
+            surviving = weight != 0
+            values, labels = linear_kmeans(weight[surviving], 2 ** self.bits, max_iter)
+            index = np.zeros(weight.shape, np.int32)
+            index[surviving] = labels + 1
+            centroids.assign(values)
+            indices.assign(index)
+
+    def shared_weights(self):
+        """``w = gather([0, c_1, ..., c_K], idx)`` per tensor, in the layer's compute dtype."""
+        zero = tf.zeros([1], tf.float32)
+        return [tf.cast(tf.gather(tf.concat([zero, tf.convert_to_tensor(c)], 0), i),
+                        self.layer.compute_dtype)
+                for c, i in zip(self.centroids, self.indices)]
+
+    def call(self, inputs, training=None, **kwargs):
+        with substituted(self.layer, self._weight_attributes, self.shared_weights()):
+            if "training" in inspect.signature(self.layer.call).parameters:
+                return self.layer.call(inputs, training=training, **kwargs)
+            return self.layer.call(inputs, **kwargs)
+
+    def get_config(self):
+        return dict(super().get_config(), bits=self.bits)
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["layer"] = keras.layers.deserialize(config["layer"])
+        return cls(**config)
+
+
+def _clone(model, clone_function):
+    """`clone_model` of ``model`` and of every nested model, reusing the layer objects."""
+    def clone(layer):
+        if isinstance(layer, keras.Model):
+            return _clone(layer, clone_function)
+        return clone_function(layer)
+    return keras.models.clone_model(model, input_tensors=None, clone_function=clone)
+
+
+def quantize_weights(model, bits=None, conv_bits=8, dense_bits=5, bn_bits=8,
+                     layer_bits=None, max_iter=DEFAULT_MAX_ITER):
+    """Wraps every layer with prunable tensors in `QuantizeWeights` and clusters it.
+
+    Bits of a layer: ``layer_bits[name]`` if given, else ``bits`` if given, else by kind:
+    ``conv_bits`` (convolutions, and custom prunable layers), ``dense_bits``, ``bn_bits``
+    (BN gamma: 8 by default; gammas are ~0.01 % of VGG19's weights, so fewer bits would
+    save nothing). ``None`` leaves that kind unquantized. Pruning wrappers are stripped
+    first. Returns a new model sharing the layer objects of ``model``; fine-tune it with
+    ``fit`` and bake it with `strip_quantization` (see the module docstring).
+    """
+    check_keras2(model, "The model passed to quantize_weights")
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"quantize_weights takes a tf_keras Model, got {type(model).__name__}.")
+    if any(isinstance(l, QuantizeWeights) for l in all_layers(model)):
+        raise ValueError("The model is already quantized; call strip_quantization(model) "
+                         "first to quantize it again.")
+    layer_bits = dict(layer_bits or {})
+    named = dict(bits=bits, conv_bits=conv_bits, dense_bits=dense_bits, bn_bits=bn_bits)
+    named.update({f"layer_bits[{k!r}]": v for k, v in layer_bits.items()})
+    for name, value in named.items():
+        _check_bits(value, name)
+    if any(isinstance(l, PruneLowMagnitude) for l in all_layers(model)):
+        model = strip_pruning(model)
+    unknown = set(layer_bits) - {l.name for l in all_layers(model)}
+    if unknown:
+        raise ValueError(f"layer_bits names layers that are not in the model: {sorted(unknown)}.")
+    by_kind = {"dense": dense_bits, "bn": bn_bits}
+
+    def wrap(layer):
+        if not prunable_attributes(layer, prune_batchnorm=True):
+            return layer
+        if layer.name in layer_bits:
+            layer_b = layer_bits[layer.name]
+        else:
+            layer_b = bits if bits is not None else by_kind.get(_kind(layer), conv_bits)
+        return layer if layer_b is None else QuantizeWeights(layer, layer_b)
+
+    quantized = _clone(model, wrap)
+    for layer in all_layers(quantized):
+        if isinstance(layer, QuantizeWeights):
+            layer.cluster(max_iter)
+    return quantized
+
+
+def strip_quantization(model):
+    """A plain model whose kernels/gammas hold the shared values ``gather([0, c], idx)``.
+
+    The inner layers are reused (as tfmot's `strip_pruning` does), their variables set.
+    """
+    def strip(layer):
+        if not isinstance(layer, QuantizeWeights):
+            return layer
+        for attribute, value in zip(layer._weight_attributes, layer.shared_weights()):
+            variable = getattr(layer.layer, attribute)
+            variable.assign(tf.cast(value, variable.dtype))
+        if not hasattr(layer.layer, "_batch_input_shape") and hasattr(layer, "_batch_input_shape"):
+            layer.layer._batch_input_shape = layer._batch_input_shape
+        return layer.layer
+
+    return _clone(model, strip)
+
+
+def plain_model(model):
+    """``model`` without pruning or quantization wrappers (stripped only if it has any)."""
+    check_keras2(model, "The model")
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"Expected a tf_keras Model, got {type(model).__name__}.")
+    if any(isinstance(l, PruneLowMagnitude) for l in all_layers(model)):
+        model = strip_pruning(model)
+    if any(isinstance(l, QuantizeWeights) for l in all_layers(model)):
+        model = strip_quantization(model)
+    return model
+
+
+def prunable_layers(model):
+    """``(layer, attributes)`` of every distinct leaf layer with prunable tensors."""
+    seen = set()
+    for layer in _leaf_layers(model):
+        attributes = prunable_attributes(layer, prune_batchnorm=True)
+        if attributes and id(layer) not in seen:
+            seen.add(id(layer))
+            yield layer, attributes
