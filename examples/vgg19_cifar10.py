@@ -39,11 +39,12 @@ PRESETS = {
         initial_lrs=[0.05] + [0.01] * 9 + [0.001, 0.001],
         qualities=[round(0.1 * i, 1) for i in range(1, 17)],
         std_mode="initial", recalibration_batches=50, out_dir="runs/paper"),
+    # quick: measured on this machine (README): dense 98.9 %, 96 % zeros after q = 1.7.
     "quick": dict(
         dataset="digits", width=0.25, batch_size=64, augment=False,
-        baseline_epochs=10, baseline_lr=0.05, baseline_lr_drops=[7],
-        iterations=5, epochs_per_iteration=3, lr_drops=[2],
-        initial_lrs=[0.01], qualities=[0.6, 1.0, 1.4, 1.8, 2.2],
+        baseline_epochs=8, baseline_lr=0.01, baseline_lr_drops=[6],
+        iterations=4, epochs_per_iteration=3, lr_drops=[2],
+        initial_lrs=[0.01], qualities=[0.8, 1.2, 1.5, 1.7],
         std_mode="initial", recalibration_batches=10, out_dir="runs/quick"),
 }
 LIST_TYPES = {"initial_lrs": float, "qualities": float, "lr_drops": int, "baseline_lr_drops": int}
@@ -81,6 +82,8 @@ flags.DEFINE_integer("cpu_replicas", None, "Split the CPU into N logical devices
                      "--strategy=mirrored without GPUs).", lower_bound=1)
 flags.DEFINE_integer("quantize_bits", None, "Weight sharing with 2^b centroids (issue 5).",
                      lower_bound=1, upper_bound=12)
+flags.DEFINE_integer("quantize_epochs", 2, "Centroid fine-tuning epochs after weight sharing.",
+                     lower_bound=0)
 flags.DEFINE_bool("export_sparse", False, "Also export a sparse SavedModel.")
 flags.DEFINE_bool("compress", False, "Also write the Huffman-coded model file.")
 
@@ -89,7 +92,8 @@ def config():
     """The preset's values, overridden by every flag given explicitly; lists parsed."""
     cfg = dict(PRESETS[FLAGS.preset], data_dir=FLAGS.data_dir, seed=FLAGS.seed,
                max_train_examples=FLAGS.max_train_examples, export_sparse=FLAGS.export_sparse,
-               compress=FLAGS.compress)
+               compress=FLAGS.compress, quantize_bits=FLAGS.quantize_bits,
+               quantize_epochs=FLAGS.quantize_epochs)
     for name in PRESETS[FLAGS.preset]:
         if FLAGS[name].present:
             cfg[name] = FLAGS[name].value
@@ -215,7 +219,23 @@ def save_final(model, out_dir, export_sparse=False, compress=False):
     return {name: export.disk_size(path(name)) for name in names}
 
 
-def summary_markdown(cfg, dense, final, report, sizes, seconds):
+def share_weights(final, cfg, strategy, train, test, jit_compile):
+    """Trained quantization: k-means weight sharing (2^b centroids, zeros kept), then
+    ``quantize_epochs`` of centroid fine-tuning at 1/100 of the last retraining rate.
+    Returns the plain model with the shared values baked in, and the top-1 after each stage.
+    """
+    with strategy.scope():
+        shared = compile_model(tf_stdprune.quantize_weights(final, bits=cfg["quantize_bits"]),
+                               jit_compile)
+    accuracy = {"after clustering": evaluate(shared, test)["top1"]}
+    keras.backend.set_value(shared.optimizer.learning_rate, cfg["initial_lrs"][-1] / 100)
+    shared.fit(train, epochs=cfg["quantize_epochs"], verbose=2)
+    accuracy["after centroid fine-tuning"] = evaluate(shared, test)["top1"]
+    with strategy.scope():
+        return compile_model(tf_stdprune.strip_quantization(shared), jit_compile), accuracy
+
+
+def summary_markdown(cfg, dense, final, report, sizes, seconds, stages=()):
     rows = [("dense top-1 (%)", f"{100 * dense['top1']:.2f}"),
             ("pruned top-1 (%)", f"{100 * final['top1']:.2f}"),
             ("total parameters", str(report.total_parameters)),
@@ -224,6 +244,7 @@ def summary_markdown(cfg, dense, final, report, sizes, seconds):
             ("zero weights rate (%)", f"{report.zero_weights_rate:.4f}"),
             ("zero parameters rate (%)", f"{report.zero_parameters_rate:.4f}"),
             ("compression rate", f"x{report.compression_rate:.4f}")]
+    rows += [(f"top-1 {stage} (%)", f"{100 * top1:.2f}") for stage, top1 in stages]
     rows += [(f"size of final/{name} (bytes, gzip bytes)", f"{size['bytes']}, {size['gzip_bytes']}")
              for name, size in sizes.items()]
     rows.append(("wall time (s)", f"{seconds:.0f}"))
@@ -265,10 +286,18 @@ def run(cfg, strategy, jit_compile=False, resume=True, build_model=models.vgg19_
     final_metrics = evaluate(final, test)
     report = tf_stdprune.sparsity_report(final)
     print(report, report.table(), sep="\n\n")
-    # Trained quantization (--quantize_bits, issue 5) plugs in here, on `final`.
+    stages = {}
+    if cfg["quantize_bits"] is not None:
+        final, stages = share_weights(final, cfg, strategy, train, test, jit_compile)
     sizes = save_final(final, os.path.join(write_dir, "final"), cfg["export_sparse"],
                        cfg["compress"])
-    text = summary_markdown(cfg, dense_metrics, final_metrics, report, sizes, time.time() - started)
+    if cfg["compress"] and chief:
+        storage = tf_stdprune.compression_report(os.path.join(write_dir, "final", "model.tfspz"))
+        print(storage.table())
+        tf_stdprune.plot_compression_stages(
+            storage, os.path.join(write_dir, "final", "compression_stages.png"))
+    text = summary_markdown(cfg, dense_metrics, final_metrics, report, sizes,
+                            time.time() - started, stages.items())
     if chief:
         atomic_write(os.path.join(write_dir, "summary.md"), text)
         print(text)
@@ -280,8 +309,6 @@ def run(cfg, strategy, jit_compile=False, resume=True, build_model=models.vgg19_
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.quantize_bits is not None:
-        raise app.UsageError("--quantize_bits is not available yet (issue 5).")
     cfg = config()
     if not FLAGS.resume and os.path.exists(os.path.join(cfg["out_dir"], "baseline")):
         raise app.UsageError(f"--out_dir {cfg['out_dir']} holds a previous run: pass --resume "

@@ -26,7 +26,8 @@ import vgg19_cifar10 as example  # noqa: E402
 
 TINY = ["--preset=quick", "--width=0.05", "--iterations=2", "--epochs_per_iteration=1",
         "--baseline_epochs=1", "--max_train_examples=128", "--batch_size=32",
-        "--qualities=0.5,1.0", "--recalibration_batches=2", "--export_sparse", "--compress"]
+        "--qualities=0.5,1.0", "--recalibration_batches=2", "--export_sparse", "--compress",
+        "--quantize_bits=4", "--quantize_epochs=1"]
 
 
 def _main(out_dir):
@@ -98,12 +99,28 @@ def test_summary_accuracies_match_reevaluation(finished):
     model = keras.models.load_model(out_dir / "final" / "model.keras")
     logits = model.predict(x_test, verbose=0)
     top1 = 100 * np.mean(np.argmax(logits, axis=1) == y_test)
-    assert float(summary["pruned top-1 (%)"]) == pytest.approx(top1, abs=0.006)
+    # With --quantize_bits the saved model is the fine-tuned shared-weight one.
+    assert float(summary["top-1 after centroid fine-tuning (%)"]) == pytest.approx(top1, abs=0.006)
     for name in ("saved_model", "sparse_saved_model"):
         serve = tf.saved_model.load(str(out_dir / "final" / name)).signatures["serving_default"]
         (input_name,) = serve.structured_input_signature[1]
         (served,) = serve(**{input_name: tf.constant(x_test[:8])}).values()
         np.testing.assert_allclose(served, logits[:8], atol=1e-4)
+
+
+def test_quantize_bits_shares_weights_and_keeps_zeros(finished):
+    out_dir, stdout = finished
+    summary = _summary(out_dir)
+    assert 0 <= float(summary["top-1 after clustering (%)"]) <= 100
+    model = keras.models.load_model(out_dir / "final" / "model.keras")
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            kernel = layer.kernel.numpy()
+            assert len(np.unique(kernel[kernel != 0])) <= 2 ** 4, layer.name
+    history = read_history(str(out_dir / "run"))
+    assert sparsity_report(model).zero_weights == history[-1]["zero_weights"]
+    assert (out_dir / "final" / "compression_stages.png").stat().st_size > 10_000
+    assert "pruning+quantization+huffman" in stdout  # the compression report was printed
 
 
 MIRRORED_WORKER = """
