@@ -79,7 +79,8 @@ def test_summary_agrees_with_saved_model(finished):
         assert int(summary["total parameters"]) == report.total_parameters
         assert int(summary["total weights"]) == report.total_weights
         assert int(summary["zero weights"]) == report.zero_weights > 0
-        assert float(summary["zero weights rate (%)"]) == pytest.approx(report.zero_weights_rate, abs=1e-4)
+        assert float(summary["zero weights rate (%)"]) == pytest.approx(
+            report.zero_weights_rate, abs=1e-4)
         assert float(summary["compression rate"].lstrip("x")) == pytest.approx(
             report.compression_rate, abs=1e-4)
     assert read_history(str(out_dir / "run"))[-1]["zero_weights"] == report.zero_weights

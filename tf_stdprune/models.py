@@ -55,7 +55,8 @@ def vgg19_bn(num_classes=10, width=1.0, dropout=0.5, weight_decay=5e-4,
         model.add(layers.ReLU())
     model.add(layers.Flatten())
     for _ in range(2):
-        model.add(layers.Dense(_scaled(dense_units, width), activation="relu", kernel_regularizer=l2))
+        model.add(layers.Dense(_scaled(dense_units, width), activation="relu",
+                               kernel_regularizer=l2))
         model.add(layers.Dropout(dropout))
     model.add(layers.Dense(num_classes, kernel_regularizer=l2))
     model.add(layers.Activation("linear", dtype="float32", name="logits"))
