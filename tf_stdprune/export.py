@@ -25,7 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 from tf_stdprune import coding
-from tf_stdprune.quantize import plain_model, prunable_layers, substituted
+from tf_stdprune.quantize import plain_model, prunable_layers
+from tf_stdprune.wrapper import substituted
 
 GAP_SPAN = 256
 MAX_CODEBOOK = 256

@@ -28,7 +28,6 @@ clusters on the zero centroid; its indices are int64; and it does not cluster
 BatchNormalization at all (its registry lists no clusterable BN weights). We would have
 had to add k-means, frozen indices and BN support, i.e. most of this module.
 """
-import contextlib
 import inspect
 
 import numpy as np
@@ -40,7 +39,7 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
 from tf_stdprune._keras import check_keras2, keras
 from tf_stdprune.prune import all_layers, strip_pruning
 from tf_stdprune.report import _kind, _leaf_layers
-from tf_stdprune.wrapper import prunable_attributes
+from tf_stdprune.wrapper import prunable_attributes, substituted
 
 MAX_BITS = 12
 DEFAULT_MAX_ITER = 50
@@ -77,19 +76,6 @@ def linear_kmeans(values, clusters, max_iter=DEFAULT_MAX_ITER):
         centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
     labels = np.searchsorted(assigned, x, side="left")
     return centroids.astype(np.float32), labels.astype(np.int32)
-
-
-@contextlib.contextmanager
-def substituted(layer, attributes, tensors):
-    """Sets ``layer.<attribute> = tensor`` (bypassing Keras tracking), restores on exit."""
-    originals = [getattr(layer, a) for a in attributes]
-    for attribute, tensor in zip(attributes, tensors):
-        object.__setattr__(layer, attribute, tensor)
-    try:
-        yield
-    finally:
-        for attribute, original in zip(attributes, originals):
-            object.__setattr__(layer, attribute, original)
 
 
 def _check_bits(bits, what):

@@ -17,6 +17,7 @@ It subclasses tfmot's `PruneLowMagnitude` and keeps its protocol (``pruning_step
 ``conditional_mask_update()``), so tfmot's `UpdatePruningStep`, `PruningSummaries`,
 `strip_pruning` and `collect_prunable_layers` work on it unchanged.
 """
+import contextlib
 import inspect
 
 import tensorflow as tf
@@ -69,6 +70,19 @@ def prunable_attributes(layer, prune_batchnorm=True):
     if prune_batchnorm and isinstance(layer, batchnorm) and layer.scale:
         return ["gamma"]
     return []
+
+
+@contextlib.contextmanager
+def substituted(layer, attributes, tensors):
+    """Sets ``layer.<attribute> = tensor`` (bypassing Keras tracking), restores on exit."""
+    originals = [getattr(layer, a) for a in attributes]
+    for attribute, tensor in zip(attributes, tensors):
+        object.__setattr__(layer, attribute, tensor)
+    try:
+        yield
+    finally:
+        for attribute, original in zip(attributes, originals):
+            object.__setattr__(layer, attribute, original)
 
 
 def _masked(weight, mask):
@@ -262,15 +276,11 @@ class PruneLowStd(PruneLowMagnitude):
         self.add_update(
             tf.__internal__.smart_cond.smart_cond(training, self._training_update, tf.no_op)
         )
-        for attribute, (weight, mask, _) in zip(self._weight_attributes, self.pruning_vars):
-            object.__setattr__(self.layer, attribute, _masked(weight, mask))
-        try:
+        masked = [_masked(weight, mask) for weight, mask, _ in self.pruning_vars]
+        with substituted(self.layer, self._weight_attributes, masked):
             if "training" in inspect.signature(self.layer.call).parameters:
                 return self.layer.call(inputs, training=training, **kwargs)
             return self.layer.call(inputs, **kwargs)
-        finally:
-            for attribute, (weight, _, _) in zip(self._weight_attributes, self.pruning_vars):
-                object.__setattr__(self.layer, attribute, weight)
 
     def mask_optimizer_slots(self, optimizer):
         """Sets ``w = w * m`` and ``s = s * m`` for every optimizer slot ``s`` of ``w``."""
