@@ -182,3 +182,21 @@ def test_mirrored_strategy_keeps_masks_identical_on_both_replicas(tmp_path):
     assert [r["q"] for r in history] == [0.5, 1.0]
     assert history[-1]["zero_weights"] >= pruned
     assert (tmp_path / "out" / "summary.md").exists()
+
+
+def _config(*argv):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["vgg19_cifar10.py", *argv])
+    try:
+        return example.config()
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_quick_preset_runs_every_compression_stage_and_flags_turn_them_off():
+    quick = _config("--preset=quick")
+    assert (quick["quantize_bits"], quick["export_sparse"], quick["compress"]) == (5, True, True)
+    off = _config("--preset=quick", "--quantize_bits=0", "--noexport_sparse", "--nocompress")
+    assert (off["quantize_bits"], off["export_sparse"], off["compress"]) == (None, False, False)
+    paper = _config("--preset=paper", "--quantize_bits=8")
+    assert (paper["quantize_bits"], paper["export_sparse"], paper["compress"]) == (8, False, False)

@@ -149,3 +149,27 @@ def test_pruning_wrappers_are_stripped_first_and_keras_file_round_trip(tmp_path)
     quantized.save(tmp_path / "q.keras")
     restored = keras.models.load_model(tmp_path / "q.keras", compile=False)
     np.testing.assert_array_equal(restored.predict(x, verbose=0), quantized.predict(x, verbose=0))
+
+
+def test_adam_steps_every_centroid_alike_whatever_its_cluster_size():
+    """Why the example fine-tunes centroids with Adam: SGD's step on a centroid is ``lr``
+    times the sum of its members' gradients (see above), so it grows with the cluster's
+    size; Adam's first step is ``lr * g / (|g| + eps)``: ``lr`` for every centroid."""
+    _, _, quantized = _pruned_quantized(dict(bits=3))
+    wrapper = max((l for l in quantized.layers if isinstance(l, QuantizeWeights)),
+                  key=lambda l: l.indices[0].shape.num_elements())
+    index = wrapper.indices[0].numpy()
+    survivors = np.flatnonzero(index)
+    sizes = np.repeat(np.arange(2, 9), [1, 2, 3, 4, 5, 6, 7])  # clusters 2..8: 1..7 members
+    index.flat[survivors] = 1  # cluster 1: all the other survivors
+    index.flat[survivors[:sizes.size]] = sizes
+    wrapper.indices[0].assign(index)
+    members = np.bincount(index.ravel(), minlength=9)[1:]
+    assert members[0] >= 50 * members[1] > 0
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(16, 8, 8, 3)).astype("float32"), rng.integers(0, 3, 16)
+    centroids = wrapper.centroids[0].numpy().copy()
+    quantized.compile(keras.optimizers.Adam(1e-3, epsilon=1e-12),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    quantized.train_on_batch(x, y)
+    np.testing.assert_allclose(np.abs(wrapper.centroids[0].numpy() - centroids), 1e-3, rtol=0.02)

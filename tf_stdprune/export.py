@@ -87,12 +87,9 @@ class _Serving(tf.Module):
 
         specs = [tf.TensorSpec(i.shape, i.dtype, name=f"input_{k}")
                  for k, i in enumerate(model.inputs)]
-        self._serving_function = lambda: tf.function(
-            serve, input_signature=specs, autograph=False).get_concrete_function()
-
-    def serving_function(self):
-        """The traced ``serving_default`` concrete function."""
-        return self._serving_function()
+        # Left for tf.saved_model.save to trace: under a multi-worker strategy it then reads
+        # each distributed variable's primary copy instead of tracing collectives.
+        self.serving_function = tf.function(serve, input_signature=specs, autograph=False)
 
 
 def _check_target(path, overwrite):
@@ -126,7 +123,7 @@ def _export(model, path, overwrite, sparse):
     os.chmod(temporary, 0o755)  # mkdtemp's 0o700 would survive the rename
     try:
         tf.saved_model.save(module, temporary,
-                            signatures={"serving_default": module.serving_function()})
+                            signatures={"serving_default": module.serving_function})
         _replace_directory(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -208,8 +208,7 @@ class IterativePruning(keras.callbacks.Callback):
             "wall_time_s": time.time() - self.started,
         }
         self.history.append(record)
-        if self.chief:
-            save_iteration(self.model, self.run_dir, iteration, epoch + 1, self.history)
+        save_iteration(self.model, self.run_dir, iteration, epoch + 1, self.history, self.chief)
         self._log(record)
 
     def on_train_end(self, logs=None):

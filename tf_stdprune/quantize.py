@@ -12,13 +12,15 @@ and the gradient of centroid ``c_k`` is the sum of its members' gradients,
 plain ``model.fit`` on the quantized model; only centroids, biases and BN beta train::
 
     quantized = quantize_weights(stripped_model)              # 8 bits conv, 5 bits dense
-    quantized.compile(keras.optimizers.SGD(1e-4, momentum=0.9), loss, metrics)
+    quantized.compile(keras.optimizers.Adam(1e-5), loss, metrics)
     quantized.fit(x, y, epochs=3)                             # centroid fine-tuning
     final = strip_quantization(quantized)                     # plain model, shared values
 
-Centroid gradients sum over thousands of members, so use a learning rate ~100x smaller
-than for training the weights. Kernel regularizers act on the inner (unused) kernels and
-so do not affect the centroids.
+A centroid's gradient sums over its members (one to thousands of weights), so with SGD
+its step grows with its cluster's size; Adam normalises each centroid's step by its own
+gradient statistics, and a small rate (1e-5) keeps the clustered accuracy (measured on
+the quick preset: SGD 1e-4 lost 0.8-3 points, Adam 1e-5 none). Kernel regularizers act
+on the inner (unused) kernels and so do not affect the centroids.
 
 Why not ``tfmot.clustering.keras.cluster_weights(..., preserve_sparsity=True)`` (0.8.1):
 it initialises the centroids (linear) but runs no k-means; it re-assigns every weight to
@@ -38,7 +40,7 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
 
 from tf_stdprune._keras import check_keras2, keras
 from tf_stdprune.prune import all_layers, strip_pruning
-from tf_stdprune.report import _kind, _leaf_layers
+from tf_stdprune.report import layer_kind, leaf_layers
 from tf_stdprune.wrapper import prunable_attributes, substituted
 
 MAX_BITS = 12
@@ -151,10 +153,9 @@ class QuantizeWeights(keras.layers.Wrapper):
             indices.assign(index)
 
     def shared_weights(self):
-        """``w = gather([0, c_1, ..., c_K], idx)`` per tensor, in the layer's compute dtype."""
+        """``w = gather([0, c_1, ..., c_K], idx)`` per tensor, float32."""
         zero = tf.zeros([1], tf.float32)
-        return [tf.cast(tf.gather(tf.concat([zero, tf.convert_to_tensor(c)], 0), i),
-                        self.layer.compute_dtype)
+        return [tf.gather(tf.concat([zero, tf.convert_to_tensor(c)], 0), i)
                 for c, i in zip(self.centroids, self.indices)]
 
     def call(self, inputs, training=None, **kwargs):
@@ -217,7 +218,7 @@ def quantize_weights(model, bits=None, conv_bits=8, dense_bits=5, bn_bits=8,
         if layer.name in layer_bits:
             layer_b = layer_bits[layer.name]
         else:
-            layer_b = bits if bits is not None else by_kind.get(_kind(layer), conv_bits)
+            layer_b = bits if bits is not None else by_kind.get(layer_kind(layer), conv_bits)
         return layer if layer_b is None else QuantizeWeights(layer, layer_b)
 
     quantized = _clone(model, wrap)
@@ -260,7 +261,7 @@ def plain_model(model):
 def prunable_layers(model):
     """``(layer, attributes)`` of every distinct leaf layer with prunable tensors."""
     seen = set()
-    for layer in _leaf_layers(model):
+    for layer in leaf_layers(model):
         attributes = prunable_attributes(layer, prune_batchnorm=True)
         if attributes and id(layer) not in seen:
             seen.add(id(layer))

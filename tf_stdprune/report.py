@@ -109,24 +109,27 @@ class SparsityReport:
         return "\n".join(rows)
 
 
-def _leaf_layers(model):
+def leaf_layers(model):
+    """The layers of ``model`` with nested models flattened and pruning wrappers replaced
+    by the layers they wrap."""
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            yield from _leaf_layers(layer)
+            yield from leaf_layers(layer)
         elif isinstance(layer, PruneLowMagnitude):
             yield layer.layer
         else:
             yield layer
 
 
-def _kind(layer):
+def layer_kind(layer):
+    """``"conv"``, ``"bn"``, ``"dense"``, ... (the report's kind column), else ``"other"``."""
     return next((kind for cls, kind in _KINDS if isinstance(layer, cls)), "other")
 
 
 def sparsity_report(model):
     """The `SparsityReport` of a tf_keras model (see the module docstring)."""
     total_parameters, layers, seen = 0, [], set()
-    for layer in _leaf_layers(model):
+    for layer in leaf_layers(model):
         if id(layer) in seen:  # a layer shared between branches counts once
             continue
         seen.add(id(layer))
@@ -135,7 +138,7 @@ def sparsity_report(model):
         values = [np.asarray(getattr(layer, a)) for a in attributes]
         if values:
             layers.append(LayerSparsity(
-                layer.name, _kind(layer),
+                layer.name, layer_kind(layer),
                 total=sum(v.size for v in values),
                 zeros=sum(int(np.count_nonzero(v == 0)) for v in values),
             ))

@@ -67,8 +67,20 @@ def _checkpoint(model):
     return tf.train.Checkpoint(model=model, optimizer=model.optimizer)
 
 
-def save_iteration(model, run_dir, iteration, epoch, history):
-    """Checkpoints model + optimizer after ``iteration`` and records it, atomically."""
+def save_iteration(model, run_dir, iteration, epoch, history, chief=True):
+    """Checkpoints model + optimizer after ``iteration`` and records it, atomically.
+
+    Under a multi-worker strategy every worker must call it, since writing a checkpoint
+    runs collectives; a worker that is not the ``chief`` writes to a scratch directory
+    that is then deleted, and records nothing.
+    """
+    if not chief:
+        scratch = tempfile.mkdtemp(prefix="tf_stdprune-worker-")
+        try:
+            _checkpoint(model).write(os.path.join(scratch, "ckpt"))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     final = os.path.join(run_dir, "checkpoints", f"iter-{iteration:04d}")
     staging = tempfile.mkdtemp(dir=os.path.join(run_dir), prefix=".tmp-ckpt-")
     try:

@@ -74,10 +74,16 @@ def prunable_attributes(layer, prune_batchnorm=True):
 
 @contextlib.contextmanager
 def substituted(layer, attributes, tensors):
-    """Sets ``layer.<attribute> = tensor`` (bypassing Keras tracking), restores on exit."""
+    """Sets ``layer.<attribute> = tensor`` (bypassing Keras tracking), restores on exit.
+
+    Each tensor is cast to the dtype the layer reads that attribute in: its compute dtype
+    for an autocast variable (mixed precision kernels), else the variable's own dtype
+    (e.g. BatchNormalization's float32 gamma).
+    """
     originals = [getattr(layer, a) for a in attributes]
-    for attribute, tensor in zip(attributes, tensors):
-        object.__setattr__(layer, attribute, tensor)
+    for attribute, tensor, original in zip(attributes, tensors, originals):
+        dtype = layer.compute_dtype if hasattr(original, "true_dtype") else original.dtype
+        object.__setattr__(layer, attribute, tf.cast(tensor, dtype))
     try:
         yield
     finally:
@@ -86,9 +92,18 @@ def substituted(layer, attributes, tensors):
 
 
 def _masked(weight, mask):
-    """The tensor the layer computes with: ``w * m`` in the compute dtype of ``w``."""
+    """The tensor the layer computes with: ``w * m`` in the compute dtype of ``w``.
+
+    Its gradient is ``g * m`` for ``w`` and nothing for the (non-trainable) mask, so the
+    backward pass costs one multiply instead of the two of ``tf.multiply``'s gradient.
+    """
     kernel = tf.convert_to_tensor(weight)
-    return kernel * tf.cast(mask, kernel.dtype)
+    return _multiply_by_mask(kernel, tf.cast(mask, kernel.dtype))
+
+
+@tf.custom_gradient
+def _multiply_by_mask(kernel, mask):
+    return kernel * mask, lambda grad: (grad * mask, None)
 
 
 def _float32_value(variable):
