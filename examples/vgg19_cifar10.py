@@ -231,11 +231,7 @@ def share_weights(final, cfg, strategy, train, test, jit_compile):
     """Trained quantization: k-means weight sharing (2^b centroids, zeros kept), then
     ``quantize_epochs`` of centroid fine-tuning with Adam at ``quantize_lr``.
     Returns the plain model with the shared values baked in, and the top-1 after each stage.
-
-    A centroid's gradient is the sum over its members, from one to thousands of weights,
-    so one SGD rate is too large for big clusters or too small for small ones (measured on
-    the quick preset: SGD at 1e-4 lost 0.8-3 points). Adam scales every centroid's step by
-    its own gradient statistics, which makes the step independent of the member count.
+    Why Adam: see `tf_stdprune.quantize` (a centroid's gradient sums over its members).
     """
     with strategy.scope():
         shared = compile_model(tf_stdprune.quantize_weights(final, bits=cfg["quantize_bits"]),
@@ -300,7 +296,7 @@ def run(cfg, strategy, jit_compile=False, resume=True, build_model=models.vgg19_
     report = tf_stdprune.sparsity_report(final)
     print(report, report.table(), sep="\n\n")
     stages = {}
-    if cfg["quantize_bits"]:
+    if cfg["quantize_bits"] is not None:
         final, stages = share_weights(final, cfg, strategy, train, test, jit_compile)
     sizes = save_final(final, os.path.join(write_dir, "final"), cfg["export_sparse"],
                        cfg["compress"])

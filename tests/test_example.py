@@ -30,14 +30,21 @@ TINY = ["--preset=quick", "--width=0.05", "--iterations=2", "--epochs_per_iterat
         "--quantize_bits=4", "--quantize_epochs=1"]
 
 
-def _main(out_dir):
+@contextlib.contextmanager
+def _flags(*argv):
+    """The example's absl flags parsed from ``argv``, reset on exit."""
     flags.FLAGS.unparse_flags()
-    flags.FLAGS(["vgg19_cifar10.py", f"--out_dir={out_dir}"] + TINY)
+    flags.FLAGS(["vgg19_cifar10.py", *argv])
     try:
-        with contextlib.redirect_stdout(io.StringIO()) as stdout:
-            example.main(["vgg19_cifar10.py"])
+        yield
     finally:
         flags.FLAGS.unparse_flags()
+
+
+def _main(out_dir):
+    with _flags(f"--out_dir={out_dir}", *TINY), \
+            contextlib.redirect_stdout(io.StringIO()) as stdout:
+        example.main(["vgg19_cifar10.py"])
     return stdout.getvalue()
 
 
@@ -185,12 +192,8 @@ def test_mirrored_strategy_keeps_masks_identical_on_both_replicas(tmp_path):
 
 
 def _config(*argv):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["vgg19_cifar10.py", *argv])
-    try:
+    with _flags(*argv):
         return example.config()
-    finally:
-        flags.FLAGS.unparse_flags()
 
 
 def test_quick_preset_runs_every_compression_stage_and_flags_turn_them_off():

@@ -12,17 +12,13 @@ import time
 import numpy as np
 
 from test_distribute import _free_port
+from test_example import TINY  # the quick preset on tiny settings
 from tf_stdprune import decompress, sparsity_report
 from tf_stdprune._keras import keras
 from tf_stdprune.run_state import read_history
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples",
                       "vgg19_cifar10.py")
-# The quick preset also exports the sparse SavedModel and writes final/model.tfspz.
-TINY = ["--preset=quick", "--width=0.05", "--iterations=2", "--epochs_per_iteration=1",
-        "--baseline_epochs=1", "--max_train_examples=64", "--batch_size=32",
-        "--qualities=0.5,1.0", "--recalibration_batches=2", "--quantize_bits=4",
-        "--quantize_epochs=1"]
 TIMEOUT_S = 300
 
 

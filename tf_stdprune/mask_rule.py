@@ -78,7 +78,8 @@ def std_prune(weights, mask, quality, std_mode, stored_sigma):
     with many kernel shapes does not retrace; XLA still compiles each shape once.
 
     Returns ``(m_new, threshold, sigma, w * m_new)`` with ``threshold = q * sigma``.
-    XLA flushes subnormal floats to zero: a subnormal ``q`` acts as ``q = 0``.
+    XLA flushes subnormal floats to zero: a subnormal ``q`` acts as ``q = 0``, and a
+    subnormal ``q * sigma`` gives ``threshold = 0``.
     """
     weights = tf.cast(weights, tf.float32)
     sigma = layer_sigma(weights, mask, std_mode, stored_sigma)

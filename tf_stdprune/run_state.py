@@ -74,24 +74,19 @@ def save_iteration(model, run_dir, iteration, epoch, history, chief=True):
     runs collectives; a worker that is not the ``chief`` writes to a scratch directory
     that is then deleted, and records nothing.
     """
-    if not chief:
-        scratch = tempfile.mkdtemp(prefix="tf_stdprune-worker-")
-        try:
-            _checkpoint(model).write(os.path.join(scratch, "ckpt"))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return
     final = os.path.join(run_dir, "checkpoints", f"iter-{iteration:04d}")
-    staging = tempfile.mkdtemp(dir=os.path.join(run_dir), prefix=".tmp-ckpt-")
+    staging = tempfile.mkdtemp(dir=run_dir if chief else None, prefix=".tmp-ckpt-")
     try:
         _checkpoint(model).write(os.path.join(staging, "ckpt"))
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if chief:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once moved into place
+    if not chief:
+        return
     atomic_write(os.path.join(run_dir, HISTORY_FILE),
                  "".join(json.dumps(record) + "\n" for record in history))
     atomic_write(os.path.join(run_dir, STATE_FILE), json.dumps(

@@ -94,8 +94,7 @@ def substituted(layer, attributes, tensors):
 def _masked(weight, mask):
     """The tensor the layer computes with: ``w * m`` in the compute dtype of ``w``.
 
-    Its gradient is ``g * m`` for ``w`` and nothing for the (non-trainable) mask, so the
-    backward pass costs one multiply instead of the two of ``tf.multiply``'s gradient.
+    Its gradient is ``g * m`` for ``w``; none is computed for the (non-trainable) mask.
     """
     kernel = tf.convert_to_tensor(weight)
     return _multiply_by_mask(kernel, tf.cast(mask, kernel.dtype))
