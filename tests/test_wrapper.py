@@ -122,6 +122,83 @@ def test_custom_gradient_tape_loop(tiny_data):
     _assert_exactly_pruned(model, tiny_data, initial)
 
 
+def _always_multiply(weight, mask, weights_masked):
+    """The forward ``w * m`` by plain TF ops, ignoring ``weights_masked``: the reference."""
+    kernel = tf.convert_to_tensor(weight)
+    return kernel * tf.cast(mask, kernel.dtype)
+
+
+def test_skipping_the_forward_product_changes_nothing(tiny_data, monkeypatch):
+    """Bit for bit the same training as with a plain ``w * m`` at every step, including a
+    prune in the middle of an execution (steps_per_execution=3, prunes at steps 0 and 4)."""
+    histories, weights = [], []
+    for reference in (False, True):
+        if reference:
+            monkeypatch.setattr(tf_stdprune.wrapper, "_masked", _always_multiply)
+        keras.utils.set_random_seed(0)
+        model = _pruned()
+        model.compile(OPTIMIZERS["sgd_momentum_l2"](), LOSS, steps_per_execution=3)
+        history = model.fit(*tiny_data, batch_size=8, epochs=3, shuffle=False, verbose=0,
+                            callbacks=[tf_stdprune.UpdatePruningStep()])
+        histories.append(history.history["loss"])
+        weights.append(model.get_weights())
+        assert all(l.weights_masked.numpy() for l in _wrappers(model))
+    assert histories[0] == histories[1]
+    for ours, reference in zip(*weights):
+        np.testing.assert_array_equal(ours, reference)
+
+
+def _masked_reference(model):
+    """A plain copy of ``model`` whose kernels/gammas are ``w * m``: the masked model."""
+    reference = tiny_cnn(l2=1e-3)
+    values = []
+    for layer in model.layers:
+        masks = {id(w): m.numpy() for w, m, _ in getattr(layer, "pruning_vars", [])}
+        inner = getattr(layer, "layer", layer)
+        values += [v.numpy() * masks.get(id(v), 1.0) for v in inner.weights]
+    reference.set_weights(values)
+    return reference
+
+
+def test_forward_multiplies_until_weights_and_slots_are_masked(tiny_data):
+    """With tfmot's callback momentum moves pruned weights after a prune (it does not
+    zero slots): the layer keeps computing ``w * m``. Ours masks weights and slots, and
+    from then on the stored kernel is used as it is."""
+    x, y = tiny_data
+    model = _pruned()
+    model.compile(OPTIMIZERS["sgd_momentum_l2"](), LOSS)
+    tfmot_callback = tfmot.sparsity.keras.UpdatePruningStep()
+    tfmot_callback.set_model(model)
+    tfmot_callback.on_train_begin()
+    for batch in range(6):  # prunes at steps 0 (momentum still 0) and 4
+        tfmot_callback.on_train_batch_begin(batch)
+        model.train_on_batch(x[batch * 8:][:8], y[batch * 8:][:8])
+    wrappers = _wrappers(model)
+    assert not any(l.weights_masked.numpy() for l in wrappers)
+    moved = sum(np.count_nonzero(w.numpy()[m.numpy() == 0])
+                for l in wrappers for w, m, _ in l.pruning_vars)
+    assert moved > 0
+    np.testing.assert_allclose(model(x), _masked_reference(model)(x), rtol=1e-5, atol=1e-6)
+
+    ours = tf_stdprune.UpdatePruningStep()
+    ours.set_model(model)
+    ours.on_train_begin()
+    assert all(l.weights_masked.numpy() for l in wrappers)
+    for layer in wrappers:
+        for weight, mask, _ in layer.pruning_vars:
+            assert np.all(weight.numpy()[mask.numpy() == 0] == 0)
+    expected = _masked_reference(model)(x)
+    np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-6)
+
+    # The contract: assigning a kernel directly needs weight_mask_op() afterwards.
+    dense = wrappers[-1].layer
+    dense.kernel.assign(tf.ones_like(dense.kernel))
+    assert not np.allclose(model(x), expected, rtol=1e-5, atol=1e-6)
+    wrappers[-1].pruning_obj.weight_mask_op()
+    assert not np.allclose(model(x), expected, rtol=1e-5, atol=1e-6)  # new survivors = 1
+    np.testing.assert_allclose(model(x), _masked_reference(model)(x), rtol=1e-5, atol=1e-6)
+
+
 def test_training_path_prunes_by_reference_rule(tiny_data):
     """Inside train_on_batch each pruning step's mask is the numpy rule applied to the
     weights just before it, with the iteration's q and the sigma stored at the first

@@ -21,11 +21,17 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
     after this nothing moves a pruned weight again. Steps are tracked per layer: a layer
     shared by two branches advances two steps per batch. With ``steps_per_execution > 1``
     it runs at the end of the execution that contains the pruning step.
+
+    At the start of training it does the same for every `PruneLowStd` layer, whatever
+    happened to the weights before ``fit`` (a direct assignment, tfmot's callback): each
+    then skips its forward ``w * m`` (see `PruneLowStd`) until its masks change again.
     """
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self._std_layers = [l for l in self.prunable_layers if isinstance(l, PruneLowStd)]
+        for layer in self._std_layers:
+            layer.mask_optimizer_slots(self.model.optimizer)
         steps = [l.pruning_step for l in self._std_layers]
         self._read_steps = tf.function(lambda: tf.stack(steps))  # one call per batch
         self._last_steps = self._read_steps().numpy() if steps else []
