@@ -40,16 +40,18 @@ def _compiled(model):
 
 
 def _runner(model, data, callback=None):
-    """A function that runs ``FLAGS.steps`` train steps of ``model``."""
-    if callback is not None:
-        callback.set_model(model)
-        callback.on_train_begin()
+    """A function that runs ``FLAGS.steps`` train steps of ``model``, calling ``callback``'s
+    batch hooks around each as ``model.fit`` does."""
+    callbacks = keras.callbacks.CallbackList([callback] if callback else [], model=model)
+    callbacks.on_train_begin()
     train_step = model.make_train_function()
     iterator = iter(data)
 
     def run():
-        for _ in range(FLAGS.steps):
+        for batch in range(FLAGS.steps):
+            callbacks.on_train_batch_begin(batch)
             loss = train_step(iterator)
+            callbacks.on_train_batch_end(batch)
         float(loss["loss"])  # wait for the device
 
     return run

@@ -36,15 +36,6 @@ def test_prunes_at_first_step_of_each_iteration(qualities, spi, begin, end):
             assert float(q) == np.float32(expected_q), step  # last quality repeats
 
 
-def test_prunes_between_agrees_with_call():
-    for schedule in (StdPruningSchedule([1.0], 4), StdPruningSchedule([1.0], 3, 5, 17),
-                     StdPruningSchedule([1.0], 1, 2, 2)):
-        fires = [bool(schedule(step)[0]) for step in range(30)]
-        for start in range(30):
-            for end in range(start, 31):
-                assert schedule.prunes_between(start, end) == any(fires[start:end]), (start, end)
-
-
 def test_inside_tf_function():
     schedule = StdPruningSchedule([0.5, 1.5], 2)
     call = tf.function(schedule)

@@ -14,17 +14,17 @@ PruningSummaries = tfmot.sparsity.keras.PruningSummaries
 class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
     """tfmot's `UpdatePruningStep`, plus optimizer-slot masking after each pruning step.
 
-    At the end of a batch in which a `PruneLowStd` layer pruned (its schedule fired at a
-    ``pruning_step`` in ``[step at the last batch end, step now)``), the optimizer slots
-    of its pruned tensors are multiplied by the mask and the weights re-masked:
-    ``s = s * m``, ``w = w * m``. The pruning batch's own update used the old momentum;
-    after this nothing moves a pruned weight again. Steps are tracked per layer: a layer
-    shared by two branches advances two steps per batch. With ``steps_per_execution > 1``
-    it runs at the end of the execution that contains the pruning step.
+    At the end of a batch in which a `PruneLowStd` layer's masks changed (its
+    ``weights_masked`` flag was cleared, see `PruneLowStd`), the optimizer slots of its
+    pruned tensors are multiplied by the mask and the weights re-masked: ``s = s * m``,
+    ``w = w * m``, and the flag is set again. The pruning batch's own update used the old
+    momentum; after this nothing moves a pruned weight again. A batch costs one read of
+    all the flags. With ``steps_per_execution > 1`` it runs at the end of the execution
+    that contains the pruning step.
 
     At the start of training it does the same for every `PruneLowStd` layer, whatever
     happened to the weights before ``fit`` (a direct assignment, tfmot's callback): each
-    then skips its forward ``w * m`` (see `PruneLowStd`) until its masks change again.
+    then skips its forward ``w * m`` until its masks change again.
     """
 
     def on_train_begin(self, logs=None):
@@ -32,25 +32,15 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
         self._std_layers = [l for l in self.prunable_layers if isinstance(l, PruneLowStd)]
         for layer in self._std_layers:
             layer.mask_optimizer_slots(self.model.optimizer)
-        steps = [l.pruning_step for l in self._std_layers]
-        self._read_steps = tf.function(lambda: tf.stack(steps))  # one call per batch
-        self._last_steps = self._read_steps().numpy() if steps else []
+        flags = [l.weights_masked for l in self._std_layers]
+        self._all_masked = tf.function(lambda: tf.reduce_all(tf.stack(flags)))
 
     def on_train_batch_end(self, batch, logs=None):
-        if not self._std_layers:
+        if not self._std_layers or self._all_masked():
             return
-        steps = self._read_steps().numpy()
-        for layer, start, end in zip(self._std_layers, self._last_steps, steps):
-            if _prunes_between(layer.pruning_schedule, int(start), int(end)):
+        for layer in self._std_layers:
+            if not layer.weights_masked.numpy():
                 layer.mask_optimizer_slots(self.model.optimizer)
-        self._last_steps = steps
-
-
-def _prunes_between(schedule, start, end):
-    """Whether ``schedule`` prunes at some step in ``[start, end)``."""
-    if hasattr(schedule, "prunes_between"):
-        return schedule.prunes_between(start, end)
-    return any(bool(schedule(step)[0]) for step in range(start, end))
 
 
 class IterationLearningRate(keras.callbacks.Callback):

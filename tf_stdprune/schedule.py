@@ -70,13 +70,6 @@ class StdPruningSchedule(tfmot.sparsity.keras.PruningSchedule):
         """The iteration index of ``step`` (negative before ``begin_step``)."""
         return (step - self.begin_step) // self.steps_per_iteration
 
-    def prunes_between(self, start, end):
-        """Whether the schedule prunes at some step in ``[start, end)`` (Python ints)."""
-        first = max(start, self.begin_step)
-        last = end - 1 if self.end_step < 0 else min(end - 1, self.end_step)
-        steps_to_next = -(first - self.begin_step) % self.steps_per_iteration
-        return first + steps_to_next <= last
-
     def quality(self, iteration):
         """``q`` of an iteration index (int or int64 tensor)."""
         if self._quality_fn is not None:
