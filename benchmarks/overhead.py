@@ -28,6 +28,8 @@ flags.DEFINE_integer("rounds", 7, "Interleaved rounds.")
 flags.DEFINE_bool("jit_compile", False, "Compile the train steps with XLA.")
 flags.DEFINE_enum("clock", "wall", ["wall", "cpu"],
                   "wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine).")
+flags.DEFINE_bool("with_kernels_only", False,
+                  "Also time prune_low_std(prune_batchnorm=False): the tensors tfmot prunes.")
 flags.DEFINE_bool("mixed_precision", False,
                   "mixed_float16 on GPU, mixed_bfloat16 on CPU (masks stay float32).")
 
@@ -77,14 +79,19 @@ def main(_):
 
     tfmot_model = tfmot.sparsity.keras.prune_low_magnitude(
         fresh(), pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.9, 0, frequency=10**6))
-    ours = tf_stdprune.prune_low_std(
-        fresh(), pruning_schedule=tf_stdprune.StdPruningSchedule([1.0], steps_per_iteration=10**6))
+    def ours(**kwargs):
+        schedule = tf_stdprune.StdPruningSchedule([1.0], steps_per_iteration=10**6)
+        model = tf_stdprune.prune_low_std(fresh(), pruning_schedule=schedule, **kwargs)
+        return _runner(_compiled(model), data, tf_stdprune.UpdatePruningStep())
+
     contenders = {
         "dense": _runner(_compiled(dense), data),
         "prune_low_magnitude": _runner(_compiled(tfmot_model), data,
                                        tfmot.sparsity.keras.UpdatePruningStep()),
-        "prune_low_std": _runner(_compiled(ours), data, tf_stdprune.UpdatePruningStep()),
+        "prune_low_std": ours(),
     }
+    if FLAGS.with_kernels_only:
+        contenders["prune_low_std_kernels"] = ours(prune_batchnorm=False)
     clock = time.perf_counter if FLAGS.clock == "wall" else time.process_time
     medians = interleaved_medians(contenders, FLAGS.rounds, clock=clock)
     per_step = {name: t / FLAGS.steps for name, t in medians.items()}
