@@ -41,6 +41,13 @@ def _kernel_state(model):
             for w, m, _ in l.pruning_vars]
 
 
+def _assert_stored_zeros(wrappers):
+    """Every stored pruned weight is exactly 0.0."""
+    for layer in wrappers:
+        for weight, mask, _ in layer.pruning_vars:
+            assert np.all(weight.numpy()[mask.numpy() == 0] == 0), weight.name
+
+
 def _assert_exactly_pruned(model, data, initial):
     """Pruned entries of kernel, gradient and every optimizer slot are exactly 0."""
     x, y = data
@@ -184,9 +191,7 @@ def test_forward_multiplies_until_weights_and_slots_are_masked(tiny_data):
     ours.set_model(model)
     ours.on_train_begin()
     assert all(l.weights_masked.numpy() for l in wrappers)
-    for layer in wrappers:
-        for weight, mask, _ in layer.pruning_vars:
-            assert np.all(weight.numpy()[mask.numpy() == 0] == 0)
+    _assert_stored_zeros(wrappers)
     expected = _masked_reference(model)(x)
     np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-6)
 
@@ -269,9 +274,7 @@ def test_tfmot_callbacks_and_helpers_work_unchanged(tiny_data, tmp_path):
         tfmot.sparsity.keras.PruningSummaries(log_dir=str(tmp_path))])
     layers = collect_prunable_layers(model)
     assert layers == _wrappers(model)
-    for layer in layers:  # tfmot's callback re-masks at epoch end: stored zeros exact
-        for weight, mask, _ in layer.pruning_vars:
-            assert np.all(weight.numpy()[mask.numpy() == 0] == 0)
+    _assert_stored_zeros(layers)  # tfmot's callback re-masks at epoch end
     assert (1 - _wrappers(model)[0].pruning_vars[0][1].numpy().mean()) > 0.2
     assert list(tmp_path.rglob("events.out.tfevents.*"))
 
