@@ -25,7 +25,7 @@ from tf_stdprune.export import disk_size, export_dense_saved_model, export_spars
 from tf_stdprune.models import vgg19_bn
 from tf_stdprune.quantize import prunable_layers, quantize_weights, strip_quantization
 
-from common import interleaved_medians, report
+from common import interleaved_samples, report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_float("width", 0.25, "VGG19-BN width multiplier.")
@@ -85,13 +85,13 @@ def main(_):
     served = {name: tf.saved_model.load(paths[name]).signatures["serving_default"]
               for name in ("dense", "sparse")}
     outputs = {name: list(f(x).values())[0].numpy() for name, f in served.items()}
-    medians = interleaved_medians(
+    samples = interleaved_samples(
         {f"{name}_saved_model": (lambda f=f: list(f(x).values())[0].numpy())
          for name, f in served.items()}, FLAGS.rounds)
     config = {"width": FLAGS.width, "sparsity": FLAGS.sparsity, "conv_bits": FLAGS.conv_bits,
               "dense_bits": FLAGS.dense_bits, "batch_size": FLAGS.batch_size,
               "parameters": model.count_params()}
-    report("serving latency (sparse vs dense SavedModel)", config, medians,
+    report("serving latency (sparse vs dense SavedModel)", config, samples,
            baseline="dense_saved_model", items=FLAGS.batch_size)
     dense_bytes = sizes["dense_saved_model"]["bytes"]
     results = {

@@ -19,7 +19,7 @@ from tf_stdprune._keras import keras
 from tf_stdprune.models import vgg19_bn
 from tf_stdprune.prune import all_layers
 
-from common import interleaved_medians, report
+from common import interleaved_samples, report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_float("width", 1.0, "VGG19-BN width multiplier.")
@@ -69,10 +69,10 @@ def main(_):
     contenders = {"tfmot_top_k": run(update_tfmot, theirs)}
     contenders.update({f"prune_low_std[{mode}]": run(updater(layers), layers)
                        for mode, layers in ours.items()})
-    medians = interleaved_medians(contenders, FLAGS.rounds)
+    samples = interleaved_samples(contenders, FLAGS.rounds)
     prunable = sum(int(tf.size(w)) for w, _, _ in (v for l in theirs for v in l.pruning_vars))
     rows = report("mask update, all layers", {"width": FLAGS.width, "prunable_weights": prunable,
-                                              "rounds": FLAGS.rounds}, medians, "tfmot_top_k")
+                                              "rounds": FLAGS.rounds}, samples, "tfmot_top_k")
     for name, row in rows.items():
         print(f"{name} speed-up over tfmot: {1 / row['ratio_vs_tfmot_top_k']:.1f}x")
 

@@ -18,7 +18,7 @@ import tf_stdprune
 from tf_stdprune._keras import keras
 from tf_stdprune.models import vgg19_bn
 
-from common import interleaved_medians, report
+from common import interleaved_samples, report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_float("width", 0.25, "VGG19-BN width multiplier.")
@@ -93,14 +93,15 @@ def main(_):
     if FLAGS.with_kernels_only:
         contenders["prune_low_std_kernels"] = ours(prune_batchnorm=False)
     clock = time.perf_counter if FLAGS.clock == "wall" else time.process_time
-    medians = interleaved_medians(contenders, FLAGS.rounds, clock=clock)
-    per_step = {name: t / FLAGS.steps for name, t in medians.items()}
+    samples = interleaved_samples(contenders, FLAGS.rounds, clock=clock)
+    per_step = {name: [t / FLAGS.steps for t in times] for name, times in samples.items()}
     report("train step", {"width": FLAGS.width, "batch_size": FLAGS.batch_size,
                           "steps": FLAGS.steps, "rounds": FLAGS.rounds,
                           "jit_compile": FLAGS.jit_compile, "clock": FLAGS.clock,
                           "policy": keras.mixed_precision.global_policy().name,
                           "devices": [d.device_type for d in tf.config.list_logical_devices()]},
-           per_step, "dense", items=FLAGS.batch_size)
+           per_step, "dense", items=FLAGS.batch_size,
+           pairs=[(name, "prune_low_magnitude") for name in per_step if name.startswith("prune_low_std")])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""The benchmarks' paired ratio: per-round ratios, median and sign-test interval."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+from common import interleaved_samples, paired_ratio  # noqa: E402
+
+
+def _binomial_tail(n, k):
+    """P(Binomial(n, 1/2) < k), by counting outcomes."""
+    outcomes = np.array([bin(i).count("1") for i in range(2 ** n)])
+    return np.mean(outcomes < k)
+
+
+@pytest.mark.parametrize("n", [1, 5, 6, 9, 12, 15])
+def test_interval_is_the_widest_sign_test_interval_at_95_percent(n):
+    rng = np.random.default_rng(n)
+    numerator, denominator = rng.uniform(1, 2, n), rng.uniform(1, 2, n)
+    ratios = np.sort(numerator / denominator)
+    k = max([k for k in range(1, n + 1) if 2 * _binomial_tail(n, k) <= 0.05], default=1)
+    median, low, high = paired_ratio(list(numerator), list(denominator))
+    assert median == pytest.approx(np.median(ratios))
+    assert (low, high) == (ratios[k - 1], ratios[n - k])
+    assert low <= median <= high
+
+
+def test_ratio_is_taken_within_each_round():
+    # Drift scales both contenders of a round alike: per-round ratios cancel it.
+    drift = np.array([1.0, 3.0, 0.5, 2.0, 1.5, 4.0, 0.8])
+    median, low, high = paired_ratio(list(0.9 * drift), list(drift))
+    assert median == pytest.approx(0.9) and low == pytest.approx(0.9) and high == pytest.approx(0.9)
+
+
+def test_contenders_take_turns_first():
+    order = []
+    contenders = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    samples = interleaved_samples(contenders, rounds=3, warmup=0)
+    assert order == list("abcbcacab")
+    assert {name: len(times) for name, times in samples.items()} == {"a": 3, "b": 3, "c": 3}
