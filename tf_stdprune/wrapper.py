@@ -184,10 +184,13 @@ class StdPruning:
 
         def maybe_update(strategy):
             wrapper = self._wrapper
-            should_prune, quality = wrapper.pruning_schedule(wrapper.pruning_step)
-            should_prune = tf.logical_and(
-                should_prune, tf.not_equal(wrapper.pruned_at_step, wrapper.pruning_step))
-            update = lambda: _assign_everywhere(strategy, self._updates(quality))  # noqa: E731
+            step = wrapper.pruning_step
+            should_prune = tf.logical_and(wrapper.pruning_schedule(step)[0],
+                                          tf.not_equal(wrapper.pruned_at_step, step))
+
+            def update():  # q is computed here, so its ops only run at pruning steps
+                return _assign_everywhere(strategy, self._updates(wrapper.pruning_schedule(step)[1]))
+
             return tf.cond(should_prune, update, tf.no_op)
 
         return _cross_replica(maybe_update)
@@ -292,9 +295,8 @@ class PruneLowStd(PruneLowMagnitude):
 
     @tf.autograph.experimental.do_not_convert  # plain TF ops: converting only costs tracing time
     def _training_update(self):
-        check = tf.debugging.assert_greater_equal(
-            self.pruning_step, tf.constant(0, tf.int64), message=_STEP_ERROR
-        )
+        # A message-only Assert is one op; assert_greater_equal adds a cond per layer.
+        check = tf.debugging.Assert(self.pruning_step >= 0, [_STEP_ERROR])
         with tf.control_dependencies([check]):
             update = self.pruning_obj.conditional_mask_update()
         with tf.control_dependencies([update]):
