@@ -52,9 +52,9 @@ def _runner(model, data, callback=None):
     def run():
         for batch in range(FLAGS.steps):
             callbacks.on_train_batch_begin(batch)
-            loss = train_step(iterator)
-            callbacks.on_train_batch_end(batch)
-        float(loss["loss"])  # wait for the device
+            logs = train_step(iterator)
+            callbacks.on_train_batch_end(batch, logs)
+        float(logs["loss"])  # wait for the device
 
     return run
 

@@ -199,3 +199,23 @@ def test_recalibration_of_a_conv_model_matches_numpy_and_touches_nothing_else():
         np.testing.assert_array_equal(a, b)
     with pytest.raises(TypeError, match="from_tensor_slices"):
         recalibrate_batchnorm(model, (batches[0],), 1)
+
+
+class LogTypes(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self._supports_tf_logs = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.types = getattr(self, "types", []) + [type(logs["loss"])]
+
+
+def test_update_pruning_step_leaves_batch_logs_as_tensors(tiny_data):
+    # Keras converts every batch's logs to numpy unless all batch-hook callbacks take tensors.
+    model = tf_stdprune.prune_low_std(
+        tiny_cnn(), pruning_schedule=tf_stdprune.StdPruningSchedule([0.5], steps_per_iteration=2))
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy())
+    recorder = LogTypes()
+    model.fit(*tiny_data, batch_size=16, epochs=1, verbose=0,
+              callbacks=[tf_stdprune.UpdatePruningStep(), recorder])
+    assert recorder.types and all(issubclass(t, tf.Tensor) for t in recorder.types)

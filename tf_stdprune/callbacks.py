@@ -27,6 +27,12 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
     then skips its forward ``w * m`` until its masks change again.
     """
 
+    def __init__(self):
+        super().__init__()
+        # It never reads the logs: Keras may then hand over its tensors instead of
+        # converting them to numpy at every batch (which waits for the step).
+        self._supports_tf_logs = True
+
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self._std_layers = [l for l in self.prunable_layers if isinstance(l, PruneLowStd)]
