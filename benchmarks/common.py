@@ -71,10 +71,12 @@ def report(title, config, samples, baseline, unit_scale=1000.0, unit="ms", items
     print(json.dumps({"benchmark": title, "config": config, "results": rows, "paired": paired},
                      indent=2))
     print(f"\n{title}  ({', '.join(f'{k}={v}' for k, v in config.items())})")
-    print(f"{'contender':<24} {'median ' + unit:>12} {'x ' + baseline:>14} "
+    ratio_width = max(14, len(baseline) + 2)
+    print(f"{'contender':<24} {'median ' + unit:>12} {'x ' + baseline:>{ratio_width}} "
           f"{'per round [95 % interval]':>28} {'items/s':>10}")
     for name, row in rows.items():
-        print(f"{name:<24} {row[f'median_{unit}']:>12.2f} {row[f'ratio_vs_{baseline}']:>14.3f} "
+        print(f"{name:<24} {row[f'median_{unit}']:>12.2f} "
+              f"{row[f'ratio_vs_{baseline}']:>{ratio_width}.3f} "
               f"{_interval(row[f'paired_ratio_vs_{baseline}']):>28} "
               f"{row.get('items_per_s', float('nan')):>10.1f}")
     for name, ratio in paired.items():
