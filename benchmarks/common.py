@@ -63,7 +63,8 @@ def report(title, config, samples, baseline, unit_scale=1000.0, unit="ms", items
     medians = {name: statistics.median(times) for name, times in samples.items()}
     rows = {}
     for name, t in medians.items():
-        rows[name] = {f"median_{unit}": t * unit_scale, f"ratio_vs_{baseline}": t / medians[baseline],
+        rows[name] = {f"median_{unit}": t * unit_scale,
+                      f"ratio_vs_{baseline}": t / medians[baseline],
                       f"paired_ratio_vs_{baseline}": paired_ratio(samples[name], samples[baseline])}
         if items:
             rows[name]["items_per_s"] = items / t

@@ -101,7 +101,8 @@ def main(_):
                           "policy": keras.mixed_precision.global_policy().name,
                           "devices": [d.device_type for d in tf.config.list_logical_devices()]},
            per_step, "dense", items=FLAGS.batch_size,
-           pairs=[(name, "prune_low_magnitude") for name in per_step if name.startswith("prune_low_std")])
+           pairs=[(name, "prune_low_magnitude") for name in per_step
+                  if name.startswith("prune_low_std")])
 
 
 if __name__ == "__main__":

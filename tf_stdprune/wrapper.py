@@ -189,7 +189,8 @@ class StdPruning:
                                           tf.not_equal(wrapper.pruned_at_step, step))
 
             def update():  # q is computed here, so its ops only run at pruning steps
-                return _assign_everywhere(strategy, self._updates(wrapper.pruning_schedule(step)[1]))
+                quality = wrapper.pruning_schedule(step)[1]
+                return _assign_everywhere(strategy, self._updates(quality))
 
             return tf.cond(should_prune, update, tf.no_op)
 
