@@ -79,6 +79,7 @@ def main(_):
 
     tfmot_model = tfmot.sparsity.keras.prune_low_magnitude(
         fresh(), pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.9, 0, frequency=10**6))
+
     def ours(**kwargs):
         schedule = tf_stdprune.StdPruningSchedule([1.0], steps_per_iteration=10**6)
         model = tf_stdprune.prune_low_std(fresh(), pruning_schedule=schedule, **kwargs)

@@ -39,13 +39,13 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
         for layer in self._std_layers:
             layer.mask_optimizer_slots(self.model.optimizer)
         flags = [l.weights_masked for l in self._std_layers]
-        self._all_masked = tf.function(lambda: tf.reduce_all(tf.stack(flags)))
+        self._read_flags = tf.function(lambda: tf.stack(flags))
 
     def on_train_batch_end(self, batch, logs=None):
-        if not self._std_layers or self._all_masked():
+        if not self._std_layers:
             return
-        for layer in self._std_layers:
-            if not layer.weights_masked.numpy():
+        for layer, masked in zip(self._std_layers, self._read_flags().numpy()):
+            if not masked:
                 layer.mask_optimizer_slots(self.model.optimizer)
 
 
