@@ -1,6 +1,7 @@
 """Shared measurement helpers: interleaved contenders, medians, paired ratios, JSON + table."""
 import json
 import math
+import resource
 import statistics
 import time
 
@@ -29,6 +30,12 @@ def interleaved_samples(contenders, rounds, warmup=1, clock=time.perf_counter):
     return samples
 
 
+def minor_page_faults():
+    """Minor page faults of this process so far: a ``clock`` for `interleaved_samples`
+    that counts the pages of fresh memory the kernel mapped in (4 KiB each), not time."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def paired_ratio(numerator, denominator, confidence=0.95):
     """Median of the per-round ratios ``numerator[i] / denominator[i]``, with its interval.
 
@@ -38,10 +45,12 @@ def paired_ratio(numerator, denominator, confidence=0.95):
     largest with ``P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2`` (a sign test: an
     interval that excludes 1 means one contender is faster in significantly more rounds).
     With too few rounds for that confidence it spans the smallest to the largest ratio.
+    A round where both are 0 (a count, not a time) has ratio 1, one where only the
+    denominator is 0 has ratio ``inf``.
 
     Returns ``(median, low, high)``.
     """
-    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    ratios = sorted(_ratio(a, b) for a, b in zip(numerator, denominator))
     n = len(ratios)
     k, below = 0, 0.0
     while below + math.comb(n, k) / 2 ** n <= (1 - confidence) / 2:
@@ -64,7 +73,7 @@ def report(title, config, samples, baseline, unit_scale=1000.0, unit="ms", items
     rows = {}
     for name, t in medians.items():
         rows[name] = {f"median_{unit}": t * unit_scale,
-                      f"ratio_vs_{baseline}": t / medians[baseline],
+                      f"ratio_vs_{baseline}": _ratio(t, medians[baseline]),
                       f"paired_ratio_vs_{baseline}": paired_ratio(samples[name], samples[baseline])}
         if items:
             rows[name]["items_per_s"] = items / t
@@ -83,6 +92,13 @@ def report(title, config, samples, baseline, unit_scale=1000.0, unit="ms", items
     for name, ratio in paired.items():
         print(f"{name} per round: {_interval(ratio)}")
     return rows
+
+
+def _ratio(a, b):
+    """``a / b``; counts (page faults) may be 0: ``0 / 0 = 1``, ``a / 0 = inf``."""
+    if b == 0:
+        return 1.0 if a == 0 else math.inf
+    return a / b
 
 
 def _interval(ratio):

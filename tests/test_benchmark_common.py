@@ -1,4 +1,6 @@
-"""The benchmarks' paired ratio: per-round ratios, median and sign-test interval."""
+"""The benchmarks' helpers: paired ratio (per-round ratios, median, sign-test interval),
+interleaving, and the page-fault clock."""
+import mmap
 import os
 import sys
 
@@ -6,7 +8,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
-from common import interleaved_samples, paired_ratio  # noqa: E402
+from common import interleaved_samples, minor_page_faults, paired_ratio  # noqa: E402
 
 
 def _binomial_tail(n, k):
@@ -40,3 +42,29 @@ def test_contenders_take_turns_first():
     samples = interleaved_samples(contenders, rounds=3, warmup=0)
     assert order == list("abcbcacab")
     assert {name: len(times) for name, times in samples.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_rounds_with_zero_counts_give_ratio_one_or_inf():
+    assert paired_ratio([0, 0, 3], [0, 0, 0]) == (1.0, 1.0, float("inf"))
+
+
+def test_page_fault_clock_counts_each_fresh_page_and_no_reused_one():
+    pages = 4096
+    size = pages * mmap.PAGESIZE
+
+    def touch_fresh_memory():
+        with mmap.mmap(-1, size) as memory:
+            memory.madvise(mmap.MADV_NOHUGEPAGE)  # one fault per small page
+            for offset in range(0, size, mmap.PAGESIZE):
+                memory[offset] = 1
+
+    reused = bytearray(size)
+
+    def touch_reused_memory():
+        for offset in range(0, size, mmap.PAGESIZE):
+            reused[offset] = 1
+
+    samples = interleaved_samples({"fresh": touch_fresh_memory, "reused": touch_reused_memory},
+                                  rounds=3, clock=minor_page_faults)
+    assert min(samples["fresh"]) >= pages
+    assert max(samples["reused"]) < pages / 10
