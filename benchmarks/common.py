@@ -32,7 +32,8 @@ def interleaved_samples(contenders, rounds, warmup=1, clock=time.perf_counter):
 
 def minor_page_faults():
     """Minor page faults of this process so far: a ``clock`` for `interleaved_samples`
-    that counts the pages of fresh memory the kernel mapped in (4 KiB each), not time."""
+    that counts the pages of fresh memory the kernel mapped in (4 KiB each on x86-64), not
+    time."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
