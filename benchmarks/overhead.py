@@ -104,14 +104,14 @@ def main(_):
         contenders["prune_low_std_kernels"] = ours(prune_batchnorm=False)
     samples = interleaved_samples(contenders, FLAGS.rounds, clock=CLOCKS[FLAGS.clock])
     per_step = {name: [t / FLAGS.steps for t in times] for name, times in samples.items()}
-    unit = ({"unit_scale": 1.0, "unit": "faults"} if FLAGS.clock == "page_faults"
+    scale = ({"unit_scale": 1.0, "unit": "faults"} if FLAGS.clock == "page_faults"
             else {"items": FLAGS.batch_size})
     report("train step", {"width": FLAGS.width, "batch_size": FLAGS.batch_size,
                           "steps": FLAGS.steps, "rounds": FLAGS.rounds,
                           "jit_compile": FLAGS.jit_compile, "clock": FLAGS.clock,
                           "policy": keras.mixed_precision.global_policy().name,
                           "devices": [d.device_type for d in tf.config.list_logical_devices()]},
-           per_step, "dense", **unit,
+           per_step, "dense", **scale,
            pairs=[(name, "prune_low_magnitude") for name in per_step
                   if name.startswith("prune_low_std")])
 

@@ -18,10 +18,10 @@ it: a boolean ``weights_masked`` is set by `mask_optimizer_slots` (which establi
 elementwise pass over the weights per step remains (the gradient's ``* m``), as in tfmot
 (its ``w = w * m`` assignment). Ours multiplies the gradient, a temporary TensorFlow may
 overwrite in place; tfmot's allocates a new buffer for every weight at every step, which
-at full width costs page faults and makes its step 4-5 % slower than ours at batch 8
-and 16 (README).
-Without our callback (tfmot's `UpdatePruningStep`, a custom loop that never calls
-`mask_optimizer_slots`) it stays cleared after the first pruning and every step multiplies.
+at full width costs page faults and makes its step 4-5 % slower than ours at batch 8 and
+16 (README). Without our callback (tfmot's `UpdatePruningStep`, a custom loop that never
+calls `mask_optimizer_slots`) it stays cleared after the first pruning and every step
+multiplies.
 Assigning a kernel directly (``kernel.assign(dense)``) breaks it: call
 ``wrapper.pruning_obj.weight_mask_op()`` afterwards (tfmot's `UpdatePruningStep` does at
 each epoch's end, ours also at ``on_train_begin``).
