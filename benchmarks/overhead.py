@@ -68,16 +68,18 @@ def _runner(model, data, callback=None):
     return run
 
 
-def main(_):
-    if FLAGS.mixed_precision:
-        gpu = bool(tf.config.list_physical_devices("GPU"))
-        keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
-    keras.utils.set_random_seed(0)
+def fixed_batch():
+    """One fixed batch of CIFAR-sized images and labels, ``FLAGS.batch_size`` of them."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(FLAGS.batch_size, 32, 32, 3)).astype("float32")
-    y = rng.integers(0, 10, size=FLAGS.batch_size)
-    data = tf.data.Dataset.from_tensors((x, y)).repeat()
+    return x, rng.integers(0, 10, size=FLAGS.batch_size)
 
+
+def contender_models():
+    """``{name: (compiled model, its pruning callback or None)}``: dense VGG19-BN, tfmot's
+    `prune_low_magnitude` and ours (also ours without BN gammas with
+    ``--with_kernels_only``), all from the same initial weights, none pruning after step 0."""
+    keras.utils.set_random_seed(0)
     dense = vgg19_bn(width=FLAGS.width)
     weights = dense.get_weights()
 
@@ -86,22 +88,30 @@ def main(_):
         model.set_weights(weights)
         return model
 
-    tfmot_model = tfmot.sparsity.keras.prune_low_magnitude(
-        fresh(), pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.9, 0, frequency=10**6))
-
     def ours(**kwargs):
         schedule = tf_stdprune.StdPruningSchedule([1.0], steps_per_iteration=10**6)
         model = tf_stdprune.prune_low_std(fresh(), pruning_schedule=schedule, **kwargs)
-        return _runner(_compiled(model), data, tf_stdprune.UpdatePruningStep())
+        return _compiled(model), tf_stdprune.UpdatePruningStep()
 
+    tfmot_model = tfmot.sparsity.keras.prune_low_magnitude(
+        fresh(), pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.9, 0, frequency=10**6))
     contenders = {
-        "dense": _runner(_compiled(dense), data),
-        "prune_low_magnitude": _runner(_compiled(tfmot_model), data,
-                                       tfmot.sparsity.keras.UpdatePruningStep()),
+        "dense": (_compiled(dense), None),
+        "prune_low_magnitude": (_compiled(tfmot_model), tfmot.sparsity.keras.UpdatePruningStep()),
         "prune_low_std": ours(),
     }
     if FLAGS.with_kernels_only:
         contenders["prune_low_std_kernels"] = ours(prune_batchnorm=False)
+    return contenders
+
+
+def main(_):
+    if FLAGS.mixed_precision:
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+        keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
+    data = tf.data.Dataset.from_tensors(fixed_batch()).repeat()
+    contenders = {name: _runner(model, data, callback)
+                  for name, (model, callback) in contender_models().items()}
     samples = interleaved_samples(contenders, FLAGS.rounds, clock=CLOCKS[FLAGS.clock])
     per_step = {name: [t / FLAGS.steps for t in times] for name, times in samples.items()}
     scale = ({"unit_scale": 1.0, "unit": "faults"} if FLAGS.clock == "page_faults"

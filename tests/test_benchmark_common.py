@@ -68,3 +68,17 @@ def test_page_fault_clock_counts_each_fresh_page_and_no_reused_one():
                                   rounds=3, clock=minor_page_faults)
     assert min(samples["fresh"]) >= pages
     assert max(samples["reused"]) < pages / 10
+
+
+def test_hlo_copies_counts_copy_instructions_and_their_elements():
+    from xla_copies import hlo_copies
+
+    hlo = """
+  %copy.1 = f32[3,3,16,32]{3,2,1,0} copy(%get-tuple-element.7)
+  %copy.2 = pred[] copy(%p.1)
+  %copy.3 = bf16[10]{0} copy(%fusion.2), metadata={op_type="Mul"}
+  %fusion.4 = f32[3,3,16,32]{3,2,1,0} fusion(%copy.1), kind=kLoop
+  %add.5 = s64[] add(%copy.2, %c)
+"""
+    assert hlo_copies(hlo) == (3, 3 * 3 * 16 * 32 + 1 + 10)
+    assert hlo_copies("") == (0, 0)
