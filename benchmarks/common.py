@@ -1,6 +1,7 @@
 """Shared measurement helpers: interleaved contenders, medians, paired ratios, JSON + table."""
 import json
 import math
+import re
 import resource
 import statistics
 import time
@@ -105,3 +106,12 @@ def _ratio(a, b):
 def _interval(ratio):
     median, low, high = ratio
     return f"{median:.3f} [{low:.3f}, {high:.3f}]"
+
+
+_HLO_COPY = re.compile(r"= [a-z]+\d*\[([\d,]*)\]\S* copy\(")
+
+
+def hlo_copies(hlo_text):
+    """``(number of copy instructions, elements they copy)`` in an HLO module's text."""
+    shapes = _HLO_COPY.findall(hlo_text)
+    return len(shapes), sum(math.prod(int(d) for d in s.split(",") if d) for s in shapes)

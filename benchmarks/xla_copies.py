@@ -9,22 +9,14 @@ Deterministic for a given TensorFlow/XLA version, so one run is enough.
     python benchmarks/xla_copies.py --width=0.25 --batch_size=8
 """
 import json
-import re
 
 from absl import app, flags
-import numpy as np
 import tensorflow as tf
 
+from common import hlo_copies
 from overhead import contender_models, fixed_batch
 
 FLAGS = flags.FLAGS
-_COPY = re.compile(r"= [a-z]+\d*\[([\d,]*)\]\S* copy\(")
-
-
-def hlo_copies(hlo_text):
-    """``(number of copy instructions, elements they copy)`` in an HLO module's text."""
-    shapes = _COPY.findall(hlo_text)
-    return len(shapes), sum(int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes)
 
 
 def compiled_step_hlo(model, callback, data):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
-from common import interleaved_samples, minor_page_faults, paired_ratio  # noqa: E402
+from common import hlo_copies, interleaved_samples, minor_page_faults, paired_ratio  # noqa: E402
 
 
 def _binomial_tail(n, k):
@@ -71,8 +71,6 @@ def test_page_fault_clock_counts_each_fresh_page_and_no_reused_one():
 
 
 def test_hlo_copies_counts_copy_instructions_and_their_elements():
-    from xla_copies import hlo_copies
-
     hlo = """
   %copy.1 = f32[3,3,16,32]{3,2,1,0} copy(%get-tuple-element.7)
   %copy.2 = pred[] copy(%p.1)
