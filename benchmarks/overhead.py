@@ -78,7 +78,11 @@ def fixed_batch():
 def contender_models():
     """``{name: (compiled model, its pruning callback or None)}``: dense VGG19-BN, tfmot's
     `prune_low_magnitude` and ours (also ours without BN gammas with
-    ``--with_kernels_only``), all from the same initial weights, none pruning after step 0."""
+    ``--with_kernels_only``), all from the same initial weights, none pruning after step 0,
+    built under ``--mixed_precision``'s policy."""
+    if FLAGS.mixed_precision:
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+        keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
     keras.utils.set_random_seed(0)
     dense = vgg19_bn(width=FLAGS.width)
     weights = dense.get_weights()
@@ -106,9 +110,6 @@ def contender_models():
 
 
 def main(_):
-    if FLAGS.mixed_precision:
-        gpu = bool(tf.config.list_physical_devices("GPU"))
-        keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
     data = tf.data.Dataset.from_tensors(fixed_batch()).repeat()
     contenders = {name: _runner(model, data, callback)
                   for name, (model, callback) in contender_models().items()}

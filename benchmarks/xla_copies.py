@@ -3,7 +3,8 @@
 Under XLA a `tf.cond` that may write a variable passes the untouched values through its
 other branch, and XLA may copy them at every step. This counts the ``copy`` instructions
 of the optimized HLO of ``model.train_step`` compiled with ``jit_compile=True``, and the
-elements they copy, for the contenders of `overhead.py` (same models, same batch).
+elements they copy, for the contenders of `overhead.py` (same models, same batch, and
+its flags: ``--width``, ``--batch_size``, ``--with_kernels_only``, ``--mixed_precision``).
 Deterministic for a given TensorFlow/XLA version, so one run is enough.
 
     python benchmarks/xla_copies.py --width=0.25 --batch_size=8
@@ -12,6 +13,8 @@ import json
 
 from absl import app, flags
 import tensorflow as tf
+
+from tf_stdprune._keras import keras
 
 from common import hlo_copies
 from overhead import contender_models, fixed_batch
@@ -39,7 +42,8 @@ def main(_):
     for result in results.values():
         result["extra_vs_dense"] = result["copied_elements"] - dense
     print(json.dumps({"benchmark": "xla copies", "config": {
-        "width": FLAGS.width, "batch_size": FLAGS.batch_size, "tensorflow": tf.__version__},
+        "width": FLAGS.width, "batch_size": FLAGS.batch_size, "tensorflow": tf.__version__,
+        "policy": keras.mixed_precision.global_policy().name},
         "results": results}, indent=2))
     print(f"\nXLA copies per train step (width={FLAGS.width}, batch_size={FLAGS.batch_size})")
     print(f"{'contender':<24}{'copies':>10}{'elements copied':>18}{'more than dense':>18}")
