@@ -32,7 +32,7 @@ import numpy as np
 from tf_stdprune import coding
 from tf_stdprune._keras import keras
 from tf_stdprune.quantize import plain_model, prunable_layers
-from tf_stdprune.report import layer_kind
+from tf_stdprune.registry import get_tensor, layer_kind
 
 MAGIC = b"\x89TFSPZ\r\n"
 VERSION = 1
@@ -109,7 +109,7 @@ def serialize(model, conv_index_bits=8, dense_index_bits=5, bn_index_bits=8):
     prunable = {}
     for layer, attributes in prunable_layers(model):
         for attribute in attributes:
-            prunable[getattr(layer, attribute).ref()] = (layer.name, layer_kind(layer))
+            prunable[get_tensor(layer, attribute).ref()] = (layer.name, layer_kind(layer))
     sections, tensors = _Sections(), []
     for variable in model.weights:
         array = np.asarray(variable)

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_stdprune import coding
+from tf_stdprune.registry import get_tensor
 from tf_stdprune.quantize import plain_model, prunable_layers
 from tf_stdprune.wrapper import substituted
 
@@ -70,10 +71,10 @@ class _Serving(tf.Module):
         replaced, self.sparse_tensors = set(), []
         substitutions = []  # (layer, attributes, [SparseTensor])
         for layer, attributes in prunable_layers(model) if sparse else []:
-            tensors = [SparseTensor(np.asarray(getattr(layer, a))) for a in attributes]
+            tensors = [SparseTensor(np.asarray(get_tensor(layer, a))) for a in attributes]
             substitutions.append((layer, attributes, tensors))
             self.sparse_tensors += tensors
-            replaced |= {getattr(layer, a).ref() for a in attributes}
+            replaced |= {get_tensor(layer, a).ref() for a in attributes}
         self.dense_variables = [v for v in model.weights if v.ref() not in replaced]
         names = model.output_names
 

@@ -40,7 +40,8 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
 
 from tf_stdprune._keras import check_keras2, keras
 from tf_stdprune.prune import all_layers, strip_pruning
-from tf_stdprune.report import layer_kind, leaf_layers
+from tf_stdprune.registry import get_tensor, layer_kind
+from tf_stdprune.report import leaf_layers
 from tf_stdprune.wrapper import prunable_attributes, substituted
 
 MAX_BITS = 12
@@ -117,7 +118,7 @@ class QuantizeWeights(keras.layers.Wrapper):
         if self._weight_attributes is None:
             self._weight_attributes = prunable_attributes(self.layer, prune_batchnorm=True)
         for attribute in self._weight_attributes:
-            shape = getattr(self.layer, attribute).shape
+            shape = get_tensor(self.layer, attribute).shape
             self.centroids.append(self.add_weight(
                 f"{attribute}_centroids", shape=[2 ** self.bits], initializer="zeros",
                 dtype=tf.float32, trainable=True, experimental_autocast=False))
@@ -127,7 +128,7 @@ class QuantizeWeights(keras.layers.Wrapper):
 
     def _replaced(self):
         """References of the inner tensors that the shared weights replace."""
-        return {getattr(self.layer, a).ref() for a in self._weight_attributes or []}
+        return {get_tensor(self.layer, a).ref() for a in self._weight_attributes or []}
 
     @property
     def trainable_weights(self):
@@ -144,7 +145,7 @@ class QuantizeWeights(keras.layers.Wrapper):
         """Sets centroids and indices by `linear_kmeans` of the inner layer's nonzeros."""
         for attribute, centroids, indices in zip(self._weight_attributes, self.centroids,
                                                  self.indices):
-            weight = np.asarray(getattr(self.layer, attribute))
+            weight = np.asarray(get_tensor(self.layer, attribute))
             surviving = weight != 0
             values, labels = linear_kmeans(weight[surviving], 2 ** self.bits, max_iter)
             index = np.zeros(weight.shape, np.int32)

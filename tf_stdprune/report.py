@@ -20,17 +20,8 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
 )
 
 from tf_stdprune._keras import keras
+from tf_stdprune.registry import get_tensor, layer_kind
 from tf_stdprune.wrapper import prunable_attributes
-
-_KINDS = (
-    (keras.layers.BatchNormalization, "bn"),
-    (keras.layers.experimental.SyncBatchNormalization, "bn"),
-    (keras.layers.Dense, "dense"),
-    (keras.layers.Conv1D, "conv"), (keras.layers.Conv2D, "conv"), (keras.layers.Conv3D, "conv"),
-    (keras.layers.DepthwiseConv1D, "conv"), (keras.layers.DepthwiseConv2D, "conv"),
-    (keras.layers.SeparableConv1D, "conv"), (keras.layers.SeparableConv2D, "conv"),
-)
-
 
 @dataclasses.dataclass
 class LayerSparsity:
@@ -121,11 +112,6 @@ def leaf_layers(model):
             yield layer
 
 
-def layer_kind(layer):
-    """``"conv"``, ``"bn"``, ``"dense"``, ... (the report's kind column), else ``"other"``."""
-    return next((kind for cls, kind in _KINDS if isinstance(layer, cls)), "other")
-
-
 def sparsity_report(model):
     """The `SparsityReport` of a tf_keras model (see the module docstring)."""
     total_parameters, layers, seen = 0, [], set()
@@ -135,7 +121,7 @@ def sparsity_report(model):
         seen.add(id(layer))
         total_parameters += sum(int(np.prod(w.shape)) for w in layer.weights)
         attributes = prunable_attributes(layer, prune_batchnorm=True) or []
-        values = [np.asarray(getattr(layer, a)) for a in attributes]
+        values = [np.asarray(get_tensor(layer, a)) for a in attributes]
         if values:
             layers.append(LayerSparsity(
                 layer.name, layer_kind(layer),

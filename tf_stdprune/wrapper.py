@@ -40,7 +40,7 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
     PruneLowMagnitude,
 )
 
-from tf_stdprune import mask_rule
+from tf_stdprune import mask_rule, registry
 from tf_stdprune._keras import check_keras2, keras
 from tf_stdprune.schedule import StdPruningSchedule, _check_quality
 
@@ -56,13 +56,11 @@ _STEP_ERROR = (
 
 
 def prunable_attributes(layer, prune_batchnorm=True):
-    """Names of the attributes of ``layer`` that hold its prunable tensors.
+    """Attribute paths of the tensors of ``layer`` that are pruned (see `registry`).
 
-    Kernels of Dense and every convolution, the depthwise kernel of DepthwiseConv, both
-    kernels of SeparableConv, and BatchNormalization's ``gamma`` if ``prune_batchnorm``.
-    A layer with ``get_prunable_weights`` (tfmot's `PrunableLayer`) is honoured once built.
+    A layer with ``get_prunable_weights`` (tfmot's `PrunableLayer`) is honoured once built
+    (``None`` before); every other layer is looked up in `registry.TABLE`.
     """
-    layers = keras.layers
     if isinstance(layer, tfmot.sparsity.keras.PrunableLayer) or hasattr(layer, "get_prunable_weights"):
         if not layer.built:
             return None  # resolved in build()
@@ -74,16 +72,7 @@ def prunable_attributes(layer, prune_batchnorm=True):
                 "an attribute of the layer (e.g. self.kernel) so the wrapper can mask it."
             )
         return names
-    if isinstance(layer, (layers.SeparableConv1D, layers.SeparableConv2D)):
-        return ["depthwise_kernel", "pointwise_kernel"]
-    if isinstance(layer, (layers.DepthwiseConv1D, layers.DepthwiseConv2D)):
-        return ["depthwise_kernel"]
-    if isinstance(layer, (layers.Conv1D, layers.Conv2D, layers.Conv3D, layers.Dense)):
-        return ["kernel"]
-    batchnorm = (layers.BatchNormalization, layers.experimental.SyncBatchNormalization)
-    if prune_batchnorm and isinstance(layer, batchnorm) and layer.scale:
-        return ["gamma"]
-    return []
+    return registry.prunable_attributes(layer, prune_batchnorm)
 
 
 @contextlib.contextmanager
@@ -94,15 +83,16 @@ def substituted(layer, attributes, tensors):
     for an autocast variable (mixed precision kernels), else the variable's own dtype
     (e.g. BatchNormalization's float32 gamma).
     """
-    originals = [getattr(layer, a) for a in attributes]
-    for attribute, tensor, original in zip(attributes, tensors, originals):
-        dtype = layer.compute_dtype if hasattr(original, "true_dtype") else original.dtype
-        object.__setattr__(layer, attribute, tf.cast(tensor, dtype))
+    places = [registry.resolve(layer, a) for a in attributes]
+    originals = [getattr(owner, a) for owner, a in places]
+    for (owner, attribute), tensor, original in zip(places, tensors, originals):
+        dtype = owner.compute_dtype if hasattr(original, "true_dtype") else original.dtype
+        object.__setattr__(owner, attribute, tf.cast(tensor, dtype))
     try:
         yield
     finally:
-        for attribute, original in zip(attributes, originals):
-            object.__setattr__(layer, attribute, original)
+        for (owner, attribute), original in zip(places, originals):
+            object.__setattr__(owner, attribute, original)
 
 
 def _masked(weight, mask, weights_masked):
@@ -274,9 +264,9 @@ class PruneLowStd(PruneLowMagnitude):
         keras.layers.Wrapper.build(self, input_shape)
         if self._weight_attributes is None:
             self._weight_attributes = prunable_attributes(self.layer, self.prune_batchnorm)
-        self.prunable_weights = [getattr(self.layer, a) for a in self._weight_attributes]
-        for attribute, weight in zip(self._weight_attributes, self.prunable_weights):
-            shape = weight.shape
+        self.prunable_weights = [registry.get_tensor(self.layer, a) for a in self._weight_attributes]
+        for path, weight in zip(self._weight_attributes, self.prunable_weights):
+            shape, attribute = weight.shape, path.replace(".", "_")
             mask = self._state(f"{attribute}_mask", shape, "ones", tf.float32)
             threshold = self._state(f"{attribute}_threshold", [], "zeros", tf.float32)
             sigma = self._state(f"{attribute}_sigma", [], mask_rule.UNSET_SIGMA, tf.float32)

@@ -1,0 +1,134 @@
+"""The one table of what is pruned: layer class -> prunable tensors -> report kind.
+
+Both Keras worlds read it: tf_keras (the tfmot path) and Keras 3. A layer is looked up
+by walking its class's method resolution order and taking the first class that Keras
+itself defines (module ``keras.*`` or ``tf_keras.*``) and that the table names, so a
+subclass of a supported layer is pruned like its parent, and a user class that merely
+shares a name with a Keras layer is not matched.
+
+A tensor is named by an attribute path relative to the layer: ``"kernel"``, or
+``"cell.recurrent_kernel"`` for a tensor held by a sub-layer (recurrent cells,
+MultiHeadAttention's projections). `resolve` turns a path into ``(owner, attribute)``;
+for an attribute that Keras 3 exposes as a read-only property over a stored variable
+(``Dense.kernel`` over ``Dense._kernel``) it names the stored one, which is what a
+wrapper substitutes ``w * m`` into.
+
+Report kinds: ``"conv"``, ``"dense"``, ``"bn"``, ``"embedding"``, ``"rnn"``,
+``"attention"``; ``"other"`` for layers with nothing to prune.
+"""
+import collections
+
+Entry = collections.namedtuple("Entry", ["attributes", "kind"])
+
+_KERNEL = ("kernel",)
+_RECURRENT = ("cell.kernel", "cell.recurrent_kernel")
+_ATTENTION = tuple(f"_{part}_dense.kernel" for part in ("query", "key", "value", "output"))
+
+TABLE = {
+    "Dense": Entry(_KERNEL, "dense"),
+    "EinsumDense": Entry(_KERNEL, "dense"),
+    "LocallyConnected1D": Entry(_KERNEL, "dense"),
+    "LocallyConnected2D": Entry(_KERNEL, "dense"),
+    "Conv1D": Entry(_KERNEL, "conv"),
+    "Conv2D": Entry(_KERNEL, "conv"),
+    "Conv3D": Entry(_KERNEL, "conv"),
+    "Conv1DTranspose": Entry(_KERNEL, "conv"),
+    "Conv2DTranspose": Entry(_KERNEL, "conv"),
+    "Conv3DTranspose": Entry(_KERNEL, "conv"),
+    "DepthwiseConv1D": Entry(("depthwise_kernel",), "conv"),
+    "DepthwiseConv2D": Entry(("depthwise_kernel",), "conv"),
+    "SeparableConv1D": Entry(("depthwise_kernel", "pointwise_kernel"), "conv"),
+    "SeparableConv2D": Entry(("depthwise_kernel", "pointwise_kernel"), "conv"),
+    "Embedding": Entry(("embeddings",), "embedding"),
+    "SimpleRNN": Entry(_RECURRENT, "rnn"),
+    "LSTM": Entry(_RECURRENT, "rnn"),
+    "GRU": Entry(_RECURRENT, "rnn"),
+    "SimpleRNNCell": Entry(("kernel", "recurrent_kernel"), "rnn"),
+    "LSTMCell": Entry(("kernel", "recurrent_kernel"), "rnn"),
+    "GRUCell": Entry(("kernel", "recurrent_kernel"), "rnn"),
+    "MultiHeadAttention": Entry(_ATTENTION, "attention"),
+    "BatchNormalization": Entry(("gamma",), "bn"),
+    "SyncBatchNormalization": Entry(("gamma",), "bn"),
+}
+
+# Layers with trainable weights that are deliberately never pruned, and need no error.
+NOT_PRUNED = frozenset({
+    "LayerNormalization", "GroupNormalization", "UnitNormalization", "PReLU",
+    "Normalization", "RMSNormalization",
+})
+
+# Layers tfmot refuses to prune; so do we, with the same exception type.
+REFUSED = frozenset({"ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D"})
+
+BATCHNORM_KIND = "bn"
+
+
+def is_keras_class(cls):
+    """True for a class that tf_keras or Keras 3 itself defines."""
+    root = cls.__module__.split(".")[0]
+    return root in ("keras", "tf_keras")
+
+
+def keras_class_name(layer):
+    """The name of the first Keras-defined class in ``type(layer)``'s MRO, or None."""
+    for cls in type(layer).__mro__:
+        if is_keras_class(cls) and (cls.__name__ in TABLE or cls.__name__ in REFUSED
+                                    or cls.__name__ in NOT_PRUNED):
+            return cls.__name__
+    return None
+
+
+def lookup(layer):
+    """The table's `Entry` for ``layer``, or None if the table does not name it."""
+    return TABLE.get(keras_class_name(layer))
+
+
+def layer_kind(layer):
+    """The report's kind column for ``layer``: ``"conv"``, ``"dense"``, ``"bn"``, ...,
+    ``"other"`` when the table does not name it."""
+    entry = lookup(layer)
+    return entry.kind if entry else "other"
+
+
+def prunable_attributes(layer, prune_batchnorm=True):
+    """Attribute paths of ``layer``'s prunable tensors (see the module docstring).
+
+    ``[]`` for a layer the table does not name, for BatchNormalization without ``scale``
+    and for BatchNormalization when ``prune_batchnorm`` is false.
+    """
+    entry = lookup(layer)
+    if entry is None:
+        return []
+    if entry.kind == BATCHNORM_KIND and not (prune_batchnorm and getattr(layer, "scale", True)):
+        return []
+    return list(entry.attributes)
+
+
+def resolve(layer, path):
+    """``(owner, attribute)`` of an attribute path: the object that holds the tensor and
+    the name under which it is stored (a Keras 3 property's backing attribute)."""
+    owner = layer
+    *parents, attribute = path.split(".")
+    for name in parents:
+        owner = getattr(owner, name)
+    prop = getattr(type(owner), attribute, None)
+    if isinstance(prop, property) and hasattr(owner, "_" + attribute):
+        attribute = "_" + attribute
+    return owner, attribute
+
+
+def get_tensor(layer, path):
+    """The variable an attribute path names (its stored variable, not a property's view)."""
+    owner, attribute = resolve(layer, path)
+    return getattr(owner, attribute)
+
+
+def unknown_kernels(layer):
+    """Trainable weights of rank >= 2 of a layer the table does not name (nor excludes).
+
+    A non-empty answer means the layer would silently stay dense: callers raise.
+    """
+    name = keras_class_name(layer)
+    if name in TABLE or name in NOT_PRUNED:
+        return []
+    return [w for w in getattr(layer, "trainable_weights", []) if len(w.shape) >= 2]
