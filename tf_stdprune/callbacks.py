@@ -3,9 +3,8 @@ import math
 import numbers
 
 import tensorflow as tf
-import tensorflow_model_optimization as tfmot
 
-from tf_stdprune._keras import keras
+from tf_stdprune._keras import keras, tfmot
 from tf_stdprune.wrapper import PruneLowStd
 
 PruningSummaries = tfmot.sparsity.keras.PruningSummaries

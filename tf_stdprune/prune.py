@@ -1,11 +1,7 @@
 """`prune_low_std`: the entry point, a drop-in for tfmot's `prune_low_magnitude`."""
 from absl import logging
-import tensorflow_model_optimization as tfmot
-from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import (
-    PruneLowMagnitude,
-)
 
-from tf_stdprune._keras import check_keras2, keras
+from tf_stdprune._keras import PruneLowMagnitude, check_keras2, keras, tfmot
 from tf_stdprune.schedule import StdPruningSchedule
 from tf_stdprune.wrapper import DEFAULT_STD_MODE, PruneLowStd, prunable_attributes
 

@@ -34,11 +34,8 @@ import inspect
 
 import numpy as np
 import tensorflow as tf
-from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import (
-    PruneLowMagnitude,
-)
 
-from tf_stdprune._keras import check_keras2, keras
+from tf_stdprune._keras import PruneLowMagnitude, check_keras2, keras
 from tf_stdprune.prune import all_layers, strip_pruning
 from tf_stdprune.registry import get_tensor, layer_kind
 from tf_stdprune.report import leaf_layers

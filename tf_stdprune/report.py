@@ -15,11 +15,8 @@ import dataclasses
 import json
 
 import numpy as np
-from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import (
-    PruneLowMagnitude,
-)
 
-from tf_stdprune._keras import keras
+from tf_stdprune._keras import PruneLowMagnitude, keras
 from tf_stdprune.registry import get_tensor, layer_kind
 from tf_stdprune.wrapper import prunable_attributes
 

@@ -10,15 +10,14 @@ schedule prunes once, at the first step of every iteration::
 
 Once the list is exhausted **the last quality repeats** (as the seed's learning-rate list
 does); pass ``end_step`` to stop pruning instead. ``qualities`` may also be a callable of
-the (int64 tensor) iteration index returning ``q``; such a schedule cannot be serialized.
+the iteration index returning ``q``; such a schedule cannot be serialized.
+
+The class depends on neither Keras nor tfmot: the tf_keras path calls it with tensors
+(``__call__``, tfmot's schedule protocol, and registers it as a tfmot `PruningSchedule`),
+the Keras 3 path asks `should_prune` and `quality` with Python integers.
 """
 import math
 import numbers
-
-import tensorflow as tf
-import tensorflow_model_optimization as tfmot
-
-from tf_stdprune._keras import keras
 
 
 def _check_quality(q, where):
@@ -38,12 +37,17 @@ def _check_step(value, where, minimum, fix):
     return int(value)
 
 
-@keras.utils.register_keras_serializable(package="tf_stdprune")
-class StdPruningSchedule(tfmot.sparsity.keras.PruningSchedule):
+class StdPruningSchedule:
     """Prune at the first step of every iteration with that iteration's quality ``q``.
 
-    ``__call__(step)`` returns ``(should_prune, q)`` as tensors (bool, float32), the
-    protocol of tfmot's schedules with ``q`` in place of the target sparsity.
+    ``__call__(step)`` returns ``(should_prune, q)`` as TensorFlow tensors (bool, float32),
+    the protocol of tfmot's schedules with ``q`` in place of the target sparsity;
+    `should_prune` and `quality` answer the same for Python integers.
+
+    Examples:
+      >>> schedule = StdPruningSchedule([0.5, 1.0], steps_per_iteration=100)
+      >>> [s for s in range(400) if schedule.should_prune(s)], schedule.quality(3)
+      ([0, 100, 200, 300], 1.0)
     """
 
     def __init__(self, qualities, steps_per_iteration, begin_step=0, end_step=-1):
@@ -70,19 +74,34 @@ class StdPruningSchedule(tfmot.sparsity.keras.PruningSchedule):
         """The iteration index of ``step`` (negative before ``begin_step``)."""
         return (step - self.begin_step) // self.steps_per_iteration
 
+    def should_prune(self, step):
+        """Whether the schedule prunes at the Python integer ``step``."""
+        in_range = step >= self.begin_step and (self.end_step < 0 or step <= self.end_step)
+        return in_range and (step - self.begin_step) % self.steps_per_iteration == 0
+
     def quality(self, iteration):
-        """``q`` of an iteration index (int or int64 tensor)."""
+        """``q`` of an iteration index: a float for a Python integer, a float32 tensor for
+        a TensorFlow tensor."""
+        if isinstance(iteration, numbers.Integral):
+            if self._quality_fn is not None:
+                return float(self._quality_fn(iteration))
+            return self.qualities[min(max(iteration, 0), len(self.qualities) - 1)]
+        import tensorflow as tf  # only the tf_keras path passes tensors
+
         if self._quality_fn is not None:
             return tf.cast(self._quality_fn(iteration), tf.float32)
         index = tf.clip_by_value(tf.cast(iteration, tf.int64), 0, len(self.qualities) - 1)
         return tf.gather(tf.constant(self.qualities, tf.float32), index)
 
     def __call__(self, step):
+        import tensorflow as tf  # the tf_keras path's tensor protocol
+
         step = tf.cast(step, tf.int64)
-        should_prune = self._should_prune_in_step(
-            step, self.begin_step, self.end_step, self.steps_per_iteration
-        )
-        return should_prune, self.quality(self.iteration(step))
+        in_range = step >= self.begin_step
+        if self.end_step >= 0:
+            in_range = tf.logical_and(in_range, step <= self.end_step)
+        on_turn = tf.equal(tf.math.floormod(step - self.begin_step, self.steps_per_iteration), 0)
+        return tf.logical_and(in_range, on_turn), self.quality(self.iteration(step))
 
     def get_config(self):
         if self._quality_fn is not None:

@@ -35,19 +35,19 @@ import contextlib
 import inspect
 
 import tensorflow as tf
-import tensorflow_model_optimization as tfmot
-from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import (
-    PruneLowMagnitude,
-)
 
 from tf_stdprune import mask_rule, registry
-from tf_stdprune._keras import check_keras2, keras
+from tf_stdprune._keras import PruneLowMagnitude, check_keras2, keras, tfmot
 from tf_stdprune.schedule import StdPruningSchedule, _check_quality
 
 # Measured with benchmarks/std_mode.py: at the same q, "initial" gives the most sparsity
 # for the least accuracy loss; "surviving" compounds from step to step (collapses at the
 # seed's q range) and "all" prunes less and no better. See the README.
 DEFAULT_STD_MODE = "initial"
+# The schedule is plain Python: make it a tfmot schedule and a tf_keras serializable here.
+tfmot.sparsity.keras.PruningSchedule.register(StdPruningSchedule)
+keras.utils.register_keras_serializable(package="tf_stdprune")(StdPruningSchedule)
+
 _STEP_ERROR = (
     "PruneLowStd needs the UpdatePruningStep callback during training: add "
     "tf_stdprune.UpdatePruningStep() to model.fit's callbacks (or call its "
