@@ -18,56 +18,85 @@ the finite entries only (NaN and +-inf are left out of the statistics). A tensor
 statistics are all equal has ``sigma = 0``, hence ``threshold = 0`` and nothing is pruned.
 ``|NaN| >= t`` is false, so a NaN weight is pruned; the mask itself is never NaN.
 """
+import types
+
 import tensorflow as tf
 
 STD_MODES = ("initial", "surviving", "all")
 UNSET_SIGMA = -1.0  # value of a stored sigma before the first pruning step
 
+# The rule is written once, against NumPy-style names; `ops` says whose functions they are.
+# TensorFlow's serve the tf_keras path, `keras3_ops()` the Keras 3 path on any backend.
+TF_OPS = types.SimpleNamespace(
+    abs=tf.abs, cast=tf.cast, cond=tf.cond, isfinite=tf.math.is_finite,
+    logical_and=tf.logical_and, max=tf.reduce_max, maximum=tf.maximum, ones_like=tf.ones_like,
+    sqrt=tf.sqrt, square=tf.square, sum=tf.reduce_sum, where=tf.where, zeros_like=tf.zeros_like,
+)
 
-def masked_std(weights, mask):
+
+def keras3_ops():
+    """The rule's functions from Keras 3's ``keras.ops`` (the backend the user chose)."""
+    from keras import ops
+
+    names = ("abs", "cast", "cond", "isfinite", "logical_and", "max", "maximum", "ones_like",
+             "sqrt", "square", "sum", "where", "zeros_like")
+    return types.SimpleNamespace(**{name: getattr(ops, name) for name in names})
+
+
+def masked_std(weights, mask, ops=TF_OPS):
     """Population std of the finite entries of ``weights`` where ``mask`` is 1.
 
     ``sigma = s * sqrt(sum_i k_i (w_i/s - mu)^2 / n)``, ``mu = sum_i k_i w_i/s / n``,
     ``k_i = m_i * isfinite(w_i)``, ``n = max(1, sum_i k_i)``, ``s = max_i k_i |w_i|``.
     Dividing by ``s`` first keeps the squares from overflowing float32.
     """
-    weights = tf.cast(weights, tf.float32)
-    keep = tf.logical_and(tf.cast(mask, tf.bool), tf.math.is_finite(weights))
-    values = tf.where(keep, weights, tf.zeros_like(weights))
-    scale = tf.reduce_max(tf.abs(values))
-    scale = tf.where(scale > 0.0, scale, 1.0)
+    weights = ops.cast(weights, "float32")
+    keep = ops.logical_and(ops.cast(mask, "bool"), ops.isfinite(weights))
+    values = ops.where(keep, weights, ops.zeros_like(weights))
+    scale = ops.max(ops.abs(values))
+    scale = ops.where(scale > 0.0, scale, 1.0)
     values = values / scale
-    count = tf.maximum(tf.reduce_sum(tf.cast(keep, tf.float32)), 1.0)
-    mean = tf.reduce_sum(values) / count
-    deviation = tf.where(keep, values - mean, tf.zeros_like(values))
-    return scale * tf.sqrt(tf.reduce_sum(tf.square(deviation)) / count)
+    count = ops.maximum(ops.sum(ops.cast(keep, "float32")), 1.0)
+    mean = ops.sum(values) / count
+    deviation = ops.where(keep, values - mean, ops.zeros_like(values))
+    return scale * ops.sqrt(ops.sum(ops.square(deviation)) / count)
 
 
-def layer_sigma(weights, mask, std_mode, stored_sigma):
+def layer_sigma(weights, mask, std_mode, stored_sigma, ops=TF_OPS):
     """The ``sigma`` of the rule for ``std_mode`` (see the module docstring).
 
     ``stored_sigma`` is the sigma kept from the first pruning step; it is only read in
     ``"initial"`` mode, and only if it was set (``>= 0``).
     """
     if std_mode == "surviving":
-        return masked_std(weights, mask)
-    dense_sigma = lambda: masked_std(weights, tf.ones_like(weights, dtype=tf.bool))  # noqa: E731
+        return masked_std(weights, mask, ops)
+    dense_sigma = lambda: masked_std(weights, ops.ones_like(mask), ops)  # noqa: E731
     if std_mode == "all":
         return dense_sigma()
     if std_mode == "initial":
-        return tf.cond(stored_sigma >= 0.0, lambda: tf.identity(stored_sigma), dense_sigma)
+        return ops.cond(stored_sigma >= 0.0, lambda: stored_sigma + 0.0, dense_sigma)
     raise ValueError(f"std_mode must be one of {STD_MODES}, got {std_mode!r}.")
 
 
-def prune_mask(weights, mask, threshold):
+def prune_mask(weights, mask, threshold, ops=TF_OPS):
     """``m_new = m * [|w| >= threshold]``, in the dtype of ``mask``."""
-    keep = tf.abs(tf.cast(weights, tf.float32)) >= threshold
-    return mask * tf.cast(keep, mask.dtype)
+    keep = ops.abs(ops.cast(weights, "float32")) >= threshold
+    return mask * ops.cast(keep, mask.dtype)
 
 
-def apply_mask(weights, mask):
+def apply_mask(weights, mask, ops=TF_OPS):
     """``w * m``, except that pruned entries are exactly 0.0 even where ``w`` is NaN/inf."""
-    return tf.where(tf.cast(mask, tf.bool), weights, tf.zeros_like(weights))
+    return ops.where(ops.cast(mask, "bool"), weights, ops.zeros_like(weights))
+
+
+def std_rule(weights, mask, quality, std_mode, stored_sigma, ops=TF_OPS):
+    """One application of the rule: ``(m_new, threshold, sigma, w * m_new)`` with
+    ``threshold = q * sigma`` and ``m_new = m AND (|w| >= threshold)``."""
+    weights = ops.cast(weights, "float32")
+    sigma = layer_sigma(weights, mask, std_mode, stored_sigma, ops)
+    threshold = quality * sigma
+    new_mask = prune_mask(weights, mask, threshold, ops)
+    return new_mask, threshold, sigma, apply_mask(weights, new_mask, ops)
 
 
 @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
@@ -81,8 +110,4 @@ def std_prune(weights, mask, quality, std_mode, stored_sigma):
     XLA flushes subnormal floats to zero: a subnormal ``q`` acts as ``q = 0``, and a
     subnormal ``q * sigma`` gives ``threshold = 0``.
     """
-    weights = tf.cast(weights, tf.float32)
-    sigma = layer_sigma(weights, mask, std_mode, stored_sigma)
-    threshold = quality * sigma
-    new_mask = prune_mask(weights, mask, threshold)
-    return new_mask, threshold, sigma, apply_mask(weights, new_mask)
+    return std_rule(weights, mask, quality, std_mode, stored_sigma)
