@@ -1,53 +1,86 @@
-"""tf_stdprune: Han et al.'s std-threshold pruning as a tfmot plugin for tf_keras.
+"""tf_stdprune: Han et al.'s std-threshold pruning and Deep Compression for Keras.
 
-Replace ``tfmot.sparsity.keras.prune_low_magnitude(model)`` by
-``tf_stdprune.prune_low_std(model)``: a weight is pruned when ``|w| < q * std(layer)``.
+A weight is pruned when ``|w| < q * std(layer)`` (Han et al. 2015). The same public
+names serve tf_keras models (with tfmot as the engine) and Keras 3 models on any backend:
+each call is routed by the model it receives (see `tf_stdprune.dispatch`). Importing the
+package sets no environment variable and loads neither tf_keras nor tfmot; they load
+when a tf_keras object is first handed in.
+
+Pruning:      prune_low_std, strip_pruning, StdPruningSchedule, UpdatePruningStep,
+              sparsity_report, PruneLowStd, prune_scope, PruningSummaries
+Procedure:    iterative_callbacks, IterativePruning, IterationLearningRate, restore_run,
+              recalibrate_batchnorm
+Compression:  quantize_weights, strip_quantization, QuantizeWeights, linear_kmeans,
+              compress, decompress, read_weights, compression_report,
+              export_sparse_saved_model, export_dense_saved_model, disk_size
 """
-from tf_stdprune._keras import keras  # noqa: F401  (sets TF_USE_LEGACY_KERAS first)
-from tf_stdprune.callbacks import IterationLearningRate, PruningSummaries, UpdatePruningStep
-from tf_stdprune.compressed_file import CompressedFileError, compress, decompress, read_weights
-from tf_stdprune.compression_report import (
-    CompressionReport,
-    compression_report,
-    plot_compression_stages,
-)
-from tf_stdprune.export import disk_size, export_dense_saved_model, export_sparse_saved_model
-from tf_stdprune.iterative import IterativePruning, iterative_callbacks
-from tf_stdprune.prune import prune_low_std, prune_scope, strip_pruning
-from tf_stdprune.quantize import QuantizeWeights, linear_kmeans, quantize_weights, strip_quantization
-from tf_stdprune.recalibration import recalibrate_batchnorm
-from tf_stdprune.report import SparsityReport, sparsity_report
-from tf_stdprune.run_state import restore_run
-from tf_stdprune.schedule import StdPruningSchedule
-from tf_stdprune.wrapper import PruneLowStd
+import importlib
 
-__all__ = [
-    "CompressedFileError",
-    "CompressionReport",
-    "IterationLearningRate",
-    "IterativePruning",
-    "PruneLowStd",
-    "PruningSummaries",
-    "QuantizeWeights",
-    "SparsityReport",
-    "StdPruningSchedule",
-    "UpdatePruningStep",
-    "compress",
-    "compression_report",
-    "decompress",
-    "disk_size",
-    "export_dense_saved_model",
-    "export_sparse_saved_model",
-    "iterative_callbacks",
-    "linear_kmeans",
-    "plot_compression_stages",
-    "prune_low_std",
-    "prune_scope",
-    "quantize_weights",
-    "read_weights",
-    "recalibrate_batchnorm",
-    "restore_run",
-    "sparsity_report",
-    "strip_pruning",
-    "strip_quantization",
-]
+from tf_stdprune.dispatch import UpdatePruningStep, module_for
+from tf_stdprune.schedule import StdPruningSchedule
+
+
+def prune_low_std(to_prune, *args, **kwargs):
+    """Wraps every prunable layer of a model (or a layer, or a list of layers) so that
+    weights with ``|w| < q * std`` are pruned during training.
+
+    Routed to `tf_stdprune.prune.prune_low_std` for tf_keras objects and to
+    `tf_stdprune.keras3_prune.prune_low_std` for Keras 3 objects; see those for the
+    arguments (``pruning_schedule``, ``std_mode``, ``layer_quality``, ...).
+
+    Examples:
+      >>> schedule = tf_stdprune.StdPruningSchedule([0.5, 1.0], steps_per_iteration=300)
+      >>> pruned = tf_stdprune.prune_low_std(model, pruning_schedule=schedule)
+      >>> pruned.fit(x, y, epochs=6, callbacks=[tf_stdprune.UpdatePruningStep()])
+    """
+    module = module_for(to_prune, "prune", "prune_low_std")
+    return module.prune_low_std(to_prune, *args, **kwargs)
+
+
+def strip_pruning(model):
+    """The model without pruning wrappers, its pruned weights exact zeros (either Keras).
+
+    Examples:
+      >>> final = tf_stdprune.strip_pruning(pruned)
+      >>> final.save("pruned.keras")
+    """
+    return module_for(model, "prune", "strip_pruning").strip_pruning(model)
+
+
+# Names that only the tf_keras path has (so far): loaded, with tf_keras and tfmot, on
+# first use.
+_LAZY = {
+    "CompressedFileError": "compressed_file", "compress": "compressed_file",
+    "decompress": "compressed_file", "read_weights": "compressed_file",
+    "CompressionReport": "compression_report", "compression_report": "compression_report",
+    "plot_compression_stages": "compression_report",
+    "disk_size": "export", "export_dense_saved_model": "export",
+    "export_sparse_saved_model": "export",
+    "IterativePruning": "iterative", "iterative_callbacks": "iterative",
+    "IterationLearningRate": "callbacks", "PruningSummaries": "callbacks",
+    "prune_scope": "prune", "PruneLowStd": "wrapper",
+    "QuantizeWeights": "quantize", "linear_kmeans": "quantize",
+    "quantize_weights": "quantize", "strip_quantization": "quantize",
+    "recalibrate_batchnorm": "recalibration",
+    "SparsityReport": "report", "sparsity_report": "report",
+    "restore_run": "run_state",
+}
+_SUBMODULES = ("models", "data")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"tf_stdprune.{_LAZY[name]}"), name)
+        globals()[name] = value  # also hides a submodule of the same name
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"tf_stdprune.{name}")
+    raise AttributeError(f"module 'tf_stdprune' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(__all__) | set(_SUBMODULES))
+
+
+__all__ = sorted(["StdPruningSchedule", "UpdatePruningStep", "prune_low_std",
+                  "strip_pruning", *_LAZY])

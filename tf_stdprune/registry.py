@@ -90,12 +90,31 @@ def layer_kind(layer):
     return entry.kind if entry else "other"
 
 
+def declared_attributes(layer):
+    """Attribute names of the tensors a layer's own ``get_prunable_weights()`` returns
+    (tfmot's `PrunableLayer` protocol); None before the layer is built."""
+    if not layer.built:
+        return None
+    weights = layer.get_prunable_weights()
+    names = [n for w in weights for n, v in vars(layer).items() if v is w]
+    if len(names) != len(weights):
+        raise ValueError(
+            f"{layer.name}: every tensor returned by get_prunable_weights() must also be "
+            "an attribute of the layer (e.g. self.kernel) so the wrapper can mask it."
+        )
+    return names
+
+
 def prunable_attributes(layer, prune_batchnorm=True):
     """Attribute paths of ``layer``'s prunable tensors (see the module docstring).
 
-    ``[]`` for a layer the table does not name, for BatchNormalization without ``scale``
-    and for BatchNormalization when ``prune_batchnorm`` is false.
+    A layer that implements ``get_prunable_weights`` itself (tfmot's `PrunableLayer`
+    protocol) is honoured: `declared_attributes`, None until it is built. Otherwise the
+    table decides; ``[]`` for a layer it does not name, and for BatchNormalization
+    without ``scale`` or when ``prune_batchnorm`` is false.
     """
+    if hasattr(layer, "get_prunable_weights"):
+        return declared_attributes(layer)
     entry = lookup(layer)
     if entry is None:
         return []

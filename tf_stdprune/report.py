@@ -16,9 +16,10 @@ import json
 
 import numpy as np
 
-from tf_stdprune._keras import PruneLowMagnitude, keras
-from tf_stdprune.registry import get_tensor, layer_kind
-from tf_stdprune.wrapper import prunable_attributes
+from tf_stdprune.registry import get_tensor, layer_kind, prunable_attributes
+
+# Wrappers whose inner layer the report counts in their place (either Keras).
+WRAPPERS = ("PruneLowStd", "PruneLowMagnitude", "QuantizeWeights")
 
 @dataclasses.dataclass
 class LayerSparsity:
@@ -97,20 +98,30 @@ class SparsityReport:
         return "\n".join(rows)
 
 
+def is_model(layer):
+    """True for a (nested) Keras model of either Keras: it has layers and inputs."""
+    return hasattr(layer, "layers") and hasattr(layer, "inputs")
+
+
+def unwrapped(layer):
+    """``layer`` with our and tfmot's wrappers (`WRAPPERS`) taken off."""
+    while type(layer).__name__ in WRAPPERS and hasattr(layer, "layer"):
+        layer = layer.layer
+    return layer
+
+
 def leaf_layers(model):
     """The layers of ``model`` with nested models flattened and pruning wrappers replaced
     by the layers they wrap."""
     for layer in model.layers:
-        if isinstance(layer, keras.Model):
+        if is_model(layer):
             yield from leaf_layers(layer)
-        elif isinstance(layer, PruneLowMagnitude):
-            yield layer.layer
         else:
-            yield layer
+            yield unwrapped(layer)
 
 
 def sparsity_report(model):
-    """The `SparsityReport` of a tf_keras model (see the module docstring)."""
+    """The `SparsityReport` of a tf_keras or Keras 3 model (see the module docstring)."""
     total_parameters, layers, seen = 0, [], set()
     for layer in leaf_layers(model):
         if id(layer) in seen:  # a layer shared between branches counts once

@@ -56,22 +56,10 @@ _STEP_ERROR = (
 
 
 def prunable_attributes(layer, prune_batchnorm=True):
-    """Attribute paths of the tensors of ``layer`` that are pruned (see `registry`).
-
-    A layer with ``get_prunable_weights`` (tfmot's `PrunableLayer`) is honoured once built
-    (``None`` before); every other layer is looked up in `registry.TABLE`.
-    """
-    if isinstance(layer, tfmot.sparsity.keras.PrunableLayer) or hasattr(layer, "get_prunable_weights"):
-        if not layer.built:
-            return None  # resolved in build()
-        weights = layer.get_prunable_weights()
-        names = [n for w in weights for n, v in vars(layer).items() if v is w]
-        if len(names) != len(weights):
-            raise ValueError(
-                f"{layer.name}: every tensor returned by get_prunable_weights() must also be "
-                "an attribute of the layer (e.g. self.kernel) so the wrapper can mask it."
-            )
-        return names
+    """Attribute paths of the tensors of ``layer`` that are pruned (`registry`); a tfmot
+    `PrunableLayer` is honoured once built (``None`` before)."""
+    if isinstance(layer, tfmot.sparsity.keras.PrunableLayer) and not layer.built:
+        return None
     return registry.prunable_attributes(layer, prune_batchnorm)
 
 
