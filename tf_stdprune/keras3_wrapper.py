@@ -127,8 +127,8 @@ class PruneLowStd(keras.layers.Wrapper):
         with substituted(self.layer, self.paths, masked):
             return self.layer.call(inputs, *args, **kwargs)
 
-    def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
+    def compute_output_spec(self, *args, **kwargs):
+        return self.layer.compute_output_spec(*args, **kwargs)
 
     def update_masks(self, quality, optimizer=None):
         """Applies the rule once with quality ``q``, now (eagerly, between steps).

@@ -62,6 +62,10 @@ REFUSED = frozenset({"ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D"})
 
 BATCHNORM_KIND = "bn"
 
+# Where the two Keras name the same tensor differently: Keras 3's DepthwiseConv stores its
+# depthwise kernel as ``kernel``.
+ALIASES = {"depthwise_kernel": "kernel"}
+
 
 def is_keras_class(cls):
     """True for a class that tf_keras or Keras 3 itself defines."""
@@ -130,6 +134,8 @@ def resolve(layer, path):
     *parents, attribute = path.split(".")
     for name in parents:
         owner = getattr(owner, name)
+    if not hasattr(owner, attribute) and hasattr(owner, ALIASES.get(attribute, attribute)):
+        attribute = ALIASES[attribute]
     prop = getattr(type(owner), attribute, None)
     if isinstance(prop, property) and hasattr(owner, "_" + attribute):
         attribute = "_" + attribute
