@@ -9,6 +9,7 @@ allocates new weight buffers at every step, and at full width that shows).
     python benchmarks/overhead.py --width=0.25
     python benchmarks/overhead.py --width=1.0 --batch_size=32 --rounds=5
     python benchmarks/overhead.py --width=1.0 --batch_size=8 --clock=page_faults
+    KERAS_BACKEND=jax python benchmarks/overhead.py --keras=3   # see overhead_keras3.py
 """
 import time
 
@@ -39,6 +40,9 @@ flags.DEFINE_enum("clock", "wall", list(CLOCKS),
                   "machine); page_faults: minor page faults of this process (not a time).")
 flags.DEFINE_bool("with_kernels_only", False,
                   "Also time prune_low_std(prune_batchnorm=False): the tensors tfmot prunes.")
+flags.DEFINE_enum("keras", "2", ["2", "3"],
+                  "2: tf_keras (dense, tfmot, ours); 3: Keras 3 on KERAS_BACKEND (dense, ours) "
+                  "and the mask update vs the tf_keras path.")
 flags.DEFINE_bool("mixed_precision", False,
                   "mixed_float16 on GPU, mixed_bfloat16 on CPU (masks stay float32).")
 
@@ -110,6 +114,11 @@ def contender_models():
 
 
 def main(_):
+    if FLAGS.keras == "3":
+        import overhead_keras3
+
+        overhead_keras3.run(FLAGS.width, FLAGS.batch_size, FLAGS.steps, FLAGS.rounds)
+        return
     data = tf.data.Dataset.from_tensors(fixed_batch()).repeat()
     contenders = {name: _runner(model, data, callback)
                   for name, (model, callback) in contender_models().items()}

@@ -14,8 +14,9 @@ model has exactly 38,969,930 parameters (BN moving statistics included) of which
     weights    = sum_conv (9 c_in c + c)     + sum_dense (n_in n)
 
 (``4 c`` = BN gamma, beta, moving mean, moving variance; ``c`` of the first sum = gamma.)
+
+The same function builds it with tf_keras (default) or with Keras 3 (``keras_module=keras``).
 """
-from tf_stdprune._keras import keras
 
 VGG19_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
                 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
@@ -27,12 +28,14 @@ def _scaled(units, width):
 
 
 def vgg19_bn(num_classes=10, width=1.0, dropout=0.5, weight_decay=5e-4,
-             input_shape=(32, 32, 3), dense_units=4096, name="vgg19_bn"):
+             input_shape=(32, 32, 3), dense_units=4096, name="vgg19_bn", keras_module=None):
     """The seed's VGG19-BN; ``width`` scales every conv and hidden dense layer's units.
 
     ``weight_decay`` is the L2 factor on every kernel (``loss += wd * sum(w^2)``; biases
     and BN parameters are not decayed). The logits are returned in float32 under a
     mixed-precision policy (a parameter-free float32 ``logits`` activation ends the model).
+    ``keras_module`` is the Keras that builds it: ``tf_keras`` when None, or Keras 3's
+    ``keras`` module.
     """
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}.")
@@ -42,6 +45,9 @@ def vgg19_bn(num_classes=10, width=1.0, dropout=0.5, weight_decay=5e-4,
         raise ValueError(f"dropout must be in [0, 1) (the seed uses 0.5), got {dropout!r}.")
     if weight_decay is not None and not weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0 (the seed uses 5e-4), got {weight_decay!r}.")
+    if keras_module is None:
+        from tf_stdprune._keras import keras as keras_module
+    keras = keras_module
     layers = keras.layers
     l2 = keras.regularizers.l2(weight_decay) if weight_decay else None
     model = keras.Sequential(name=name)
