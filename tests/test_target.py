@@ -1,0 +1,132 @@
+"""Target mode: q rises until the accuracy budget is exceeded; that iteration is undone."""
+import json
+import os
+import shutil
+
+import matplotlib.image
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_stdprune
+from tf_stdprune._keras import keras
+from tf_stdprune.run_state import read_history, restore_run
+from tf_stdprune.target import TARGET_FILE, TARGET_FIGURE, RaisingQuality
+
+BATCH, EPOCHS, MAX_ITERATIONS = 32, 1, 8
+
+
+class StateRecorder(keras.callbacks.Callback):
+    """Copies every model and optimizer variable at each epoch end (before judging)."""
+
+    def __init__(self):
+        super().__init__()
+        self.states = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.states.append([v.numpy().copy() for v in self.model.variables]
+                           + [v.numpy().copy() for v in self.model.optimizer.variables])
+
+
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 8)).astype("float32")
+    y = np.argmax(x[:, :3] + 0.5 * x[:, 3:6], axis=1)
+    return x, y
+
+
+def trained_dense():
+    keras.utils.set_random_seed(0)
+    x, y = data()
+    model = keras.Sequential([keras.layers.Dense(16, activation="relu", input_shape=(8,)),
+                              keras.layers.Dense(3)])
+    model.compile(keras.optimizers.Adam(0.02),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=BATCH, epochs=30, verbose=0)
+    return model
+
+
+def pruned(dense, steps):
+    model = tf_stdprune.prune_low_std(dense, pruning_schedule=tf_stdprune.StdPruningSchedule(
+        [0.3], steps_per_iteration=EPOCHS * steps))
+    model.compile(keras.optimizers.Adam(1e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+@pytest.fixture(scope="module")
+def target_run(tmp_path_factory):
+    keras.backend.clear_session()
+    run_dir = str(tmp_path_factory.mktemp("target"))
+    x, y = data()
+    steps = len(x) // BATCH
+    model = pruned(trained_dense(), steps)
+    recorder = StateRecorder()
+    callbacks = tf_stdprune.iterative_callbacks(
+        run_dir, EPOCHS, 1e-3, lr_drops=(), validation_data=(x, y), recalibration_batches=0,
+        target_accuracy_drop=2.0, q_step=0.4)
+    callbacks.insert(2, recorder)  # before IterativePruning: sees the state before judging
+    history = model.fit(x, y, batch_size=BATCH, epochs=MAX_ITERATIONS * EPOCHS, verbose=0,
+                        callbacks=callbacks)
+    return run_dir, model, recorder, history
+
+
+def test_q_rises_by_q_step_until_an_iteration_exceeds_the_budget(target_run):
+    run_dir, _, _, history = target_run
+    records = read_history(run_dir)
+    assert len(records) >= 2 and len(records) < MAX_ITERATIONS
+    np.testing.assert_allclose([r["q"] for r in records],
+                               0.3 + 0.4 * np.arange(len(records)), rtol=1e-6)
+    with open(os.path.join(run_dir, "baseline.json")) as f:
+        baseline = json.load(f)["val_top1"]
+    drops = [100 * (baseline - r["after"]["val_top1"]) for r in records]
+    assert all(d <= 2.0 for d in drops[:-1]) and drops[-1] > 2.0
+    assert [r.get("rejected", False) for r in records] == [False] * (len(records) - 1) + [True]
+    assert len(history.epoch) == len(records) * EPOCHS  # fit stopped after the rejection
+
+
+def test_rejected_iteration_is_undone_bit_for_bit(target_run, tmp_path):
+    run_dir, model, recorder, _ = target_run
+    kept = len(read_history(run_dir)) - 1
+    expected = recorder.states[kept * EPOCHS - 1]  # the end of the last accepted iteration
+    final = [v.numpy() for v in model.variables] + [v.numpy() for v in model.optimizer.variables]
+    assert len(final) == len(expected)
+    for actual, saved in zip(final, expected):
+        np.testing.assert_array_equal(actual, saved)
+    assert not all(np.array_equal(a, b) for a, b in zip(recorder.states[-1], expected))
+    # The checkpoint on disk is the kept iteration as well.
+    with open(os.path.join(run_dir, "state.json")) as f:
+        assert json.load(f)["iteration"] == kept
+    fresh = pruned(keras.Sequential([keras.layers.Dense(16, activation="relu", input_shape=(8,)),
+                                     keras.layers.Dense(3)]), 128 // BATCH)
+    restore_run(fresh, shutil.copytree(run_dir, str(tmp_path / "copy")))
+    for actual, saved in zip(fresh.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(actual, saved)
+
+
+def test_summary_reports_kept_q_zeros_and_compression_and_figure_marks_rejection(target_run):
+    run_dir, model, _, _ = target_run
+    records = read_history(run_dir)
+    with open(os.path.join(run_dir, TARGET_FILE)) as f:
+        summary = json.load(f)
+    assert summary["kept_q"] == records[-2]["q"]
+    assert summary["rejected_q"] == records[-1]["q"]
+    report = tf_stdprune.sparsity_report(model)
+    assert summary["zero_parameters_rate"] == pytest.approx(records[-2]["zero_parameters_rate"])
+    assert summary["zero_parameters_rate"] == pytest.approx(report.zero_parameters_rate)
+    assert summary["compression_rate"] == pytest.approx(report.compression_rate)
+    image = matplotlib.image.imread(os.path.join(run_dir, "figures", TARGET_FIGURE))
+    red = (image[..., 0] > 0.75) & (image[..., 1] < 0.3) & (image[..., 2] < 0.3)
+    assert red.sum() > 20  # the red cross of the rejected point
+
+
+def test_raising_quality_is_start_plus_index_times_step():
+    quality = RaisingQuality(0.5, 0.1)
+    np.testing.assert_allclose([float(quality(tf.constant(i, tf.int64))) for i in (-1, 0, 3)],
+                               [0.5, 0.5, 0.8], rtol=1e-6)
+    with pytest.raises(ValueError, match="q_step.*-0.1"):
+        tf_stdprune.iterative_callbacks("unused", 1, 0.1, validation_data=data(),
+                                        target_accuracy_drop=0.5, q_step=-0.1)
+    with pytest.raises(ValueError, match="validation_data"):
+        tf_stdprune.iterative_callbacks("unused", 1, 0.1, target_accuracy_drop=0.5)
