@@ -2,6 +2,9 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import matplotlib.image
 import numpy as np
@@ -55,6 +58,12 @@ def pruned(dense, steps):
     return model
 
 
+def target_callbacks(run_dir):
+    return tf_stdprune.iterative_callbacks(
+        run_dir, EPOCHS, 1e-3, lr_drops=(), validation_data=data(), recalibration_batches=0,
+        target_accuracy_drop=2.0, q_step=0.4)
+
+
 @pytest.fixture(scope="module")
 def target_run(tmp_path_factory):
     keras.backend.clear_session()
@@ -63,9 +72,7 @@ def target_run(tmp_path_factory):
     steps = len(x) // BATCH
     model = pruned(trained_dense(), steps)
     recorder = StateRecorder()
-    callbacks = tf_stdprune.iterative_callbacks(
-        run_dir, EPOCHS, 1e-3, lr_drops=(), validation_data=(x, y), recalibration_batches=0,
-        target_accuracy_drop=2.0, q_step=0.4)
+    callbacks = target_callbacks(run_dir)
     callbacks.insert(2, recorder)  # before IterativePruning: sees the state before judging
     history = model.fit(x, y, batch_size=BATCH, epochs=MAX_ITERATIONS * EPOCHS, verbose=0,
                         callbacks=callbacks)
@@ -130,3 +137,65 @@ def test_raising_quality_is_start_plus_index_times_step():
                                         target_accuracy_drop=0.5, q_step=-0.1)
     with pytest.raises(ValueError, match="validation_data"):
         tf_stdprune.iterative_callbacks("unused", 1, 0.1, target_accuracy_drop=0.5)
+
+
+def _script(run_dir, kill_after_batches=0):
+    """``python test_target.py RUN_DIR [KILL_AFTER_BATCHES]``: a deterministic target run
+    that resumes from RUN_DIR, killed with SIGKILL after that many batches if given."""
+    keras.utils.set_random_seed(0)
+    tf.config.experimental.enable_op_determinism()
+    x, y = data()
+    model = pruned(trained_dense(), len(x) // BATCH)
+    callbacks = target_callbacks(run_dir)
+    if kill_after_batches:
+        batches = []
+        callbacks.append(keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: (
+            batches.append(batch), len(batches) == kill_after_batches
+            and os.kill(os.getpid(), signal.SIGKILL))))
+    initial_epoch = restore_run(model, run_dir)
+    model.fit(x, y, batch_size=BATCH, epochs=MAX_ITERATIONS * EPOCHS, initial_epoch=initial_epoch,
+              shuffle=False, verbose=0, callbacks=callbacks)
+    np.savez(os.path.join(run_dir, "final.npz"),
+             *[v.numpy() for v in model.variables + list(model.optimizer.variables)])
+
+
+def _run_script(run_dir, *arguments):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, os.path.abspath(__file__), str(run_dir), *arguments],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def _outcome(run_dir):
+    history = read_history(run_dir)
+    for record in history:
+        record.pop("wall_time_s")
+    with open(os.path.join(run_dir, TARGET_FILE)) as f:
+        summary = json.load(f)
+    final = np.load(os.path.join(run_dir, "final.npz"))
+    return history, summary, [final[k] for k in sorted(final.files, key=lambda k: int(k[4:]))]
+
+
+@pytest.mark.slow  # three processes, each importing TensorFlow and training
+def test_target_run_killed_in_the_rejected_iteration_resumes_to_the_same_result(tmp_path):
+    result = _run_script(tmp_path / "whole")
+    assert result.returncode == 0, result.stderr[-3000:]
+    history, summary, final = _outcome(tmp_path / "whole")
+    assert history[-1]["rejected"] and summary["kept_iteration"] == 2
+    # Killed in the third iteration's second batch, the one that is rejected.
+    steps = 128 // BATCH
+    killed = _run_script(tmp_path / "killed", str(2 * EPOCHS * steps + 2))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "killed" / TARGET_FILE)
+    resumed = _run_script(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    history_resumed, summary_resumed, final_resumed = _outcome(tmp_path / "killed")
+    assert json.dumps(history_resumed, sort_keys=True) == json.dumps(history, sort_keys=True)
+    assert summary_resumed == summary
+    assert len(final_resumed) == len(final)
+    for resumed_value, value in zip(final_resumed, final):
+        np.testing.assert_array_equal(resumed_value, value)
+
+
+if __name__ == "__main__":
+    _script(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)
