@@ -88,7 +88,12 @@ def test_rate_after_pruning_equals_formula_and_is_restored_twice_safely():
     assert restore_dropout(model) == {"drop_in": 0.5, "drop_fc1": 0.4}
     assert restore_dropout(model) == {}
     assert model.get_layer("drop_fc1").rate == 0.4
+    assert tf_stdprune.strip_pruning(model).get_layer("drop_fc1").rate == 0.4
     assert not hasattr(model.get_layer("drop_fc1"), ORIGINAL_RATE)
+    # strip_pruning copies the current rate: restoring before stripping gives D_o back.
+    rescale_dropout(model)
+    restore_dropout(model)
+    assert tf_stdprune.strip_pruning(model).get_layer("drop_in").rate == 0.5
 
 
 def _train(rescale):
@@ -122,10 +127,24 @@ def test_training_uses_the_rescaled_rate_after_pruning_and_ends_with_the_origina
     assert plain.rates[1]["drop_fc1"] == 0.4
     assert plain.fractions[1] == pytest.approx(0.4, abs=0.03)
     assert model.get_layer("drop_fc1").rate == 0.4
+    assert tf_stdprune.strip_pruning(model).get_layer("drop_fc1").rate == 0.4
 
 
 def test_iterative_callbacks_rescale_by_default_and_can_be_switched_off(tmp_path):
-    names = [type(c).__name__ for c in tf_stdprune.iterative_callbacks(str(tmp_path), 1, 0.1)]
-    assert names[-1] == "DropoutRescaling"
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(BATCH, 20)).astype("float32")
+    y = rng.integers(0, 3, size=BATCH)
+    model = tf_stdprune.prune_low_std(mlp(), pruning_schedule=tf_stdprune.StdPruningSchedule(
+        [0.8], steps_per_iteration=1))
+    model.compile(keras.optimizers.SGD(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    recorder = RateRecorder()
+    callbacks = tf_stdprune.iterative_callbacks(str(tmp_path), 1, 0.01, lr_drops=(),
+                                                figures=False)
+    assert type(callbacks[-1]).__name__ == "DropoutRescaling"
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=callbacks + [recorder])
+    remaining = int(np.count_nonzero(model.get_layer("prune_low_std_fc1").pruning_vars[0][1]))
+    assert recorder.rates[0]["drop_fc1"] == pytest.approx(0.4 * math.sqrt(remaining / 1280))
+    assert remaining < 1280 and model.get_layer("drop_fc1").rate == 0.4
     off = tf_stdprune.iterative_callbacks(str(tmp_path), 1, 0.1, rescale_dropout=False)
     assert "DropoutRescaling" not in [type(c).__name__ for c in off]

@@ -190,4 +190,5 @@ class DropoutRescaling(keras.callbacks.Callback):
             self.model.make_train_function(force=True)
 
     def on_train_end(self, logs=None):
-        restore_dropout(self.model)
+        if restore_dropout(self.model):
+            self.model.make_train_function(force=True)  # a later fit traces D_o again
