@@ -14,7 +14,7 @@ import tensorflow as tf
 import tf_stdprune
 from tf_stdprune._keras import keras
 from tf_stdprune.run_state import read_history, restore_run
-from tf_stdprune.target import TARGET_FILE, TARGET_FIGURE, RaisingQuality
+from tf_stdprune.target import TARGET_FILE, TARGET_FIGURE, raised_qualities
 
 BATCH, EPOCHS, MAX_ITERATIONS = 32, 1, 8
 
@@ -128,10 +128,16 @@ def test_summary_reports_kept_q_zeros_and_compression_and_figure_marks_rejection
     assert red.sum() > 20  # the red cross of the rejected point
 
 
-def test_raising_quality_is_start_plus_index_times_step():
-    quality = RaisingQuality(0.5, 0.1)
-    np.testing.assert_allclose([float(quality(tf.constant(i, tf.int64))) for i in (-1, 0, 3)],
-                               [0.5, 0.5, 0.8], rtol=1e-6)
+def test_schedule_of_a_target_run_lists_the_raised_qualities_and_still_serializes(target_run):
+    _, model, _, _ = target_run
+    wrapper = next(l for l in model.layers if isinstance(l, tf_stdprune.PruneLowStd))
+    np.testing.assert_allclose(wrapper.pruning_schedule.qualities,
+                               0.3 + 0.4 * np.arange(MAX_ITERATIONS + 1), rtol=1e-12)
+    assert raised_qualities(0.5, 0.25, 3) == [0.5, 0.75, 1.0]
+    assert wrapper.get_config()["pruning_schedule"]["config"]["qualities"][1] == pytest.approx(0.7)
+
+
+def test_bad_target_arguments_name_the_argument_and_the_fix():
     with pytest.raises(ValueError, match="q_step.*-0.1"):
         tf_stdprune.iterative_callbacks("unused", 1, 0.1, validation_data=data(),
                                         target_accuracy_drop=0.5, q_step=-0.1)

@@ -26,8 +26,6 @@ import numbers
 import os
 
 from absl import logging
-import tensorflow as tf
-
 from tf_stdprune._keras import keras
 from tf_stdprune.io import atomic_write, write_atomically
 from tf_stdprune.prune import all_layers
@@ -39,25 +37,14 @@ TARGET_FILE = "target.json"
 TARGET_FIGURE = "target_accuracy_vs_zero_parameters.png"
 
 
-class RaisingQuality:
-    """The quality of iteration index ``k = 0, 1, ...``: ``q = start + k * step``.
-
-    A callable for `StdPruningSchedule`'s ``qualities``; indices below 0 give ``start``.
+def raised_qualities(start, q_step, iterations):
+    """``[start + k * q_step for k in range(iterations)]``: target mode's list of q.
 
     Examples:
-      >>> schedule = StdPruningSchedule(RaisingQuality(0.5, 0.1), steps_per_iteration=100)
+      >>> raised_qualities(0.5, 0.25, 3)
+      [0.5, 0.75, 1.0]
     """
-
-    def __init__(self, start, step):
-        for name, value in (("start", start), ("step", step)):
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) \
-                    or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
-        self.start, self.step = float(start), float(step)
-
-    def __call__(self, iteration):
-        index = tf.maximum(tf.cast(iteration, tf.float64), 0.0)
-        return tf.cast(self.start + self.step * index, tf.float32)
+    return [float(start) + k * float(q_step) for k in range(iterations)]
 
 
 def _optimizer_variables(optimizer):
@@ -92,7 +79,8 @@ class TargetAccuracy(keras.callbacks.Callback):
       q_step: the increase of q from one iteration to the next.
 
     At the start of training every `PruneLowStd` layer's schedule is replaced by one
-    with the same steps and qualities `RaisingQuality(q_1, q_step)`. The exact state
+    with the same steps and the qualities `raised_qualities(q_1, q_step, n)`, ``n``
+    covering every iteration of the ``fit`` call. The exact state
     after the last accepted iteration is kept in memory (one copy of the model's and
     the optimizer's variables). `IterativePruning` calls `accept` with each finished
     iteration's record before it checkpoints it.
@@ -108,29 +96,29 @@ class TargetAccuracy(keras.callbacks.Callback):
         self.rejected = None
 
     def on_train_begin(self, logs=None):
-        replaced = False
+        total_steps = self.params["epochs"] * self.params["steps"]
         for layer in all_layers(self.model):
             if isinstance(layer, PruneLowStd):
-                replaced |= self._raise_schedule(layer)
-        if replaced and self.model.train_function is not None:
-            self.model.make_train_function(force=True)
+                self._raise_schedule(layer, total_steps)
+        if self.model.train_function is not None:
+            self.model.make_train_function(force=True)  # traced with the old schedule
         self.variables = _state_variables(self.model)
         self._snapshot()
         self.rejected = None
 
-    def _raise_schedule(self, layer):
+    def _raise_schedule(self, layer, total_steps):
+        """Replaces the layer's schedule by one with the same steps and the raised q list
+        (one q per iteration that fit can reach), which serializes like any list."""
         schedule = layer.pruning_schedule
-        qualities = getattr(schedule, "qualities", None)
-        if isinstance(qualities, RaisingQuality) and qualities.step == self.q_step:
-            return False
         if not isinstance(schedule, StdPruningSchedule):
             raise TypeError(f"{layer.name}: target mode needs a StdPruningSchedule, got "
                             f"{type(schedule).__name__}.")
-        start = float(schedule.quality(0))
+        qualities = schedule.qualities
+        start = float(qualities[0]) if isinstance(qualities, list) else float(schedule.quality(0))
+        iterations = max(1, (total_steps - schedule.begin_step) // schedule.steps_per_iteration + 1)
         layer.pruning_schedule = StdPruningSchedule(
-            RaisingQuality(start, self.q_step), schedule.steps_per_iteration,
+            raised_qualities(start, self.q_step, iterations), schedule.steps_per_iteration,
             schedule.begin_step, schedule.end_step)
-        return True
 
     def _snapshot(self):
         self.saved = [v.numpy().copy() for v in self.variables]
