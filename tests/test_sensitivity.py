@@ -112,3 +112,20 @@ def test_table_prints_serializes_and_plots_conv_and_dense_panels(tmp_path):
     image = matplotlib.image.imread(path)
     assert image.shape[1] > 1.8 * image.shape[0]  # two panels side by side
     assert [p.name for p in tmp_path.iterdir()] == ["sensitivity.png"]
+
+
+def test_a_keras3_model_is_analysed_and_left_bit_identical():
+    import keras as keras3
+    model = keras3.Sequential([keras3.Input((6,)), keras3.layers.Dense(8, name="a"),
+                               keras3.layers.Dense(3, name="b")])
+    model.compile("sgd", keras3.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 6)).astype("float32"), np.arange(32) % 3
+    before = [w.numpy().copy() for w in model.weights]
+    table = sensitivity_analysis(model, (x, y), qualities=(0.0, 1.0))
+    assert table.layers() == ["a", "b"]
+    kernel = before[0].astype(np.float64)
+    assert table.rows[1].zero_fraction == pytest.approx(np.mean(np.abs(kernel) < kernel.std()))
+    for now, then in zip(model.weights, before):
+        np.testing.assert_array_equal(now.numpy(), then)

@@ -20,10 +20,8 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from tf_stdprune._keras import keras
 from tf_stdprune.io import write_atomically
 from tf_stdprune.mask_rule import STD_MODES, UNSET_SIGMA, std_prune
-from tf_stdprune.prune import all_layers
 from tf_stdprune.registry import get_tensor, layer_kind, prunable_attributes
 
 ROUNDING = 1e-9  # points: float error of 100 * (baseline - accuracy) is not a drop
@@ -100,9 +98,19 @@ class SensitivityTable:
             plt.close(fig)
 
 
+def _all_layers(model):
+    """Every layer of ``model``, nested models' layers included (either Keras)."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(getattr(layer, "layers", None), list):
+            yield from _all_layers(layer)
+
+
 def _accuracy(model, data, batch_size):
     if isinstance(data, tuple):
-        results = model.evaluate(*data, batch_size=batch_size, verbose=0, return_dict=True)
+        x, y, *weights = data
+        results = model.evaluate(x, y, batch_size=batch_size, sample_weight=weights[0] if weights
+                                 else None, verbose=0, return_dict=True)
     else:
         results = model.evaluate(data, verbose=0, return_dict=True)
     model.reset_metrics()
@@ -117,10 +125,10 @@ def _targets(model, layers):
     """``[(name, layer, [(variable, mask or None, stored sigma or None)])]`` to analyse,
     named as in the model before `prune_low_std` (the names ``layer_quality`` takes)."""
     found = {}
-    for layer in all_layers(model):
+    for layer in _all_layers(model):
         inner = getattr(layer, "layer", layer)
         paths = prunable_attributes(inner, prune_batchnorm=layers is not None)
-        if not paths or isinstance(layer, keras.Model):
+        if not paths or isinstance(getattr(layer, "layers", None), list):
             continue
         state = {id(w): (m, s) for (w, m, _), s in zip(getattr(layer, "pruning_vars", []),
                                                         getattr(layer, "sigmas", []))}
@@ -168,7 +176,7 @@ def sensitivity_analysis(model, data, qualities=DEFAULT_QUALITIES, layers=None,
     Args:
       model: a compiled tf_keras model, dense or returned by `prune_low_std`, with an
         accuracy among its metrics.
-      data: evaluation data: a dataset of batches or a tuple ``(x, y)``.
+      data: evaluation data: a dataset of batches or a tuple ``(x, y[, sample_weight])``.
       qualities: the q values tried for every layer.
       layers: names of the layers to analyse; default every layer with connections
         (conv, dense, embedding, recurrent, attention; BatchNormalization only by name).
