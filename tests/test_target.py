@@ -137,6 +137,21 @@ def test_schedule_of_a_target_run_lists_the_raised_qualities_and_still_serialize
     assert wrapper.get_config()["pruning_schedule"]["config"]["qualities"][1] == pytest.approx(0.7)
 
 
+def test_a_budget_never_exceeded_keeps_every_iteration_and_says_so(tmp_path):
+    x, y = data()
+    model = pruned(trained_dense(), len(x) // BATCH)
+    callbacks = tf_stdprune.iterative_callbacks(
+        str(tmp_path), EPOCHS, 1e-3, lr_drops=(), validation_data=(x, y),
+        recalibration_batches=0, figures=False, target_accuracy_drop=100.0, q_step=0.1)
+    history = model.fit(x, y, batch_size=BATCH, epochs=2 * EPOCHS, verbose=0, callbacks=callbacks)
+    assert len(history.epoch) == 2 * EPOCHS
+    with open(os.path.join(tmp_path, TARGET_FILE)) as f:
+        summary = json.load(f)
+    assert summary["rejected_iteration"] is None and summary["kept_iteration"] == 2
+    assert summary["kept_q"] == pytest.approx(0.4)
+    assert not any(r.get("rejected") for r in read_history(str(tmp_path)))
+
+
 def test_bad_target_arguments_name_the_argument_and_the_fix():
     with pytest.raises(ValueError, match="q_step.*-0.1"):
         tf_stdprune.iterative_callbacks("unused", 1, 0.1, validation_data=data(),

@@ -30,6 +30,7 @@ from tf_stdprune._keras import keras
 from tf_stdprune.io import atomic_write, write_atomically
 from tf_stdprune.prune import all_layers
 from tf_stdprune.report import sparsity_report
+from tf_stdprune.run_state import HISTORY_FILE, read_history
 from tf_stdprune.schedule import StdPruningSchedule
 from tf_stdprune.wrapper import PruneLowStd
 
@@ -105,6 +106,13 @@ class TargetAccuracy(keras.callbacks.Callback):
         self.variables = _state_variables(self.model)
         self._snapshot()
         self.rejected = None
+        path = os.path.join(self.run_dir, TARGET_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                rejected = json.load(f).get("rejected_iteration")
+            if rejected is not None:
+                logging.warning("%s holds a finished target run (iteration %d was rejected): "
+                                "going on repeats that iteration.", self.run_dir, rejected)
 
     def _raise_schedule(self, layer, total_steps):
         """Replaces the layer's schedule by one with the same steps and the raised q list
@@ -146,8 +154,7 @@ class TargetAccuracy(keras.callbacks.Callback):
         if top1 is None:
             raise ValueError("Target mode needs val_top1 after retraining: pass "
                              "validation_data and compile with metrics=['accuracy'].")
-        baseline = self._baseline_top1()
-        record["accuracy_drop"] = 100.0 * (baseline - top1)
+        record["accuracy_drop"] = 100.0 * (self._baseline_top1() - top1)
         if record["accuracy_drop"] <= self.target_accuracy_drop:
             self._snapshot()
             return True
@@ -156,44 +163,48 @@ class TargetAccuracy(keras.callbacks.Callback):
         self.model.stop_training = True
         self.rejected = record
         if pruning.chief:
-            history = pruning.history + [record]
-            atomic_write(os.path.join(self.run_dir, "history.jsonl"),
-                         "".join(json.dumps(r) + "\n" for r in history))
-            self._write_summary(pruning.history, baseline)
+            atomic_write(os.path.join(self.run_dir, HISTORY_FILE),
+                         "".join(json.dumps(r) + "\n" for r in pruning.history + [record]))
         return False
 
-    def _write_summary(self, accepted, baseline):
+    def summary(self):
+        """The run's outcome (``target.json``): budget, kept iteration and its q, top-1,
+        zeros and compression of the model as it is now, the rejected iteration if any."""
+        accepted = [r for r in read_history(self.run_dir) if not r.get("rejected")]
         report = sparsity_report(self.model)
-        summary = {
+        rejected = self.rejected or {}
+        return {
             "target_accuracy_drop": self.target_accuracy_drop,
             "q_step": self.q_step,
-            "baseline_val_top1": baseline,
+            "baseline_val_top1": self._baseline_top1(),
             "kept_iteration": accepted[-1]["iteration"] if accepted else 0,
             "kept_q": accepted[-1]["q"] if accepted else None,
-            "kept_val_top1": accepted[-1]["after"]["val_top1"] if accepted else baseline,
-            "rejected_iteration": self.rejected["iteration"],
-            "rejected_q": self.rejected["q"],
-            "rejected_accuracy_drop": self.rejected["accuracy_drop"],
+            "kept_val_top1": accepted[-1]["after"]["val_top1"] if accepted else None,
+            "rejected_iteration": rejected.get("iteration"),
+            "rejected_q": rejected.get("q"),
+            "rejected_accuracy_drop": rejected.get("accuracy_drop"),
             "zero_weights_rate": report.zero_weights_rate,
             "zero_parameters_rate": report.zero_parameters_rate,
             "compression_rate": report.compression_rate,
         }
-        atomic_write(os.path.join(self.run_dir, TARGET_FILE), json.dumps(summary, indent=2))
-        logging.info("Target mode: iteration %d (q=%.3g) dropped %.2f points > %.2f; kept "
-                     "iteration %d (q=%s): zeros %.1f %% of parameters, x%.2f.",
-                     self.rejected["iteration"], self.rejected["q"],
-                     self.rejected["accuracy_drop"], self.target_accuracy_drop,
-                     summary["kept_iteration"], summary["kept_q"],
-                     summary["zero_parameters_rate"], summary["compression_rate"])
-        return summary
 
     def on_train_end(self, logs=None):
+        if not self.model.distribute_strategy.extended.should_checkpoint \
+                or not os.path.exists(os.path.join(self.run_dir, "baseline.json")):
+            return
+        summary = self.summary()
+        atomic_write(os.path.join(self.run_dir, TARGET_FILE), json.dumps(summary, indent=2))
         if self.rejected is None:
             logging.info("Target mode: every iteration stayed within %.2f points of dense; "
                          "give more iterations to prune further.", self.target_accuracy_drop)
-        chief = self.model.distribute_strategy.extended.should_checkpoint
-        if chief and os.path.exists(os.path.join(self.run_dir, "baseline.json")):
-            write_target_figure(self.run_dir, self.target_accuracy_drop)
+        else:
+            logging.info("Target mode: iteration %d (q=%.3g) dropped %.2f points > %.2f.",
+                         summary["rejected_iteration"], summary["rejected_q"],
+                         summary["rejected_accuracy_drop"], self.target_accuracy_drop)
+        logging.info("Target mode keeps iteration %d (q=%s): zeros %.1f %% of parameters, "
+                     "x%.2f.", summary["kept_iteration"], summary["kept_q"],
+                     summary["zero_parameters_rate"], summary["compression_rate"])
+        write_target_figure(self.run_dir, self.target_accuracy_drop)
 
 
 def draw_rejected(ax, history, x_key="zero_parameters_rate", stage="after", metric="val_top1"):
@@ -216,8 +227,7 @@ def write_target_figure(run_dir, target_accuracy_drop=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(os.path.join(run_dir, "history.jsonl")) as f:
-        history = [json.loads(line) for line in f if line.strip()]
+    history = read_history(run_dir)
     with open(os.path.join(run_dir, "baseline.json")) as f:
         baseline = 100 * json.load(f)["val_top1"]
     kept = [r for r in history if not r.get("rejected")]
