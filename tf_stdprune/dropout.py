@@ -29,6 +29,7 @@ import numpy as np
 
 from tf_stdprune._keras import keras
 from tf_stdprune.registry import get_tensor, prunable_attributes
+from tf_stdprune.sensitivity import pruning_state
 
 ORIGINAL_RATE = "stdprune_original_rate"
 
@@ -61,7 +62,7 @@ def connections(layer):
     layer. ``(0, 0)`` for a layer without connections.
     """
     inner = getattr(layer, "layer", layer)
-    masks = {id(weight): mask for weight, mask, *_ in getattr(layer, "pruning_vars", [])}
+    masks = {key: mask for key, (mask, _) in pruning_state(layer).items()}
     total = remaining = 0
     for path in prunable_attributes(inner, prune_batchnorm=False):
         variable = get_tensor(inner, path)

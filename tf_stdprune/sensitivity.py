@@ -106,6 +106,17 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
+def pruning_state(layer):
+    """``{id(variable): (mask, stored sigma)}`` of a pruning wrapper's pruned tensors
+    (either Keras's `PruneLowStd`); empty for a layer that is not one."""
+    if hasattr(layer, "pruning_vars"):  # tf_keras: (weight, mask, threshold) triples
+        return {id(w): (m, s) for (w, m, _), s in zip(layer.pruning_vars,
+                                                       getattr(layer, "sigmas", []))}
+    if hasattr(layer, "masks") and hasattr(layer, "pruned_weights"):  # Keras 3
+        return {id(w): (m, s) for w, m, s in zip(layer.pruned_weights, layer.masks, layer.sigmas)}
+    return {}
+
+
 def _accuracy(model, data, batch_size):
     if isinstance(data, tuple):
         x, y, *weights = data
@@ -130,8 +141,7 @@ def _targets(model, layers):
         paths = prunable_attributes(inner, prune_batchnorm=layers is not None)
         if not paths or isinstance(getattr(layer, "layers", None), list):
             continue
-        state = {id(w): (m, s) for (w, m, _), s in zip(getattr(layer, "pruning_vars", []),
-                                                        getattr(layer, "sigmas", []))}
+        state = pruning_state(layer)
         tensors = [(v, *state.get(id(v), (None, None))) for v in (get_tensor(inner, p) for p in paths)]
         found[inner.name] = (layer, tensors)
     if layers is None:
