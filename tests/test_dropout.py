@@ -148,3 +148,21 @@ def test_iterative_callbacks_rescale_by_default_and_can_be_switched_off(tmp_path
     assert remaining < 1280 and model.get_layer("drop_fc1").rate == 0.4
     off = tf_stdprune.iterative_callbacks(str(tmp_path), 1, 0.1, rescale_dropout=False)
     assert "DropoutRescaling" not in [type(c).__name__ for c in off]
+
+
+def test_keras3_model_gets_the_same_rescaling_and_restoration():
+    import keras as keras3
+    inputs = keras3.Input((6,))
+    x = keras3.layers.Dense(8, name="a")(keras3.layers.Dropout(0.2, name="din")(inputs))
+    x = keras3.layers.Dropout(0.5, name="d")(keras3.layers.ReLU()(x))
+    model = tf_stdprune.prune_low_std(keras3.Model(inputs, keras3.layers.Dense(3, name="b")(x)))
+    for layer in model.layers:
+        if hasattr(layer, "update_masks"):
+            layer.update_masks(0.8)
+    kernel = model.get_layer("prune_low_std_a").layer.kernel.numpy()
+    remaining = int(np.count_nonzero(kernel))
+    assert 0 < remaining < 48
+    assert rescale_dropout(model) == pytest.approx(
+        {"din": 0.2 * math.sqrt(remaining / 48), "d": 0.5 * math.sqrt(remaining / 48)})
+    assert restore_dropout(model) == {"din": 0.2, "d": 0.5}
+    assert restore_dropout(model) == {}

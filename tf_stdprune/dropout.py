@@ -19,7 +19,8 @@ attribute, so it may be called any number of times.
 
 Keras reads a Dropout's rate when the training function is traced, so a change of rate
 only takes effect in a re-traced function: `DropoutRescaling` rebuilds the model's
-training function whenever it changes a rate.
+training function whenever it changes a rate. The functions serve tf_keras and Keras 3
+models alike; `DropoutRescaling` is a tf_keras callback.
 """
 import collections
 import math
@@ -74,6 +75,16 @@ def connections(layer):
     return total, remaining
 
 
+def is_dropout(layer):
+    """True for Keras's Dropout or a subclass of it (SpatialDropout*), in either Keras."""
+    return any(cls.__name__ == "Dropout" and cls.__module__.split(".")[0] in ("keras", "tf_keras")
+               for cls in type(layer).__mro__)
+
+
+def _is_model(layer):
+    return isinstance(getattr(layer, "layers", None), list)
+
+
 def _has_connections(layer):
     return bool(prunable_attributes(getattr(layer, "layer", layer), prune_batchnorm=False))
 
@@ -126,9 +137,9 @@ def dropout_sources(model):
     pairs = []
     members = {id(layer) for layer in model.layers}
     for index, layer in enumerate(model.layers):
-        if isinstance(layer, keras.Model):
+        if _is_model(layer):
             pairs.extend(dropout_sources(layer))
-        elif isinstance(layer, keras.layers.Dropout):
+        elif is_dropout(layer):
             has_graph = bool(getattr(layer, "inbound_nodes", None)
                              or getattr(layer, "_inbound_nodes", None))
             source = (_nearest(layer, "up", members) or _nearest(layer, "down", members)
