@@ -142,7 +142,8 @@ def _targets(model, layers):
         if not paths or isinstance(getattr(layer, "layers", None), list):
             continue
         state = pruning_state(layer)
-        tensors = [(v, *state.get(id(v), (None, None))) for v in (get_tensor(inner, p) for p in paths)]
+        variables = [get_tensor(inner, path) for path in paths]
+        tensors = [(v, *state.get(id(v), (None, None))) for v in variables]
         found[inner.name] = (layer, tensors)
     if layers is None:
         names = [name for name, (layer, _) in found.items()
@@ -228,9 +229,9 @@ def suggest_layer_quality(table, max_drop, base_quality=1.0):
     """``{layer: factor}`` for ``prune_low_std(layer_quality=...)`` from a sensitivity table.
 
     For each layer, ``q_l`` is the largest tested q such that it and every smaller
-    tested q drop at most ``max_drop`` points (plus ``ROUNDING``) below the table's baseline (0 if even the
-    smallest does not); ``factor = q_l / base_quality``, so that pruning with quality
-    ``base_quality`` prunes each layer at its ``q_l``.
+    tested q drop at most ``max_drop`` points (plus ``ROUNDING``) below the table's
+    baseline (0 if even the smallest does not); ``factor = q_l / base_quality``, so that
+    pruning with quality ``base_quality`` prunes each layer at its ``q_l``.
 
     Examples:
       >>> suggest_layer_quality(table, max_drop=0.5, base_quality=1.0)
