@@ -80,6 +80,9 @@ class IterativePruning(keras.callbacks.Callback):
         On by default: a model with BatchNormalization needs ``recalibration_data``.
       batch_size: batch size of data given as ``(x, y)`` arrays.
       figures: write the figures at the end of training.
+      acceptance: target mode's judge (`target.TargetAccuracy`): its
+        ``accept(self, record)`` sees each finished iteration before it is checkpointed;
+        an iteration it rejects is neither appended nor checkpointed here.
 
     ``fit`` must start where the model and ``run_dir`` stand: at an iteration boundary, at
     ``epoch = pruning_step / steps_per_epoch``, and at the epoch of ``run_dir``'s last
