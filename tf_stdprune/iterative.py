@@ -30,11 +30,13 @@ import tensorflow as tf
 from tf_stdprune import plots
 from tf_stdprune._keras import keras
 from tf_stdprune.callbacks import IterationLearningRate, UpdatePruningStep
+from tf_stdprune.dropout import DropoutRescaling
 from tf_stdprune.prune import all_layers
 from tf_stdprune.recalibration import BATCHNORM_LAYERS, recalibrate_batchnorm
 from tf_stdprune.report import sparsity_report
 from tf_stdprune.run_state import (
     HISTORY_FILE, STATE_FILE, atomic_write, check_writable, read_history, save_iteration)
+from tf_stdprune.target import TargetAccuracy
 from tf_stdprune.wrapper import PruneLowStd
 
 # Names Keras gives a compiled top-1 accuracy; the history calls it ``top1``.
@@ -78,6 +80,9 @@ class IterativePruning(keras.callbacks.Callback):
         On by default: a model with BatchNormalization needs ``recalibration_data``.
       batch_size: batch size of data given as ``(x, y)`` arrays.
       figures: write the figures at the end of training.
+      acceptance: target mode's judge (`target.TargetAccuracy`): its
+        ``accept(self, record)`` sees each finished iteration before it is checkpointed;
+        an iteration it rejects is neither appended nor checkpointed here.
 
     ``fit`` must start where the model and ``run_dir`` stand: at an iteration boundary, at
     ``epoch = pruning_step / steps_per_epoch``, and at the epoch of ``run_dir``'s last
@@ -88,8 +93,9 @@ class IterativePruning(keras.callbacks.Callback):
 
     def __init__(self, run_dir, epochs_per_iteration, train_eval_data=None,
                  validation_data=None, recalibration_data=None, recalibration_batches=20,
-                 batch_size=32, figures=True):
+                 batch_size=32, figures=True, acceptance=None):
         super().__init__()
+        self.acceptance = acceptance  # target mode: a `target.TargetAccuracy`, or None
         if not isinstance(epochs_per_iteration, numbers.Integral) or epochs_per_iteration < 1:
             raise ValueError(f"epochs_per_iteration must be an integer >= 1, got {epochs_per_iteration!r}.")
         if not isinstance(recalibration_batches, numbers.Integral) or recalibration_batches < 0:
@@ -207,6 +213,8 @@ class IterativePruning(keras.callbacks.Callback):
             "layer_zeros": {l.name: l.zeros for l in report.layers},
             "wall_time_s": time.time() - self.started,
         }
+        if self.acceptance is not None and not self.acceptance.accept(self, record):
+            return  # rejected: the acceptance restored the last kept state and stops fit
         self.history.append(record)
         save_iteration(self.model, self.run_dir, iteration, epoch + 1, self.history, self.chief)
         self._log(record)
@@ -262,14 +270,30 @@ class IterativePruning(keras.callbacks.Callback):
 
 
 def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, lr_drops=(3, 10, 16),
-                        lr_drop_factor=0.1, **kwargs):
+                        lr_drop_factor=0.1, rescale_dropout=True, target_accuracy_drop=None,
+                        q_step=0.1, **kwargs):
     """The callbacks of the seed's procedure, in the order they must run.
 
     `UpdatePruningStep`, `IterationLearningRate(initial_lrs, E, lr_drops, lr_drop_factor)`
-    and `IterativePruning(run_dir, E, **kwargs)`.
+    and `IterativePruning(run_dir, E, **kwargs)`; then, unless ``rescale_dropout`` is
+    false, `dropout.DropoutRescaling` (Han et al. 2015's ``D_r = D_o sqrt(C_ir / C_io)``
+    after each pruning). With ``target_accuracy_drop`` (points of validation top-1) the
+    run is in target mode (`target.TargetAccuracy`): q rises by ``q_step`` per iteration
+    until an iteration drops more than that below dense; that iteration is rejected, the
+    last accepted state restored, and training stops.
     """
-    return [
+    callbacks = [
         UpdatePruningStep(),
         IterationLearningRate(initial_lrs, epochs_per_iteration, lr_drops, lr_drop_factor),
-        IterativePruning(run_dir, epochs_per_iteration, **kwargs),
     ]
+    if target_accuracy_drop is not None:
+        if kwargs.get("validation_data") is None:
+            raise ValueError("target_accuracy_drop compares validation top-1 with the dense "
+                             "model: pass validation_data=(x, y) or a dataset.")
+        target = TargetAccuracy(run_dir, target_accuracy_drop, q_step)
+        callbacks.append(target)
+        kwargs["acceptance"] = target
+    callbacks.append(IterativePruning(run_dir, epochs_per_iteration, **kwargs))
+    if rescale_dropout:
+        callbacks.append(DropoutRescaling())
+    return callbacks
