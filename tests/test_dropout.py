@@ -6,9 +6,10 @@ import pytest
 import tensorflow as tf
 
 import tf_stdprune
+from tf_stdprune.callbacks import DropoutRescaling
 from tf_stdprune._keras import keras
 from tf_stdprune.dropout import (
-    ORIGINAL_RATE, DropoutRescaling, dropout_sources, rescale_dropout, rescaled_rate,
+    ORIGINAL_RATE, dropout_sources, rescale_dropout, rescaled_rate,
     restore_dropout)
 
 BATCH, STEPS = 64, 4

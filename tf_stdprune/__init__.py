@@ -9,7 +9,7 @@ when a tf_keras object is first handed in.
 Pruning:      prune_low_std, strip_pruning, StdPruningSchedule, UpdatePruningStep,
               sparsity_report, PruneLowStd, prune_scope, PruningSummaries
 Procedure:    iterative_callbacks, IterativePruning, IterationLearningRate, restore_run,
-              recalibrate_batchnorm
+              recalibrate_batchnorm, sensitivity_analysis, suggest_layer_quality
 Compression:  quantize_weights, strip_quantization, QuantizeWeights, linear_kmeans,
               compress, decompress, read_weights, compression_report,
               export_sparse_saved_model, export_dense_saved_model, disk_size
@@ -64,6 +64,8 @@ _LAZY = {
     "recalibrate_batchnorm": "recalibration",
     "SparsityReport": "report", "sparsity_report": "report",
     "restore_run": "run_state",
+    "sensitivity_analysis": "sensitivity", "suggest_layer_quality": "sensitivity",
+    "SensitivityTable": "sensitivity",
 }
 _SUBMODULES = ("models", "data")
 

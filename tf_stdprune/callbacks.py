@@ -5,6 +5,7 @@ import numbers
 import tensorflow as tf
 
 from tf_stdprune._keras import keras, tfmot
+from tf_stdprune.dropout import dropout_sources, rescale_dropout, restore_dropout
 from tf_stdprune.wrapper import PruneLowStd
 
 PruningSummaries = tfmot.sparsity.keras.PruningSummaries
@@ -96,3 +97,24 @@ def _is_positive(value):
 
 def _is_integer(value, minimum):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+
+
+class DropoutRescaling(keras.callbacks.Callback):
+    """Rescales the Dropout rates to the surviving connections at each epoch's start.
+
+    Placed after the callback that prunes (`IterativePruning` prunes at an iteration's
+    first epoch start), it sees each pruning before the retraining that follows it. When
+    a rate changes, the training function is re-traced so that the new rate is used.
+    At the end of training the original rates are restored (`dropout.restore_dropout`).
+    """
+
+    def on_train_begin(self, logs=None):
+        self.sources = dropout_sources(self.model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if rescale_dropout(self.model, self.sources):
+            self.model.make_train_function(force=True)
+
+    def on_train_end(self, logs=None):
+        if restore_dropout(self.model):
+            self.model.make_train_function(force=True)  # a later fit traces D_o again

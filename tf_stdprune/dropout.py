@@ -20,7 +20,7 @@ attribute, so it may be called any number of times.
 Keras reads a Dropout's rate when the training function is traced, so a change of rate
 only takes effect in a re-traced function: `DropoutRescaling` rebuilds the model's
 training function whenever it changes a rate. The functions serve tf_keras and Keras 3
-models alike; `DropoutRescaling` is a tf_keras callback.
+models alike; `callbacks.DropoutRescaling` is the tf_keras callback that applies them.
 """
 import collections
 import math
@@ -28,7 +28,6 @@ import numbers
 
 import numpy as np
 
-from tf_stdprune._keras import keras
 from tf_stdprune.registry import get_tensor, prunable_attributes
 from tf_stdprune.sensitivity import pruning_state
 
@@ -183,24 +182,3 @@ def restore_dropout(model):
             delattr(dropout, ORIGINAL_RATE)
             restored[dropout.name] = original
     return restored
-
-
-class DropoutRescaling(keras.callbacks.Callback):
-    """Rescales the Dropout rates to the surviving connections at each epoch's start.
-
-    Placed after the callback that prunes (`IterativePruning` prunes at an iteration's
-    first epoch start), it sees each pruning before the retraining that follows it. When
-    a rate changes, the training function is re-traced so that the new rate is used.
-    At the end of training the original rates are restored (`restore_dropout`).
-    """
-
-    def on_train_begin(self, logs=None):
-        self.sources = dropout_sources(self.model)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if rescale_dropout(self.model, self.sources):
-            self.model.make_train_function(force=True)
-
-    def on_train_end(self, logs=None):
-        if restore_dropout(self.model):
-            self.model.make_train_function(force=True)  # a later fit traces D_o again

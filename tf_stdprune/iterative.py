@@ -29,8 +29,7 @@ import tensorflow as tf
 
 from tf_stdprune import plots
 from tf_stdprune._keras import keras
-from tf_stdprune.callbacks import IterationLearningRate, UpdatePruningStep
-from tf_stdprune.dropout import DropoutRescaling
+from tf_stdprune.callbacks import DropoutRescaling, IterationLearningRate, UpdatePruningStep
 from tf_stdprune.prune import all_layers
 from tf_stdprune.recalibration import BATCHNORM_LAYERS, recalibrate_batchnorm
 from tf_stdprune.report import sparsity_report
@@ -276,7 +275,7 @@ def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, lr_drops=(3,
 
     `UpdatePruningStep`, `IterationLearningRate(initial_lrs, E, lr_drops, lr_drop_factor)`
     and `IterativePruning(run_dir, E, **kwargs)`; then, unless ``rescale_dropout`` is
-    false, `dropout.DropoutRescaling` (Han et al. 2015's ``D_r = D_o sqrt(C_ir / C_io)``
+    false, `callbacks.DropoutRescaling` (Han et al. 2015's ``D_r = D_o sqrt(C_ir / C_io)``
     after each pruning). With ``target_accuracy_drop`` (points of validation top-1) the
     run is in target mode (`target.TargetAccuracy`): q rises by ``q_step`` per iteration
     until an iteration drops more than that below dense; that iteration is rejected, the

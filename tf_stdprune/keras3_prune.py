@@ -17,6 +17,7 @@ from absl import logging
 import keras
 
 from tf_stdprune import registry
+from tf_stdprune.dropout import restore_dropout
 from tf_stdprune.keras3_wrapper import DEFAULT_STD_MODE, PruneLowStd
 from tf_stdprune.validate import check_quality
 
@@ -124,8 +125,11 @@ def strip_pruning(model):
     """A model without pruning wrappers: each `PruneLowStd` is replaced by its layer.
 
     The layers (and weights) are shared with ``model``; each pruned tensor is set to
-    ``w * m`` first, so the result holds exact zeros. Works on nested models.
+    ``w * m`` first, so the result holds exact zeros, and Dropout rates rescaled during
+    pruning get their original rate back (`dropout.restore_dropout`). Works on nested
+    models.
     """
+    restore_dropout(model)
     if isinstance(model, PruneLowStd):
         model.apply_masks()
         return model.layer
