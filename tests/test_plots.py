@@ -66,8 +66,12 @@ def test_records_without_metrics_or_quality_still_plot(tmp_path):
 def test_plots_run_without_tensorflow(tmp_path):
     synthetic_run.write(str(tmp_path))
     os.remove(tmp_path / "baseline.json")
-    code = (
-        "import importlib.util, sys\n"
+    package = os.path.dirname(plots.__file__)
+    code = (  # tf_stdprune's own modules only, without the package's __init__
+        "import importlib.util, sys, types\n"
+        "package = types.ModuleType('tf_stdprune')\n"
+        f"package.__path__ = [{package!r}]\n"
+        "sys.modules['tf_stdprune'] = package\n"
         f"spec = importlib.util.spec_from_file_location('plots', {plots.__file__!r})\n"
         "plots = importlib.util.module_from_spec(spec); spec.loader.exec_module(plots)\n"
         f"plots.write_figures({str(tmp_path)!r})\n"

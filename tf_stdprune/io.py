@@ -88,6 +88,20 @@ def check_replaceable(path, marker=None):
         )
 
 
+def _check_same_kind(path, temporary):
+    """Raises if the new output and the existing ``path`` are not both files or both
+    directories."""
+    if not os.path.lexists(path) or os.path.isdir(path) == os.path.isdir(temporary):
+        return
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"Refusing to replace the directory {path!r} by a file. Give the path of the "
+            f"file itself, e.g. {os.path.join(path, 'output')!r}.")
+    raise NotADirectoryError(
+        f"Refusing to replace the file {path!r} by a directory. Give another path, or move "
+        "that file away yourself.")
+
+
 def write_atomically(path, save, overwrite=True, marker=None):
     """Calls ``save(temporary_path)``, then moves the result to ``path`` atomically.
 
@@ -95,8 +109,9 @@ def write_atomically(path, save, overwrite=True, marker=None):
     exist yet), e.g. ``model.save`` or ``lambda p: tf.saved_model.save(m, p)``. An
     existing ``path`` raises `FileExistsError` unless ``overwrite``; with ``overwrite`` it
     must pass `check_replaceable` (with ``marker``) before anything is written. An empty
-    directory counts as absent. If ``save`` fails, ``path`` is untouched. Returns the
-    absolute path.
+    directory counts as absent. A file never replaces a directory, nor a directory a
+    file (`IsADirectoryError` / `NotADirectoryError`, ``path`` untouched). If ``save``
+    fails, ``path`` is untouched. Returns the absolute path.
     """
     path = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(path)
@@ -110,6 +125,7 @@ def write_atomically(path, save, overwrite=True, marker=None):
     temporary = os.path.join(scratch, name)
     try:
         save(temporary)
+        _check_same_kind(path, temporary)
         if os.path.isdir(temporary):
             os.chmod(temporary, 0o755)
         elif os.path.isfile(temporary):
