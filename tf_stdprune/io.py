@@ -4,12 +4,14 @@ Every file or directory the library writes goes through `write_atomically`:
 
 1. the content is written under a temporary name next to the target,
    ``.<name>.tmp-<random>``, and flushed to disk;
-2. if the target exists (and may be replaced), it is first renamed aside to
-   ``.<name>.old-<random>``;
-3. the temporary is renamed to the target, then the old copy is deleted.
+2. a file is renamed onto the target file in one atomic step; a directory cannot be,
+   so an existing target directory (which may be replaced) is first renamed aside to
+   ``.<name>.old-<random>``,
+3. then the temporary is renamed to the target and the old copy is deleted.
 
 A reader therefore sees the old or the new version, never half of one. A process killed
-between the two renames of step 2-3 leaves the old version under its ``.old-`` name;
+between the two renames of a directory's replacement leaves the old version under its
+``.old-`` name;
 `clean_temporaries` (called when a run directory or an output directory is opened
 again) renames it back when the target is missing and deletes leftover temporaries
 otherwise.
@@ -130,13 +132,13 @@ def write_atomically(path, save, overwrite=True, marker=None):
             os.chmod(temporary, 0o755)
         elif os.path.isfile(temporary):
             os.chmod(temporary, 0o644)
-        if os.path.lexists(path):
+        if os.path.lexists(path) and os.path.isdir(path):
             aside = tempfile.mkdtemp(prefix=f".{name}{OLD}", dir=directory)
             os.rmdir(aside)
             os.replace(path, aside)
             os.replace(temporary, path)
             _remove(aside)
-        else:
+        else:  # a file replaces a file in one atomic rename
             os.replace(temporary, path)
     finally:
         _remove(scratch)

@@ -77,12 +77,6 @@ def _with_dense(xs, ys, baseline, key, dense_x):
     return xs, ys
 
 
-def _bounded(xs, ys):
-    """The points whose x is known (an unbounded compression rate is recorded as None)."""
-    kept = [(x, y) for x, y in zip(xs, ys) if x is not None]
-    return [x for x, _ in kept], [y for _, y in kept]
-
-
 def write_figures(run_dir):
     """Writes the five PNGs into ``run_dir/figures`` and returns their paths."""
     history = _read_json_lines(os.path.join(run_dir, "history.jsonl"))
@@ -114,8 +108,8 @@ def write_figures(run_dir):
 
     fig, ax = _accuracy_axes("Figure 3: compression rate vs accuracy",
                              "compression rate: all parameters / nonzero weights (x)")
-    ax.plot(*_bounded(*_with_dense(rates, _series(history, "after", "val_top1"), baseline,
-                                   "val_top1", 1.0)), "o-", label="validation, after retraining")
+    ax.plot(*_with_dense(rates, _series(history, "after", "val_top1"), baseline, "val_top1", 1.0),
+            "o-", label="validation, after retraining")  # matplotlib skips None points
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"x{value:g}"))
     ax.legend()
