@@ -181,9 +181,10 @@ def _weights_bytes(model):
 
 
 def test_reading_a_quantized_model_never_changes_its_weights(tmp_path):
-    """compress, decompress, strip_quantization, plain_model, serialize and sparsity_report
-    only read a quantized model: every weight, inner kernels included, stays bit for bit."""
+    """compress, decompress, strip_quantization, plain_model, serialize, sparsity_report
+    and export_sparse_saved_model only read a quantized model: every weight, inner kernels included, stays bit for bit."""
     from tf_stdprune.compressed_file import compress, decompress, serialize
+    from tf_stdprune.export import export_sparse_saved_model
     from tf_stdprune.report import sparsity_report
 
     model, _, quantized = _pruned_quantized(dict(bits=2))
@@ -194,6 +195,7 @@ def test_reading_a_quantized_model_never_changes_its_weights(tmp_path):
     assert _weights_bytes(quantized) == before
     plain_model(quantized)
     serialize(quantized)
+    export_sparse_saved_model(quantized, tmp_path / "sparse")
     sparsity_report(quantized)
     assert _weights_bytes(quantized) == before and _weights_bytes(model) == original
     kernels = [w for w in quantized.weights if w.name.endswith("kernel:0")]

@@ -27,7 +27,6 @@ cluster index outside its codebook, tensors that do not fit the stored model) ra
 """
 import hashlib
 import json
-import numbers
 import os
 import struct
 import zlib
