@@ -67,18 +67,18 @@ def main(_):
     quantized, quantize_s = _timed(lambda: strip_quantization(quantize_weights(
         model, conv_bits=FLAGS.conv_bits, dense_bits=FLAGS.dense_bits)))
     work = tempfile.mkdtemp(prefix="compression_bench_")
-    paths = {name: os.path.join(work, name) for name in ("dense", "sparse", "model.tfsp")}
+    paths = {name: os.path.join(work, name) for name in ("dense", "sparse", "model.tfspz")}
     _, dense_s = _timed(lambda: export_dense_saved_model(quantized, paths["dense"]))
     _, sparse_s = _timed(lambda: export_sparse_saved_model(quantized, paths["sparse"]))
-    _, compress_s = _timed(lambda: compress(quantized, paths["model.tfsp"]))
-    _, read_weights_s = _timed(lambda: read_weights(paths["model.tfsp"]))
-    restored, decompress_s = _timed(lambda: decompress(paths["model.tfsp"]))
+    _, compress_s = _timed(lambda: compress(quantized, paths["model.tfspz"]))
+    _, read_weights_s = _timed(lambda: read_weights(paths["model.tfspz"]))
+    restored, decompress_s = _timed(lambda: decompress(paths["model.tfspz"]))
     exact = all(a.tobytes() == b.tobytes()
                 for a, b in zip(quantized.get_weights(), restored.get_weights()))
     sizes = {"dense_saved_model": disk_size(paths["dense"]),
              "sparse_saved_model": disk_size(paths["sparse"]),
-             "compressed_file": disk_size(paths["model.tfsp"])}
-    summary = compression_report(paths["model.tfsp"])
+             "compressed_file": disk_size(paths["model.tfspz"])}
+    summary = compression_report(paths["model.tfspz"])
 
     x = tf.constant(np.random.default_rng(1).normal(
         size=(FLAGS.batch_size, 32, 32, 3)).astype("float32"))

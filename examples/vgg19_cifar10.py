@@ -29,6 +29,7 @@ import tensorflow as tf
 import tf_stdprune
 from tf_stdprune import compressed_file, data, export, models
 from tf_stdprune._keras import keras
+from tf_stdprune.io import write_atomically
 from tf_stdprune.run_state import atomic_write, check_writable
 
 # The seed gives no quality parameters: "paper" raises q by 0.1 per iteration up to 1.6
@@ -185,7 +186,7 @@ def dense_baseline(cfg, strategy, train, test, info, jit_compile, resume, build_
     metrics = evaluate(model, test)
     out_dir = os.path.join(write_dir, "baseline")
     os.makedirs(out_dir, exist_ok=True)
-    _save_atomically(model.save_weights, os.path.join(out_dir, "weights.h5"))
+    write_atomically(os.path.join(out_dir, "weights.h5"), model.save_weights)
     atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
     return model, metrics
 
@@ -199,23 +200,13 @@ def pruned_model(dense, cfg, strategy, steps_per_epoch, jit_compile):
             dense, pruning_schedule=schedule, std_mode=cfg["std_mode"]), jit_compile)
 
 
-def _save_atomically(save, path):
-    """``save(tmp)`` next to ``path``, then renames it to ``path``."""
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        save(os.path.join(tmp, os.path.basename(path)))
-        os.replace(os.path.join(tmp, os.path.basename(path)), path)
-    finally:
-        shutil.rmtree(tmp)
-
-
 def save_final(model, out_dir, export_sparse=False, compress=False):
     """The stripped model as ``.keras``, ``.h5`` and a serving SavedModel (plus the sparse
     SavedModel and the Huffman-coded file if asked); returns ``{name: disk_size}``."""
     os.makedirs(out_dir, exist_ok=True)
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
-    _save_atomically(model.save, path("model.keras"))
-    _save_atomically(model.save, path("model.h5"))
+    write_atomically(path("model.keras"), model.save)
+    write_atomically(path("model.h5"), model.save)
     export.export_dense_saved_model(model, path("saved_model"), overwrite=True)
     names = ["model.keras", "model.h5", "saved_model"]
     if export_sparse:

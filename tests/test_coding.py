@@ -1,7 +1,10 @@
 """Huffman and gap coding against reference computations; the compressed file format."""
+import hashlib
 import heapq
+import json
 import os
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -178,3 +181,90 @@ def test_compress_refuses_to_overwrite_unless_asked(tmp_path):
     assert read_weights(path)[0].tobytes() == second.get_weights()[0].tobytes()
     with pytest.raises(ValueError, match="dense_index_bits"):
         compress(second, tmp_path / "other.tfsp", dense_index_bits=0)
+
+
+def test_compress_into_a_missing_directory_names_it_and_creates_nothing(tmp_path):
+    target = tmp_path / "missing" / "model.tfspz"
+    with pytest.raises(FileNotFoundError, match=r"directory '.*missing' does not exist. Create"):
+        compress(_quantized_tiny(), target)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("content", [[], ["keep.txt"]], ids=["empty", "non-empty"])
+def test_compress_onto_a_directory_refuses_and_keeps_it(tmp_path, overwrite, content):
+    target = tmp_path / "out"
+    target.mkdir()
+    for name in content:
+        (target / name).write_text("the user's")
+    with pytest.raises(IsADirectoryError, match=r"is a directory. Give the path of the file"):
+        compress(_quantized_tiny(), target, overwrite=overwrite)
+    assert sorted(os.listdir(target)) == content and os.listdir(tmp_path) == ["out"]
+
+
+def test_index_bits_must_be_integers_not_bools(tmp_path):
+    with pytest.raises(ValueError, match=r"dense_index_bits must be an integer >= 1.*True"):
+        compress(_quantized_tiny(), tmp_path / "m.tfspz", dense_index_bits=True)
+    with pytest.raises(ValueError, match=r"conv_index_bits must be an integer in \[1, 16\]"):
+        compress(_quantized_tiny(), tmp_path / "m.tfspz", conv_index_bits=17)
+    assert os.listdir(tmp_path) == []
+
+
+def _unpack(path):
+    """``(metadata, sections)`` of a valid file, read independently of the reader."""
+    payload = open(path, "rb").read()[52:]
+    (size,) = struct.unpack_from("<Q", payload)
+    return json.loads(zlib.decompress(payload[8:8 + size])), bytearray(payload[8 + size:])
+
+
+def _repack(metadata, sections, path):
+    """A file with a valid header and checksum around ``metadata`` and ``sections``."""
+    text = zlib.compress(json.dumps(metadata).encode("utf-8"))
+    payload = struct.pack("<Q", len(text)) + text + bytes(sections)
+    header = struct.pack("<8sHHQ32s", b"\x89TFSPZ\r\n", 1, 0, len(payload),
+                         hashlib.sha256(payload).digest())
+    path.write_bytes(header + payload)
+    return path
+
+
+def _sparse(m):
+    return next(t for t in m["tensors"] if t["encoding"] == "sparse")
+
+
+def _raw(m):
+    return next(t for t in m["tensors"] if t["encoding"] == "raw")
+
+
+def _zero_codebook(m, s):
+    offset = _sparse(m)["codebook"][0]
+    _sparse(m)["codebook"] = [offset, 8]  # 2 values left; the indices go up to 15
+
+
+INCONSISTENT = {
+    "raw-shape-larger-than-its-section": lambda m, s: _raw(m).update(shape=[5]),
+    "sparse-size-not-its-shape": lambda m, s: _sparse(m).update(size=3),
+    "section-out-of-range": lambda m, s: _raw(m).update(data=[10 ** 12, 4]),
+    "negative-section-length": lambda m, s: _raw(m).update(data=[0, -4]),
+    "index-out-of-codebook-range": _zero_codebook,
+    "index-bits-70": lambda m, s: _sparse(m).update(index_bits=70),
+    "index-bits-0": lambda m, s: _sparse(m).update(index_bits=0),
+    "index-bits-not-the-gap-alphabet": lambda m, s: _sparse(m).update(index_bits=7),
+    "nonzeros-not-the-gap-stream": lambda m, s: _sparse(m).update(nonzeros=1),
+    "a-tensor-missing": lambda m, s: m["tensors"].pop(),
+    "raw-dtype-not-the-model's": lambda m, s: _raw(m).update(dtype="<i4"),
+    "model-config-unreadable": lambda m, s: m.update(model_config="{}"),
+    "unknown-encoding": lambda m, s: _raw(m).update(encoding="zip"),
+}
+
+
+@pytest.mark.parametrize("change", INCONSISTENT.values(), ids=INCONSISTENT.keys())
+def test_valid_checksum_with_inconsistent_contents_raises_compressed_file_error(
+        compressed, tmp_path, change):
+    metadata, sections = _unpack(compressed)
+    control = _repack(metadata, sections, tmp_path / "control.tfspz")
+    assert [a.tobytes() for a in read_weights(control)] == [
+        a.tobytes() for a in read_weights(compressed)]  # the re-packing itself is faithful
+    change(metadata, sections)
+    damaged = _repack(metadata, sections, tmp_path / "damaged.tfspz")
+    with pytest.raises(CompressedFileError, match="damaged.tfspz: "):
+        decompress(damaged)

@@ -1,8 +1,10 @@
 """compression_report: every count and stage size recomputed independently."""
+import json
 import math
 import os
 
 import numpy as np
+import pytest
 from matplotlib import image
 
 from tf_stdprune._keras import keras
@@ -92,3 +94,23 @@ def test_plot_writes_a_png_with_one_bar_per_stage(tmp_path):
     assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
     assert os.listdir(tmp_path) == ["stages.png"]
     assert "pruning+quantization+huffman" in report.table()
+
+
+def test_a_fully_pruned_model_has_unbounded_ratios_not_a_division_by_zero(tmp_path):
+    """Every weight pruned and no other parameter: the compressed stages hold 0 bytes, so
+    their ratios are None (null in JSON) and the table says "all weights pruned"."""
+    model = keras.Sequential([keras.Input((6,)),
+                              keras.layers.Dense(4, use_bias=False, kernel_initializer="zeros")])
+    report = compression_report(model)
+    assert report.stage_bytes() == {"dense": 96.0, "pruning": 0.0,
+                                    "pruning+quantization": 0.0,
+                                    "pruning+quantization+huffman": 0.0}
+    ratios = report.ratios()
+    assert ratios["pruning"] is None and ratios["pruning+quantization+huffman"] is None
+    assert ratios["file"] == 96.0 / report.file_bytes
+    data = json.loads(report.to_json(), parse_constant=lambda name: pytest.fail(name))
+    assert data["ratios"]["pruning"] is None
+    assert CompressionReport.from_dict(data).ratios() == ratios
+    assert report.table().count("all weights pruned") == 3
+    plot_compression_stages(report, tmp_path / "stages.png")
+    assert image.imread(tmp_path / "stages.png").ndim == 3

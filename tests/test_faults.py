@@ -91,3 +91,34 @@ def test_atomic_write_never_leaves_half_a_file(tmp_path, monkeypatch):
         run_state.atomic_write(str(path), "new and longer")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_run_files_are_replaced_by_one_rename_of_the_one_atomic_writer(tmp_path, monkeypatch):
+    """run_state writes through tf_stdprune.io, and a file is replaced by a single
+    os.replace onto it: there is no moment at which history.jsonl is missing."""
+    from tf_stdprune import io
+
+    assert run_state.atomic_write is io.atomic_write
+    path = tmp_path / "history.jsonl"
+    run_state.atomic_write(str(path), "old\n")
+    renames = []
+    real_replace = os.replace
+
+    def record(src, dst):
+        renames.append((src, os.fspath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", record)
+    run_state.atomic_write(str(path), "new\n")
+    assert [dst for _, dst in renames] == [str(path)]
+    assert path.read_text() == "new\n" and os.listdir(tmp_path) == ["history.jsonl"]
+
+
+def test_atomic_write_never_replaces_a_directory(tmp_path):
+    target = tmp_path / "report.json"
+    target.mkdir()
+    (target / "notes.txt").write_text("the user's")
+    with pytest.raises(IsADirectoryError, match="Refusing to replace the directory"):
+        run_state.atomic_write(str(target), "{}")
+    assert (target / "notes.txt").read_text() == "the user's"
+    assert os.listdir(tmp_path) == ["report.json"]

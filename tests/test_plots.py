@@ -66,8 +66,12 @@ def test_records_without_metrics_or_quality_still_plot(tmp_path):
 def test_plots_run_without_tensorflow(tmp_path):
     synthetic_run.write(str(tmp_path))
     os.remove(tmp_path / "baseline.json")
-    code = (
-        "import importlib.util, sys\n"
+    package = os.path.dirname(plots.__file__)
+    code = (  # tf_stdprune's own modules only, without the package's __init__
+        "import importlib.util, sys, types\n"
+        "package = types.ModuleType('tf_stdprune')\n"
+        f"package.__path__ = [{package!r}]\n"
+        "sys.modules['tf_stdprune'] = package\n"
         f"spec = importlib.util.spec_from_file_location('plots', {plots.__file__!r})\n"
         "plots = importlib.util.module_from_spec(spec); spec.loader.exec_module(plots)\n"
         f"plots.write_figures({str(tmp_path)!r})\n"
@@ -77,3 +81,34 @@ def test_plots_run_without_tensorflow(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for name in plots.FIGURES:
         check_png(tmp_path / "figures" / name)
+
+
+def test_an_unbounded_compression_rate_is_left_out_of_figure_3(tmp_path):
+    """A last iteration with every weight pruned records compression_rate null: the
+    figures are still written, and Figure 3 is the one drawn without that point."""
+    synthetic_run.write(str(tmp_path))
+    history = tmp_path / "history.jsonl"
+    records = [json.loads(line) for line in history.read_text().splitlines()]
+    history.write_text("".join(json.dumps(r) + "\n" for r in records[:-1]))
+    plots.write_figures(str(tmp_path))
+    without = matplotlib.image.imread(tmp_path / "figures" / plots.FIGURES[2])
+    records[-1]["compression_rate"] = None
+    history.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
+    for path in plots.write_figures(str(tmp_path)):
+        check_png(path)
+    with_null = matplotlib.image.imread(tmp_path / "figures" / plots.FIGURES[2])
+    np.testing.assert_array_equal(with_null, without)
+
+
+def test_a_directory_in_place_of_a_figure_is_kept(tmp_path):
+    synthetic_run.write(str(tmp_path))
+    blocker = tmp_path / "figures" / plots.FIGURES[0]
+    blocker.mkdir(parents=True)
+    (blocker / "notes.txt").write_text("the user's")
+    try:
+        plots.write_figures(str(tmp_path))
+    except IsADirectoryError as error:
+        assert "Refusing to replace the directory" in str(error)
+    else:
+        raise AssertionError("a directory was replaced by a figure")
+    assert (blocker / "notes.txt").read_text() == "the user's"

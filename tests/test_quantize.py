@@ -118,7 +118,8 @@ def test_fine_tuning_moves_centroids_only():
         after_c = wrapper.centroids[0].numpy()
         assert np.abs(after_c - before_c).max() > 1e-6
         np.testing.assert_array_equal(wrapper.indices[0].numpy(), before_i)
-        kernel = getattr(wrapper.layer, wrapper._weight_attributes[0]).numpy()
+        baked = {l.name: l for l in stripped.layers}[wrapper.layer.name]
+        kernel = getattr(baked, wrapper._weight_attributes[0]).numpy()
         np.testing.assert_array_equal(kernel == 0, before_i == 0)
         np.testing.assert_array_equal(kernel[before_i > 0], after_c[before_i[before_i > 0] - 1])
     for before, variable in zip(original, stripped.weights):
@@ -173,3 +174,68 @@ def test_adam_steps_every_centroid_alike_whatever_its_cluster_size():
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     quantized.train_on_batch(x, y)
     np.testing.assert_allclose(np.abs(wrapper.centroids[0].numpy() - centroids), 1e-3, rtol=0.02)
+
+
+def _weights_bytes(model):
+    return [w.numpy().tobytes() for w in model.weights]
+
+
+def test_reading_a_quantized_model_never_changes_its_weights(tmp_path):
+    """compress, decompress, strip_quantization, plain_model, serialize, sparsity_report
+    and export_sparse_saved_model only read a quantized model: every weight, inner kernels included, stays bit for bit."""
+    from tf_stdprune.compressed_file import compress, decompress, serialize
+    from tf_stdprune.export import export_sparse_saved_model
+    from tf_stdprune.report import sparsity_report
+
+    model, _, quantized = _pruned_quantized(dict(bits=2))
+    before, original = _weights_bytes(quantized), _weights_bytes(model)
+    expected = strip_quantization(quantized).get_weights()
+    assert _weights_bytes(quantized) == before
+    restored = decompress(compress(quantized, tmp_path / "model.tfspz"))
+    assert _weights_bytes(quantized) == before
+    plain_model(quantized)
+    serialize(quantized)
+    export_sparse_saved_model(quantized, tmp_path / "sparse")
+    sparsity_report(quantized)
+    assert _weights_bytes(quantized) == before and _weights_bytes(model) == original
+    kernels = [w for w in quantized.weights if w.name.endswith("kernel:0")]
+    assert all(len(np.unique(k.numpy())) > 2 ** 2 + 1 for k in kernels)  # not the shared values
+    for a, b in zip(expected, restored.get_weights()):
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_linear_kmeans_refuses_non_finite_values(bad):
+    with pytest.raises(ValueError, match="1 non-finite value"):
+        linear_kmeans([1.0, bad, 3.0, 4.0], 2)
+    centroids, _ = linear_kmeans([1.0, 3.0, 4.0], 2)
+    assert np.all(np.isfinite(centroids))
+
+
+def test_non_finite_weights_are_refused_naming_the_layer_and_tensor(tmp_path):
+    from tf_stdprune.compressed_file import compress
+
+    model = zero_out(tiny_cnn(), 0.5)
+    kernel = model.layers[-1].kernel.numpy()
+    kernel[0, 0] = np.inf
+    kernel[1, 0] = np.nan
+    model.layers[-1].kernel.assign(kernel)
+    with pytest.raises(ValueError, match=r"'dense', tensor 'kernel': 2 of 192 weights are NaN"):
+        quantize_weights(model, bits=3)
+    with pytest.raises(ValueError, match=r"'dense', tensor 'dense/kernel:0': 2 of 192"):
+        compress(model, tmp_path / "model.tfspz")
+    assert not (tmp_path / "model.tfspz").exists()
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(bits=True), "bits"), (dict(bits=4.0), "bits"), (dict(conv_bits="8"), "conv_bits"),
+    (dict(dense_bits=np.int64(13)), "dense_bits"), (dict(bn_bits=False), "bn_bits"),
+    (dict(layer_bits={"conv2d": True}), r"layer_bits\['conv2d'\]"),
+])
+def test_bits_must_be_an_integer_not_a_bool_float_or_string(kwargs, argument):
+    model = zero_out(tiny_cnn(), 0.5)
+    with pytest.raises(ValueError, match=rf"^{argument} must be an integer in \[1, 12\]"):
+        quantize_weights(model, **kwargs)
+    with pytest.raises(ValueError, match="bits must be an integer"):
+        QuantizeWeights(model.layers[0], True)
+    assert quantize_weights(model, bits=np.int32(12), dense_bits=None).layers[0].bits == 12

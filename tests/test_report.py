@@ -95,6 +95,21 @@ def test_wrapped_and_stripped_reports_equal(pruned_and_stripped):
     assert wrapped.zero_weights == masks  # every pruned entry is an exact zero, and only those
 
 
+def test_every_form_of_a_model_counts_the_same_weights(pruned_and_stripped, tmp_path):
+    """Wrapped by prune_low_std, stripped, quantized and decompressed: one set of counts,
+    that of an independent count of the stripped model (shared values keep every zero)."""
+    pruned, stripped = pruned_and_stripped
+    quantized = tf_stdprune.quantize_weights(pruned, bits=3)
+    decompressed = tf_stdprune.decompress(tf_stdprune.compress(quantized, tmp_path / "m.tfspz"))
+    expected = independent_count(stripped)
+    for form in (pruned, stripped, quantized, decompressed):
+        report = tf_stdprune.sparsity_report(form)
+        assert (report.total_parameters, report.total_weights, report.zero_weights) == expected
+        assert [(l.name, l.kind, l.total, l.zeros) for l in report.layers] == [
+            (l.name, l.kind, l.total, l.zeros)
+            for l in tf_stdprune.sparsity_report(stripped).layers]
+
+
 def test_tfmot_wrapped_model_and_shared_layer_counted_once():
     inputs = keras.Input((4,))
     shared = L.Dense(4, name="shared")
@@ -136,4 +151,21 @@ def test_empty_and_fully_zero_models():
     report = tf_stdprune.sparsity_report(zero)
     assert report.zero_weights == report.total_parameters == 6
     assert report.compression_rate == float("inf")
-    assert "Compression rate: xinf times" in str(report)
+
+
+def refuse_constant(name):
+    raise AssertionError(f"non-standard JSON constant {name}")
+
+
+def test_a_fully_pruned_model_writes_strict_json_and_says_all_weights_pruned():
+    """No bias, every kernel weight zero: the rate is unbounded, so JSON holds null (no
+    Infinity) and the text says so."""
+    zero = keras.Sequential([L.Dense(2, use_bias=False, kernel_initializer="zeros",
+                                     input_shape=(3,))])
+    report = tf_stdprune.sparsity_report(zero)
+    assert report.compression_rate == float("inf") and report.all_pruned
+    data = json.loads(report.to_json(), parse_constant=refuse_constant)
+    assert data["compression_rate"] is None and data["zero_weights_rate"] == 100.0
+    assert str(report).splitlines()[-1] == "Compression rate: all weights pruned"
+    assert SparsityReport.from_dict(data) == report
+    assert not SparsityReport(6, 6, 5, []).all_pruned

@@ -1,11 +1,11 @@
 """Keras callbacks that drive pruning inside ``model.fit``: pruning step, learning rate."""
-import math
 import numbers
 
 import tensorflow as tf
 
 from tf_stdprune._keras import keras, tfmot
 from tf_stdprune.dropout import dropout_sources, rescale_dropout, restore_dropout
+from tf_stdprune.validate import check_int, check_positive
 from tf_stdprune.wrapper import PruneLowStd
 
 PruningSummaries = tfmot.sparsity.keras.PruningSummaries
@@ -62,15 +62,13 @@ class IterationLearningRate(keras.callbacks.Callback):
 
     def __init__(self, initial_lrs, epochs_per_iteration, drops=(3, 10, 16), factor=0.1):
         super().__init__()
-        initial_lrs = [initial_lrs] if isinstance(initial_lrs, numbers.Real) else list(initial_lrs)
-        if not initial_lrs or any(not _is_positive(lr) for lr in initial_lrs):
-            raise ValueError(f"initial_lrs must be a non-empty list of rates > 0, got {initial_lrs!r}.")
-        if not _is_integer(epochs_per_iteration, 1):
-            raise ValueError(f"epochs_per_iteration must be an integer >= 1, got {epochs_per_iteration!r}.")
-        if any(not _is_integer(d, 0) for d in drops):
-            raise ValueError(f"drops must be epochs (integers >= 0) inside an iteration, got {drops!r}.")
-        if not _is_positive(factor):
-            raise ValueError(f"factor must be a number > 0 (0.1: a 10x drop), got {factor!r}.")
+        initial_lrs = _as_list(initial_lrs, "initial_lrs", "rates > 0, e.g. [0.01, 0.001]")
+        initial_lrs = [check_positive(lr, f"initial_lrs[{i}]", "a learning rate")
+                       for i, lr in enumerate(initial_lrs)]
+        epochs_per_iteration = check_int(epochs_per_iteration, "epochs_per_iteration", 1)
+        drops = [check_int(d, f"drops[{i}]", 0, "an epoch inside an iteration")
+                 for i, d in enumerate(_as_list(drops, "drops", "epochs, e.g. (3, 10, 16)", True))]
+        factor = check_positive(factor, "factor", "0.1: a 10x drop")
         self.initial_lrs, self.drops, self.factor = initial_lrs, sorted(drops), factor
         self.epochs_per_iteration = epochs_per_iteration
 
@@ -90,13 +88,19 @@ class IterationLearningRate(keras.callbacks.Callback):
         keras.backend.set_value(self.model.optimizer.learning_rate, self.rate(epoch))
 
 
-def _is_positive(value):
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
-            and math.isfinite(value))
 
-
-def _is_integer(value, minimum):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+def _as_list(value, where, what, empty_ok=False):
+    """``value`` as a list (a single number becomes ``[value]``); raises unless it is a
+    sequence of numbers (non-empty unless ``empty_ok``)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return [value]
+    try:
+        items = None if isinstance(value, (str, bytes, dict)) else list(value)
+    except TypeError:
+        items = None
+    if items is None or not (items or empty_ok):
+        raise ValueError(f"{where} must be a non-empty list of {what}, got {value!r}.")
+    return items
 
 
 class DropoutRescaling(keras.callbacks.Callback):

@@ -19,20 +19,26 @@ File layout (version 1, little-endian)::
                   model JSON and one entry per tensor in ``model.get_weights()`` order),
                   binary sections
                   (referenced from the metadata as ``[offset, length]``).
+
+A file whose checksum is valid but whose contents contradict themselves (a section out
+of range or of the wrong length, a shape that does not match the stored values, a
+cluster index outside its codebook, tensors that do not fit the stored model) raises
+`CompressedFileError`, as does a damaged one.
 """
 import hashlib
 import json
 import os
 import struct
-import tempfile
 import zlib
 
 import numpy as np
 
 from tf_stdprune import coding
 from tf_stdprune._keras import keras
+from tf_stdprune.io import write_atomically
 from tf_stdprune.quantize import plain_model, prunable_layers
 from tf_stdprune.registry import get_tensor, layer_kind
+from tf_stdprune.validate import check_int
 
 MAGIC = b"\x89TFSPZ\r\n"
 VERSION = 1
@@ -40,7 +46,7 @@ _HEADER = struct.Struct("<8sHHQ32s")
 HEADER_BYTES = _HEADER.size
 _LENGTH = struct.Struct("<Q")
 MAX_CODEBOOK_BITS = 12
-DEFAULT_INDEX_BITS = {"conv": 8, "dense": 5, "bn": 8}
+MAX_INDEX_BITS = 16
 
 
 class CompressedFileError(ValueError):
@@ -60,11 +66,19 @@ class _Sections:
         self.size += len(data)
         return [self.size - len(data), len(data)]
 
-    def get(self, ref, dtype=np.uint8):
+    def get(self, ref, dtype=np.uint8, count=None):
+        """The section ``ref = [offset, length]`` as ``dtype``; with ``count``, it must
+        hold exactly ``count`` items."""
         offset, length = ref
-        if offset < 0 or offset + length > len(self.blob):
-            raise CompressedFileError("A section points outside the file.")
-        return np.frombuffer(self.blob, dtype, length // np.dtype(dtype).itemsize, offset)
+        if not all(isinstance(v, int) and v >= 0 for v in (offset, length)) \
+                or offset + length > len(self.blob):
+            raise CompressedFileError(f"the section {ref!r} points outside the file.")
+        itemsize = np.dtype(dtype).itemsize
+        if length % itemsize or (count is not None and length != count * itemsize):
+            expected = "" if count is None else f", not {count} of them"
+            raise CompressedFileError(f"the section {ref!r} does not hold whole "
+                                      f"{np.dtype(dtype).name} values{expected}.")
+        return np.frombuffer(self.blob, dtype, length // itemsize, offset)
 
 
 def _stream(symbols, alphabet, sections):
@@ -77,11 +91,14 @@ def _stream(symbols, alphabet, sections):
             "data": sections.add(data)}
 
 
-def _encode_sparse(array, index_bits, sections):
-    """The entry of a prunable tensor (module docstring)."""
+def _encode_sparse(array, index_bits, sections, where):
+    """The entry of a prunable tensor (module docstring); ``where`` names it in errors."""
     flat = np.ascontiguousarray(array, np.float32).ravel()
-    if not np.all(np.isfinite(flat)):
-        raise ValueError("Cannot compress non-finite (NaN/inf) weights.")
+    bad = np.count_nonzero(~np.isfinite(flat))
+    if bad:
+        raise ValueError(f"{where}: {bad} of {flat.size} weights are NaN or inf; only "
+                         "finite weights can be compressed. Training has diverged: go back "
+                         "to a checkpoint with finite weights.")
     positions = np.flatnonzero(flat)
     gaps = coding.relative_gaps(positions, 2 ** index_bits)
     entry = {"encoding": "sparse", "size": flat.size, "nonzeros": len(positions),
@@ -97,8 +114,10 @@ def _encode_sparse(array, index_bits, sections):
 
 def _check_index_bits(index_bits):
     for kind, bits in index_bits.items():
-        if not (isinstance(bits, (int, np.integer)) and 1 <= bits <= 16):
-            raise ValueError(f"{kind}_index_bits must be an integer in [1, 16], got {bits!r}.")
+        where = f"{kind}_index_bits"
+        check_int(bits, where, 1, f"at most {MAX_INDEX_BITS}: gap symbols span 2^bits")
+        if bits > MAX_INDEX_BITS:
+            raise ValueError(f"{where} must be an integer in [1, {MAX_INDEX_BITS}], got {bits!r}.")
 
 
 def serialize(model, conv_index_bits=8, dense_index_bits=5, bn_index_bits=8):
@@ -117,7 +136,8 @@ def serialize(model, conv_index_bits=8, dense_index_bits=5, bn_index_bits=8):
         if variable.ref() in prunable and array.dtype == np.float32:
             layer, kind = prunable[variable.ref()]
             entry.update(layer=layer, kind=kind, **_encode_sparse(
-                array, index_bits.get(kind, conv_index_bits), sections))
+                array, index_bits.get(kind, conv_index_bits), sections,
+                f"Layer {layer!r}, tensor {variable.name!r}"))
         else:
             entry.update(encoding="raw", data=sections.add(np.ascontiguousarray(array).tobytes()))
         tensors.append(entry)
@@ -126,24 +146,18 @@ def serialize(model, conv_index_bits=8, dense_index_bits=5, bn_index_bits=8):
     return metadata, _LENGTH.pack(len(text)) + text + b"".join(sections.parts)
 
 
-def _write_atomically(path, write, overwrite=True):
-    """Calls ``write(file object)`` on a temporary file next to ``path``, then renames it
-    to ``path`` (`FileExistsError` if it exists and not ``overwrite``)."""
+def _check_target(path):
+    """Raises a clear error if ``path`` cannot name the file to write."""
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path!r} exists; pass overwrite=True to replace it.")
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
-                                             suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(descriptor, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"Cannot write {path!r}: the directory {directory!r} does not exist. Create it "
+            "first (os.makedirs), or give a path in an existing directory.")
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"Cannot write {path!r}: it is a directory. Give the path of the file to write "
+            f"in it, e.g. {os.path.join(path, 'model.tfspz')!r}.")
     return path
 
 
@@ -152,12 +166,24 @@ def compress(model, path, overwrite=False, conv_index_bits=8, dense_index_bits=5
     """Writes ``model`` (stripped, or with pruning/quantization wrappers) to one file.
 
     ``*_index_bits`` = ``k``, the gap symbol width per layer kind (span ``2^k``). Written
-    to a temporary file in the same directory, then renamed; an existing ``path`` raises
-    `FileExistsError` unless ``overwrite``. Returns the absolute path.
+    atomically (`tf_stdprune.io.write_atomically`); an existing ``path`` raises
+    `FileExistsError` unless ``overwrite``, a directory or a missing parent directory
+    raises before anything is encoded. ``model`` is not changed. Returns the absolute path.
+    By convention the file's extension is ``.tfspz``.
     """
+    path = _check_target(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path!r} exists; pass overwrite=True to replace it.")
     _, payload = serialize(model, conv_index_bits, dense_index_bits, bn_index_bits)
     header = _HEADER.pack(MAGIC, VERSION, 0, len(payload), hashlib.sha256(payload).digest())
-    return _write_atomically(path, lambda f: f.write(header + payload), overwrite)
+
+    def save(temporary):
+        with open(temporary, "wb") as f:
+            f.write(header + payload)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return write_atomically(path, save, overwrite)
 
 
 def _read(path):
@@ -193,29 +219,73 @@ def read_metadata(path):
     return _read(path)[0]
 
 
+def _fail(entry, problem):
+    raise CompressedFileError(f"tensor {entry.get('name')!r}: {problem}.")
+
+
+def _check_entry(entry):
+    """Checks the fields of a tensor entry that decoding relies on; returns its size."""
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        _fail(entry, f"invalid shape {shape!r}")
+    size = int(np.prod(shape, dtype=np.int64))
+    if entry["encoding"] == "raw":
+        np.dtype(entry["dtype"])  # TypeError for a name numpy does not know
+        return size
+    if entry["encoding"] != "sparse":
+        _fail(entry, f"unknown encoding {entry['encoding']!r}")
+    if entry["dtype"] != np.dtype(np.float32).str or entry["size"] != size:
+        _fail(entry, f"a sparse tensor must be float32 of size {size} (its shape), got "
+                     f"{entry['dtype']!r} of size {entry['size']!r}")
+    bits = entry["index_bits"]
+    if not isinstance(bits, int) or not 1 <= bits <= MAX_INDEX_BITS:
+        _fail(entry, f"index_bits must be in [1, {MAX_INDEX_BITS}], got {bits!r}")
+    if entry["gaps"]["lengths"][1] != 2 ** bits:
+        _fail(entry, f"the gap code has {entry['gaps']['lengths'][1]} symbols, not 2^{bits}")
+    if not isinstance(entry["nonzeros"], int) or not 0 <= entry["nonzeros"] <= size:
+        _fail(entry, f"{entry['nonzeros']!r} nonzeros do not fit {size} weights")
+    return size
+
+
 def _stream_input(entry, sections):
     return (sections.get(entry["data"]).tobytes(), sections.get(entry["lengths"]),
             sections.get(entry["offsets"], "<i8"), entry["count"])
 
 
+def _sparse_values(entry, sections, decoded):
+    """The nonzero values of a sparse entry: codebook[indices], or the raw values."""
+    count = entry["nonzeros"]
+    if "codebook" not in entry:
+        return sections.get(entry["values"], "<f4", count)
+    codebook = sections.get(entry["codebook"], "<f4")
+    indices = next(decoded)
+    if len(indices) != count:
+        _fail(entry, f"{len(indices)} cluster indices for {count} nonzeros")
+    if count and indices.max() >= len(codebook):
+        _fail(entry, f"cluster index {indices.max()} is outside its {len(codebook)}-value "
+                     "codebook")
+    return codebook[indices]
+
+
 def _decode(metadata, sections):
     tensors = metadata["tensors"]
+    sizes = [_check_entry(t) for t in tensors]
     streams = [_stream_input(t[key], sections) for t in tensors if t["encoding"] == "sparse"
                for key in ("gaps", "indices") if key in t]
     decoded = iter(coding.huffman_decode(streams))
     weights = []
-    for entry in tensors:
+    for entry, size in zip(tensors, sizes):
         if entry["encoding"] == "raw":
-            array = sections.get(entry["data"], np.dtype(entry["dtype"]))
+            array = sections.get(entry["data"], np.dtype(entry["dtype"]), size)
             weights.append(array.reshape(entry["shape"]).copy())
             continue
         positions = coding.positions_from_gaps(next(decoded), 2 ** entry["index_bits"])
-        if "codebook" in entry:
-            values = sections.get(entry["codebook"], "<f4")[next(decoded)]
-        else:
-            values = sections.get(entry["values"], "<f4")
-        flat = np.zeros(entry["size"], np.float32)
-        flat[positions] = values
+        if len(positions) != entry["nonzeros"] or (len(positions) and positions[-1] >= size):
+            _fail(entry, f"the gap stream gives {len(positions)} positions up to "
+                         f"{positions[-1] if len(positions) else -1}, not {entry['nonzeros']} "
+                         f"nonzeros in {size} weights")
+        flat = np.zeros(size, np.float32)
+        flat[positions] = _sparse_values(entry, sections, decoded)
         weights.append(flat.reshape(entry["shape"]))
     return weights
 
@@ -224,9 +294,9 @@ def _read_weights(path):
     metadata, sections = _read(path)
     try:
         return metadata, _decode(metadata, sections)
-    except CompressedFileError:
-        raise
-    except (KeyError, IndexError, TypeError, ValueError) as error:
+    except CompressedFileError as error:
+        raise CompressedFileError(f"{path}: inconsistent contents: {error}") from None
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError) as error:
         raise CompressedFileError(f"{path}: inconsistent contents ({error!r}).") from None
 
 
@@ -235,9 +305,32 @@ def read_weights(path):
     return _read_weights(path)[1]
 
 
-def decompress(path, custom_objects=None):
-    """The tf_keras model rebuilt from the stored JSON with `read_weights` set."""
-    metadata, weights = _read_weights(path)
-    model = keras.models.model_from_json(metadata["model_config"], custom_objects=custom_objects)
+def _model(path, metadata, weights, custom_objects):
+    """The stored model with ``weights`` set; `CompressedFileError` if they do not fit."""
+    try:
+        model = keras.models.model_from_json(metadata["model_config"],
+                                             custom_objects=custom_objects)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CompressedFileError(f"{path}: the stored model cannot be rebuilt ({error!r}); "
+                                  "a custom layer needs custom_objects.") from None
+    expected = [(tuple(w.shape), w.dtype.as_numpy_dtype) for w in model.weights]
+    stored = [(a.shape, a.dtype.type) for a in weights]
+    if stored != expected:
+        first = next((i for i, (a, b) in enumerate(zip(stored, expected)) if a != b),
+                     min(len(stored), len(expected)))
+        raise CompressedFileError(
+            f"{path}: inconsistent contents: the stored model has {len(expected)} weights, "
+            f"the file holds {len(stored)}; the first that differs is #{first}: model "
+            f"{expected[first] if first < len(expected) else None}, file "
+            f"{stored[first] if first < len(stored) else None}.")
     model.set_weights(weights)
     return model
+
+
+def decompress(path, custom_objects=None):
+    """The tf_keras model rebuilt from the stored JSON with `read_weights` set.
+
+    A custom layer class must be registered with Keras or passed in ``custom_objects``.
+    """
+    metadata, weights = _read_weights(path)
+    return _model(path, metadata, weights, custom_objects)

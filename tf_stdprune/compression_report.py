@@ -14,7 +14,9 @@ A tensor stored with raw values (more than 2^12 distinct values: not quantized) 
 ``32 n`` instead of ``b n + 32 K`` and ``32 n`` instead of ``H_idx + 32 K``. Every other
 parameter (biases, BN beta and moving statistics) costs 32 bits in every stage. Each
 ratio is ``dense total / stage total``; ``file_bytes`` is the size of the actual file,
-which adds the Huffman code lengths, block offsets and the model's JSON.
+which adds the Huffman code lengths, block offsets and the model's JSON. A stage of 0
+bytes (every weight pruned, no other parameter) has an unbounded ratio: None in
+`CompressionReport.ratios` and ``null`` in the JSON, "all weights pruned" in the table.
 """
 import dataclasses
 import json
@@ -76,11 +78,11 @@ class CompressionReport:
         return {s: bits / 8 for s, bits in totals.items()}
 
     def ratios(self):
-        """``dense / stage`` for every stage, and ``dense / file_bytes`` as ``"file"``."""
+        """``dense / stage`` for every stage, and ``dense / file_bytes`` as ``"file"``;
+        None for a stage of 0 bytes (unbounded: every weight pruned)."""
         stages = self.stage_bytes()
-        ratios = {s: stages["dense"] / b for s, b in stages.items() if s != "dense"}
-        ratios["file"] = stages["dense"] / self.file_bytes
-        return ratios
+        sizes = dict(stages, file=self.file_bytes)
+        return {s: stages["dense"] / b if b else None for s, b in sizes.items() if s != "dense"}
 
     def to_dict(self):
         return {"tensors": [dataclasses.asdict(t) for t in self.tensors],
@@ -93,7 +95,7 @@ class CompressionReport:
                    data["other_parameters"], data["file_bytes"])
 
     def to_json(self):
-        return json.dumps(self.to_dict(), indent=2)
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
     def table(self):
         """Per-tensor table (Deep Compression Table 1 style), then the totals."""
@@ -110,11 +112,17 @@ class CompressionReport:
                 f"{stages['dense'] / max(final, 1):>7.1f}")
         stages, ratios = self.stage_bytes(), self.ratios()
         rows.append(f"other parameters (32 bits): {self.other_parameters}")
-        rows += [f"{s:<30} {stages[s]:>12.0f} bytes  x{ratios.get(s, 1.0):.2f}" for s in STAGES]
-        rows.append(f"{'file':<30} {self.file_bytes:>12} bytes  x{ratios['file']:.2f}")
+        rows += [f"{s:<30} {stages[s]:>12.0f} bytes  {_ratio_text(ratios.get(s, 1.0), 2)}"
+                 for s in STAGES]
+        rows.append(f"{'file':<30} {self.file_bytes:>12} bytes  "
+                    f"{_ratio_text(ratios['file'], 2)}")
         return "\n".join(rows)
 
     __str__ = table
+
+
+def _ratio_text(ratio, digits):
+    return "all weights pruned" if ratio is None else f"x{ratio:.{digits}f}"
 
 
 def compression_report(model_or_path, **index_bits):
@@ -151,7 +159,7 @@ def plot_compression_stages(report, path):
             [t.stage_bits()[s] for s in STAGES]) / 8
     per_kind["other"] += 4 * report.other_parameters
     labels = list(STAGES) + ["file"]
-    figure, axes = plots.plt.subplots(figsize=(8, 4.5))
+    figure, axes = plots.new_figure(figsize=(8, 4.5))
     bottom = np.zeros(len(labels))
     for kind, bytes_per_stage in per_kind.items():
         heights = np.append(bytes_per_stage, 0.0) / 1e6
@@ -161,10 +169,10 @@ def plot_compression_stages(report, path):
     axes.bar(labels[-1:], bottom[-1:], color="0.3", label="file (all included)")
     ratios = report.ratios()
     for x, (label, height) in enumerate(zip(labels, bottom)):
-        axes.annotate(f"x{ratios.get(label, 1.0):.1f}", (x, height), ha="center", va="bottom")
+        axes.annotate(_ratio_text(ratios.get(label, 1.0), 1), (x, height), ha="center",
+                      va="bottom")
     axes.set_ylabel("MB")
     axes.set_title("Storage per compression stage (32-bit dense = x1)")
     axes.tick_params(axis="x", labelrotation=15)
     axes.legend()
-    plots._save(figure, os.fspath(path))
-    return path
+    return plots.save_figure(figure, os.fspath(path))

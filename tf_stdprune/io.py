@@ -4,12 +4,14 @@ Every file or directory the library writes goes through `write_atomically`:
 
 1. the content is written under a temporary name next to the target,
    ``.<name>.tmp-<random>``, and flushed to disk;
-2. if the target exists (and may be replaced), it is first renamed aside to
-   ``.<name>.old-<random>``;
-3. the temporary is renamed to the target, then the old copy is deleted.
+2. a file is renamed onto the target file in one atomic step; a directory cannot be,
+   so an existing target directory (which may be replaced) is first renamed aside to
+   ``.<name>.old-<random>``,
+3. then the temporary is renamed to the target and the old copy is deleted.
 
 A reader therefore sees the old or the new version, never half of one. A process killed
-between the two renames of step 2-3 leaves the old version under its ``.old-`` name;
+between the two renames of a directory's replacement leaves the old version under its
+``.old-`` name;
 `clean_temporaries` (called when a run directory or an output directory is opened
 again) renames it back when the target is missing and deletes leftover temporaries
 otherwise.
@@ -88,6 +90,20 @@ def check_replaceable(path, marker=None):
         )
 
 
+def _check_same_kind(path, temporary):
+    """Raises if the new output and the existing ``path`` are not both files or both
+    directories."""
+    if not os.path.lexists(path) or os.path.isdir(path) == os.path.isdir(temporary):
+        return
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"Refusing to replace the directory {path!r} by a file. Give the path of the "
+            f"file itself, e.g. {os.path.join(path, 'output')!r}.")
+    raise NotADirectoryError(
+        f"Refusing to replace the file {path!r} by a directory. Give another path, or move "
+        "that file away yourself.")
+
+
 def write_atomically(path, save, overwrite=True, marker=None):
     """Calls ``save(temporary_path)``, then moves the result to ``path`` atomically.
 
@@ -95,8 +111,9 @@ def write_atomically(path, save, overwrite=True, marker=None):
     exist yet), e.g. ``model.save`` or ``lambda p: tf.saved_model.save(m, p)``. An
     existing ``path`` raises `FileExistsError` unless ``overwrite``; with ``overwrite`` it
     must pass `check_replaceable` (with ``marker``) before anything is written. An empty
-    directory counts as absent. If ``save`` fails, ``path`` is untouched. Returns the
-    absolute path.
+    directory counts as absent. A file never replaces a directory, nor a directory a
+    file (`IsADirectoryError` / `NotADirectoryError`, ``path`` untouched). If ``save``
+    fails, ``path`` is untouched. Returns the absolute path.
     """
     path = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(path)
@@ -110,17 +127,18 @@ def write_atomically(path, save, overwrite=True, marker=None):
     temporary = os.path.join(scratch, name)
     try:
         save(temporary)
+        _check_same_kind(path, temporary)
         if os.path.isdir(temporary):
             os.chmod(temporary, 0o755)
         elif os.path.isfile(temporary):
             os.chmod(temporary, 0o644)
-        if os.path.lexists(path):
+        if os.path.lexists(path) and os.path.isdir(path):
             aside = tempfile.mkdtemp(prefix=f".{name}{OLD}", dir=directory)
             os.rmdir(aside)
             os.replace(path, aside)
             os.replace(temporary, path)
             _remove(aside)
-        else:
+        else:  # a file replaces a file in one atomic rename
             os.replace(temporary, path)
     finally:
         _remove(scratch)

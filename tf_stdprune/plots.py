@@ -7,7 +7,9 @@
   model in layer order, conv / bn / dense coloured.
 * Figure 5: the quality parameter q and the zero-weights rate per iteration.
 
-Only matplotlib (Agg), json and numpy: it runs without TensorFlow.
+A compression rate recorded as ``null`` (every parameter pruned: unbounded) is left out
+of Figure 3. Every PNG is written atomically (`tf_stdprune.io`). Only matplotlib (Agg),
+json and numpy: it runs without TensorFlow.
 """
 import json
 import os
@@ -18,6 +20,8 @@ matplotlib.use("Agg")
 from matplotlib.patches import Patch  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+from tf_stdprune.io import write_atomically  # noqa: E402
 
 KIND_COLOURS = {"conv": "tab:blue", "bn": "tab:orange", "dense": "tab:green", "other": "tab:gray"}
 FIGURES = ("fig1_accuracy_vs_zero_parameters.png", "fig2_train_val_before_after.png",
@@ -41,12 +45,20 @@ def _series(history, stage, key):
     return [100 * r[stage][key] if r[stage].get(key) is not None else None for r in history]
 
 
-def _save(fig, path):
-    tmp = path + ".tmp.png"
+def new_figure(*args, **kwargs):
+    """``(figure, axes)`` of ``matplotlib.pyplot.subplots(*args, **kwargs)`` (Agg)."""
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path):
+    """Writes ``fig`` as a PNG to ``path`` atomically (`tf_stdprune.io.write_atomically`)
+    and closes it; returns the absolute path."""
     fig.tight_layout()
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        return write_atomically(path, lambda temporary: fig.savefig(temporary, dpi=120,
+                                                                   format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _accuracy_axes(title, xlabel):
@@ -74,14 +86,14 @@ def write_figures(run_dir):
     os.makedirs(out, exist_ok=True)
     paths = [os.path.join(out, name) for name in FIGURES]
     zeros = [r["zero_parameters_rate"] for r in history]
-    rates = [r["compression_rate"] for r in history]
+    rates = [r["compression_rate"] for r in history]  # None: unbounded, not drawn
 
     fig, ax = _accuracy_axes("Figure 1: compression vs accuracy",
                              "zero weights / all parameters (%)")
     ax.plot(*_with_dense(zeros, _series(history, "after", "val_top1"), baseline, "val_top1", 0.0),
             "o-", label="validation, after retraining")
     ax.legend()
-    _save(fig, paths[0])
+    save_figure(fig, paths[0])
 
     fig, ax = _accuracy_axes("Figure 2: train and validation, before and after retraining",
                              "zero weights / all parameters (%)")
@@ -92,16 +104,16 @@ def write_figures(run_dir):
         ax.plot(zeros, _series(history, "before", key), "x--", color=colour, alpha=0.6,
                 label=f"{split}, right after pruning")
     ax.legend()
-    _save(fig, paths[1])
+    save_figure(fig, paths[1])
 
     fig, ax = _accuracy_axes("Figure 3: compression rate vs accuracy",
                              "compression rate: all parameters / nonzero weights (x)")
     ax.plot(*_with_dense(rates, _series(history, "after", "val_top1"), baseline, "val_top1", 1.0),
-            "o-", label="validation, after retraining")
+            "o-", label="validation, after retraining")  # matplotlib skips None points
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"x{value:g}"))
     ax.legend()
-    _save(fig, paths[2])
+    save_figure(fig, paths[2])
 
     layers = (report or {}).get("layers", [])
     colours = [KIND_COLOURS.get(l["kind"], "tab:gray") for l in layers]
@@ -122,7 +134,7 @@ def write_figures(run_dir):
     counts.set_ylabel("weights: all (light), nonzero (dark)")
     counts.set_xticks(positions)
     counts.set_xticklabels([l["name"] for l in layers], rotation=90, fontsize=7)
-    _save(fig, paths[3])
+    save_figure(fig, paths[3])
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     iterations = [r["iteration"] for r in history]
@@ -133,5 +145,5 @@ def write_figures(run_dir):
     other.plot(iterations, [r["zero_weights_rate"] for r in history], "s-", color="tab:green")
     other.set_ylabel("zero weights (%)", color="tab:green")
     ax.set_title("q and sparsity per iteration")
-    _save(fig, paths[4])
+    save_figure(fig, paths[4])
     return paths

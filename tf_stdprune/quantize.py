@@ -39,9 +39,9 @@ from tf_stdprune._keras import PruneLowMagnitude, check_keras2, keras
 from tf_stdprune.prune import all_layers, strip_pruning
 from tf_stdprune.registry import get_tensor, layer_kind
 from tf_stdprune.report import leaf_layers
+from tf_stdprune.validate import check_bits, check_int
 from tf_stdprune.wrapper import prunable_attributes, substituted
 
-MAX_BITS = 12
 DEFAULT_MAX_ITER = 50
 
 
@@ -52,10 +52,16 @@ def linear_kmeans(values, clusters, max_iter=DEFAULT_MAX_ITER):
     ``a_i = argmin_j |x_i - c_j|`` (lowest ``j`` on ties) and ``c_j = mean{x_i : a_i = j}``
     (kept if the cluster is empty) until the assignment stops changing or ``max_iter``
     iterations. Returns ``(centroids float32 [K], labels int32 [n])``, centroids ascending.
+    Non-finite values (NaN, inf) raise `ValueError`: one of them would make every
+    centroid non-finite.
     """
-    if max_iter < 1 or clusters < 1:
-        raise ValueError(f"clusters and max_iter must be >= 1, got {clusters!r}, {max_iter!r}.")
+    check_int(clusters, "clusters", 1, "the number of shared values")
+    check_int(max_iter, "max_iter", 1, "the most Lloyd iterations")
     x = np.asarray(values, np.float64).ravel()
+    bad = np.count_nonzero(~np.isfinite(x))
+    if bad:
+        raise ValueError(f"linear_kmeans got {bad} non-finite value(s) (NaN or inf) among "
+                         f"{x.size}; only finite weights can be clustered.")
     if x.size == 0:
         return np.zeros(clusters, np.float32), np.zeros(0, np.int32)
     # Centroids stay sorted, so cluster j is the run of sorted x between midpoints j-1 and
@@ -78,12 +84,6 @@ def linear_kmeans(values, clusters, max_iter=DEFAULT_MAX_ITER):
     return centroids.astype(np.float32), labels.astype(np.int32)
 
 
-def _check_bits(bits, what):
-    if bits is not None and not (isinstance(bits, (int, np.integer)) and 1 <= bits <= MAX_BITS):
-        raise ValueError(f"{what} must be an integer in [1, {MAX_BITS}] (or None: not "
-                         f"quantized), got {bits!r}.")
-
-
 @keras.utils.register_keras_serializable(package="tf_stdprune")
 class QuantizeWeights(keras.layers.Wrapper):
     """Computes a layer with shared weights ``gather([0, c_1..c_K], idx)`` (module docstring).
@@ -96,9 +96,9 @@ class QuantizeWeights(keras.layers.Wrapper):
 
     def __init__(self, layer, bits, **kwargs):
         check_keras2(layer, "The layer passed to QuantizeWeights")
-        _check_bits(bits, "bits")
         if bits is None:
             raise ValueError("QuantizeWeights needs bits; leave the layer unwrapped instead.")
+        check_bits(bits, "bits", allow_none=False)
         self._weight_attributes = prunable_attributes(layer, prune_batchnorm=True)
         if self._weight_attributes == []:
             raise ValueError(f"Layer {layer.name!r} ({type(layer).__name__}) has no kernel "
@@ -143,6 +143,12 @@ class QuantizeWeights(keras.layers.Wrapper):
         for attribute, centroids, indices in zip(self._weight_attributes, self.centroids,
                                                  self.indices):
             weight = np.asarray(get_tensor(self.layer, attribute))
+            bad = np.count_nonzero(~np.isfinite(weight))
+            if bad:
+                raise ValueError(
+                    f"Layer {self.layer.name!r}, tensor {attribute!r}: {bad} of {weight.size} "
+                    "weights are NaN or inf, so they cannot be clustered. Training has "
+                    "diverged: go back to a checkpoint with finite weights.")
             surviving = weight != 0
             values, labels = linear_kmeans(weight[surviving], 2 ** self.bits, max_iter)
             index = np.zeros(weight.shape, np.int32)
@@ -155,6 +161,11 @@ class QuantizeWeights(keras.layers.Wrapper):
         zero = tf.zeros([1], tf.float32)
         return [tf.gather(tf.concat([zero, tf.convert_to_tensor(c)], 0), i)
                 for c, i in zip(self.centroids, self.indices)]
+
+    def effective_tensors(self):
+        """``{attribute path: numpy array}``: the tensors the layer computes with (the
+        shared values), in place of the inner layer's own (replaced) tensors."""
+        return {a: np.asarray(w) for a, w in zip(self._weight_attributes, self.shared_weights())}
 
     def call(self, inputs, training=None, **kwargs):
         with substituted(self.layer, self._weight_attributes, self.shared_weights()):
@@ -202,7 +213,7 @@ def quantize_weights(model, bits=None, conv_bits=8, dense_bits=5, bn_bits=8,
     named = dict(bits=bits, conv_bits=conv_bits, dense_bits=dense_bits, bn_bits=bn_bits)
     named.update({f"layer_bits[{k!r}]": v for k, v in layer_bits.items()})
     for name, value in named.items():
-        _check_bits(value, name)
+        check_bits(value, name)
     if any(isinstance(l, PruneLowMagnitude) for l in all_layers(model)):
         model = strip_pruning(model)
     unknown = set(layer_bits) - {l.name for l in all_layers(model)}
@@ -226,22 +237,41 @@ def quantize_weights(model, bits=None, conv_bits=8, dense_bits=5, bn_bits=8,
     return quantized
 
 
+def _baked(wrapper):
+    """A new layer like ``wrapper.layer`` whose tensors hold the shared values, plus the
+    weights to give it once built: the quantized model's own layers are left unchanged."""
+    inner = wrapper.layer
+    replaced = {get_tensor(inner, a).ref(): v for a, v in wrapper.effective_tensors().items()}
+    values = [replaced[w.ref()].astype(w.dtype.as_numpy_dtype) if w.ref() in replaced
+              else np.array(w) for w in inner.weights]
+    fresh = inner.__class__.from_config(inner.get_config())
+    if not hasattr(fresh, "_batch_input_shape") and hasattr(wrapper, "_batch_input_shape"):
+        fresh._batch_input_shape = wrapper._batch_input_shape
+    return fresh, values
+
+
 def strip_quantization(model):
     """A plain model whose kernels/gammas hold the shared values ``gather([0, c], idx)``.
 
-    The inner layers are reused (as tfmot's `strip_pruning` does), their variables set.
+    Every quantized layer is replaced by a new layer of the same configuration holding
+    the shared values; other layers are reused (as tfmot's `strip_pruning` does).
+    ``model`` itself is never changed.
     """
+    baked = []
+
     def strip(layer):
         if not isinstance(layer, QuantizeWeights):
             return layer
-        for attribute, value in zip(layer._weight_attributes, layer.shared_weights()):
-            variable = getattr(layer.layer, attribute)
-            variable.assign(tf.cast(value, variable.dtype))
-        if not hasattr(layer.layer, "_batch_input_shape") and hasattr(layer, "_batch_input_shape"):
-            layer.layer._batch_input_shape = layer._batch_input_shape
-        return layer.layer
+        baked.append(_baked(layer))
+        return baked[-1][0]
 
-    return _clone(model, strip)
+    plain = _clone(model, strip)
+    for layer, values in baked:
+        if not layer.built:
+            raise ValueError(f"Layer {layer.name!r} was not built by cloning the model; "
+                             "build the quantized model (call it once) before stripping.")
+        layer.set_weights(values)
+    return plain
 
 
 def plain_model(model):

@@ -9,7 +9,15 @@ Counts, over the model's own tensors (pruning masks and counters excluded)::
     zero_parameters_rate = 100 * zero_weights / total_parameters
     compression_rate     = total_parameters / (total_parameters - zero_weights)
 
-Works on wrapped (`prune_low_std`/`prune_low_magnitude`) and stripped models alike.
+Every form of a model gives the same counts: wrapped by `prune_low_std` or
+`prune_low_magnitude` (masks and step counters are not parameters), stripped, quantized by
+`quantize_weights` (a wrapper with an ``effective_tensors()`` method counts as the layer it
+wraps, with the shared values it computes with; centroids and cluster indices are not
+parameters) and decompressed.
+
+When every parameter is a pruned zero the compression rate is unbounded: the property
+is ``inf``, the JSON forms (`SparsityReport.to_dict`, ``report.json``) hold ``null``
+(strict JSON has no infinity) and the text forms say "all weights pruned".
 """
 import dataclasses
 import json
@@ -58,15 +66,21 @@ class SparsityReport:
             return 1.0 if self.total_parameters == 0 else float("inf")
         return self.total_parameters / nonzero
 
+    @property
+    def all_pruned(self):
+        """True when every parameter is a pruned zero (unbounded compression rate)."""
+        return self.total_parameters > 0 and self.zero_weights == self.total_parameters
+
     def to_dict(self):
-        """Plain JSON-able dict: the seed's fields and the per-layer list (with rates)."""
+        """Strict-JSON dict: the seed's fields and the per-layer list (with rates);
+        ``compression_rate`` is None (``null``) when every parameter is pruned."""
         return {
             "total_parameters": self.total_parameters,
             "total_weights": self.total_weights,
             "zero_weights": self.zero_weights,
             "zero_weights_rate": self.zero_weights_rate,
             "zero_parameters_rate": self.zero_parameters_rate,
-            "compression_rate": self.compression_rate,
+            "compression_rate": None if self.all_pruned else self.compression_rate,
             "layers": [dict(dataclasses.asdict(l), rate=l.rate) for l in self.layers],
         }
 
@@ -77,9 +91,11 @@ class SparsityReport:
         return cls(data["total_parameters"], data["total_weights"], data["zero_weights"], layers)
 
     def to_json(self):
-        return json.dumps(self.to_dict(), indent=2)
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
     def __str__(self):
+        rate = ("all weights pruned" if self.all_pruned
+                else f"x{self.compression_rate:.8f} times")
         return (
             "Final Parameters:\n"
             f"total parameters: {self.total_parameters},\n"
@@ -87,7 +103,7 @@ class SparsityReport:
             f"Zero weights: {self.zero_weights},\n"
             f"Zero weights rate (%): {self.zero_weights_rate:.10f},\n"
             f"Zero parameters rate in model (%): {self.zero_parameters_rate:.10f}\n"
-            f"Compression rate: x{self.compression_rate:.8f} times"
+            f"Compression rate: {rate}"
         )
 
     def table(self):
@@ -120,16 +136,26 @@ def leaf_layers(model):
             yield unwrapped(layer)
 
 
+def counted_tensors(layer):
+    """``(layer holding the parameters, arrays of the prunable tensors)`` of a leaf layer:
+    a wrapper with ``effective_tensors()`` counts as its inner layer with the tensors it
+    computes with (see the module docstring)."""
+    effective = getattr(layer, "effective_tensors", None)
+    if isinstance(layer, keras.layers.Wrapper) and callable(effective):
+        return layer.layer, list(effective().values())
+    attributes = prunable_attributes(layer, prune_batchnorm=True) or []
+    return layer, [np.asarray(get_tensor(layer, a)) for a in attributes]
+
+
 def sparsity_report(model):
     """The `SparsityReport` of a tf_keras or Keras 3 model (see the module docstring)."""
     total_parameters, layers, seen = 0, [], set()
-    for layer in leaf_layers(model):
-        if id(layer) in seen:  # a layer shared between branches counts once
+    for leaf in leaf_layers(model):
+        if id(leaf) in seen:  # a layer shared between branches counts once
             continue
-        seen.add(id(layer))
+        seen.add(id(leaf))
+        layer, values = counted_tensors(leaf)
         total_parameters += sum(int(np.prod(w.shape)) for w in layer.weights)
-        attributes = prunable_attributes(layer, prune_batchnorm=True) or []
-        values = [np.asarray(get_tensor(layer, a)) for a in attributes]
         if values:
             layers.append(LayerSparsity(
                 layer.name, layer_kind(layer),

@@ -19,26 +19,10 @@ import tempfile
 
 import tensorflow as tf
 
+from tf_stdprune.io import atomic_write
+
 STATE_FILE = "state.json"
 HISTORY_FILE = "history.jsonl"
-
-
-def atomic_write(path, data):
-    """Writes ``data`` (str or bytes) to ``path`` via a temporary file and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def check_writable(run_dir):

@@ -1,7 +1,56 @@
-"""Argument checks shared by every module: each returns the value or raises a clear error."""
-from tf_stdprune.schedule import _check_quality
+"""Argument checks shared by the library: one place for what a valid argument is.
+
+Every check returns the value converted to a plain Python number, or raises `ValueError`
+with a message that names the argument, says what it must be and shows the value given.
+Booleans are refused wherever a number is expected (``True`` is not a bit width).
+"""
+import math
+import numbers
+
+MAX_BITS = 12  # weight-sharing bits: at most 2^12 shared values per tensor
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_quality(q, where):
-    """Returns ``q`` as a float; raises ValueError unless it is a finite number >= 0."""
-    return _check_quality(q, where)
+    """``q`` as a float; raises unless it is a finite number >= 0 (a multiple of a std)."""
+    if not _is_real(q) or not math.isfinite(q) or q < 0:
+        raise ValueError(
+            f"{where} must be a finite number >= 0 (the multiple of the layer's std below "
+            f"which weights are pruned), got {q!r}."
+        )
+    return float(q)
+
+
+def check_int(value, where, minimum, fix=""):
+    """``value`` as an int; raises unless it is an integer >= ``minimum``.
+
+    ``fix`` says what the argument means (e.g. ``"the first step that prunes"``).
+    """
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        meaning = f" ({fix})" if fix else ""
+        raise ValueError(f"{where} must be an integer >= {minimum}{meaning}, got {value!r}.")
+    return int(value)
+
+
+def check_positive(value, where, fix=""):
+    """``value`` as a float; raises unless it is a finite number > 0."""
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+        meaning = f" ({fix})" if fix else ""
+        raise ValueError(f"{where} must be a finite number > 0{meaning}, got {value!r}.")
+    return float(value)
+
+
+def check_bits(bits, where, allow_none=True):
+    """``bits`` as an int in ``[1, MAX_BITS]`` (``2^bits`` shared values), or None when
+    ``allow_none`` (the tensor is left unquantized)."""
+    if bits is None and allow_none:
+        return None
+    if not isinstance(bits, numbers.Integral) or isinstance(bits, bool) \
+            or not 1 <= bits <= MAX_BITS:
+        alternative = " (or None: not quantized)" if allow_none else ""
+        raise ValueError(f"{where} must be an integer in [1, {MAX_BITS}]{alternative}, "
+                         f"got {bits!r} ({type(bits).__name__}).")
+    return int(bits)
