@@ -47,6 +47,22 @@ def strip_pruning(model):
     return module_for(model, "prune", "strip_pruning").strip_pruning(model)
 
 
+def quantize_weights(model, *args, **kwargs):
+    """Weight sharing (Han, Mao and Dally 2016): every prunable tensor's nonzeros clustered
+    into ``2^bits`` shared values, centroids trainable; see `tf_stdprune.quantize` (tf_keras)
+    and `tf_stdprune.keras3_quantize` (Keras 3).
+
+    Examples:
+      >>> quantized = tf_stdprune.quantize_weights(tf_stdprune.strip_pruning(pruned))
+    """
+    return module_for(model, "quantize", "quantize_weights").quantize_weights(model, *args, **kwargs)
+
+
+def strip_quantization(model):
+    """A plain model holding the shared values (either Keras); ``model`` is unchanged."""
+    return module_for(model, "quantize", "strip_quantization").strip_quantization(model)
+
+
 # Names that only the tf_keras path has (so far): loaded, with tf_keras and tfmot, on
 # first use.
 _LAZY = {
@@ -59,8 +75,7 @@ _LAZY = {
     "IterativePruning": "iterative", "iterative_callbacks": "iterative",
     "IterationLearningRate": "callbacks", "PruningSummaries": "callbacks",
     "prune_scope": "prune", "PruneLowStd": "wrapper",
-    "QuantizeWeights": "quantize", "linear_kmeans": "quantize",
-    "quantize_weights": "quantize", "strip_quantization": "quantize",
+    "QuantizeWeights": "quantize", "linear_kmeans": "kmeans",
     "recalibrate_batchnorm": "recalibration",
     "SparsityReport": "report", "sparsity_report": "report",
     "restore_run": "run_state",
@@ -85,4 +100,4 @@ def __dir__():
 
 
 __all__ = sorted(["StdPruningSchedule", "UpdatePruningStep", "prune_low_std",
-                  "strip_pruning", *_LAZY])
+                  "quantize_weights", "strip_pruning", "strip_quantization", *_LAZY])

@@ -34,10 +34,10 @@ import zlib
 import numpy as np
 
 from tf_stdprune import coding
-from tf_stdprune._keras import keras
 from tf_stdprune.io import write_atomically
-from tf_stdprune.quantize import plain_model, prunable_layers
+from tf_stdprune.dispatch import module_for
 from tf_stdprune.registry import get_tensor, layer_kind
+from tf_stdprune.report import prunable_layers
 from tf_stdprune.validate import check_int
 
 MAGIC = b"\x89TFSPZ\r\n"
@@ -121,20 +121,20 @@ def _check_index_bits(index_bits):
 
 
 def serialize(model, conv_index_bits=8, dense_index_bits=5, bn_index_bits=8):
-    """``(metadata, payload bytes)`` of ``model`` (see `compress`)."""
-    model = plain_model(model)
+    """``(metadata, payload bytes)`` of a tf_keras or Keras 3 ``model`` (see `compress`)."""
+    model = module_for(model, "quantize", "compress").plain_model(model)
     index_bits = {"conv": conv_index_bits, "dense": dense_index_bits, "bn": bn_index_bits}
     _check_index_bits(index_bits)
     prunable = {}
     for layer, attributes in prunable_layers(model):
         for attribute in attributes:
-            prunable[get_tensor(layer, attribute).ref()] = (layer.name, layer_kind(layer))
+            prunable[id(get_tensor(layer, attribute))] = (layer.name, layer_kind(layer))
     sections, tensors = _Sections(), []
     for variable in model.weights:
         array = np.asarray(variable)
         entry = {"name": variable.name, "shape": list(array.shape), "dtype": array.dtype.str}
-        if variable.ref() in prunable and array.dtype == np.float32:
-            layer, kind = prunable[variable.ref()]
+        if id(variable) in prunable and array.dtype == np.float32:
+            layer, kind = prunable[id(variable)]
             entry.update(layer=layer, kind=kind, **_encode_sparse(
                 array, index_bits.get(kind, conv_index_bits), sections,
                 f"Layer {layer!r}, tensor {variable.name!r}"))
@@ -305,15 +305,27 @@ def read_weights(path):
     return _read_weights(path)[1]
 
 
+def _keras_of(model_json):
+    """The Keras that wrote ``model_json``: Keras 3 marks it ``"module": "keras"``."""
+    if json.loads(model_json).get("module") == "keras":
+        import keras
+
+        return keras
+    from tf_stdprune._keras import keras
+
+    return keras
+
+
 def _model(path, metadata, weights, custom_objects):
     """The stored model with ``weights`` set; `CompressedFileError` if they do not fit."""
     try:
-        model = keras.models.model_from_json(metadata["model_config"],
-                                             custom_objects=custom_objects)
+        model = _keras_of(metadata["model_config"]).models.model_from_json(
+            metadata["model_config"], custom_objects=custom_objects)
     except (KeyError, TypeError, ValueError) as error:
         raise CompressedFileError(f"{path}: the stored model cannot be rebuilt ({error!r}); "
                                   "a custom layer needs custom_objects.") from None
-    expected = [(tuple(w.shape), w.dtype.as_numpy_dtype) for w in model.weights]
+    expected = [(tuple(w.shape), np.dtype(getattr(w.dtype, "as_numpy_dtype", w.dtype)).type)
+                for w in model.weights]
     stored = [(a.shape, a.dtype.type) for a in weights]
     if stored != expected:
         first = next((i for i, (a, b) in enumerate(zip(stored, expected)) if a != b),
@@ -328,7 +340,8 @@ def _model(path, metadata, weights, custom_objects):
 
 
 def decompress(path, custom_objects=None):
-    """The tf_keras model rebuilt from the stored JSON with `read_weights` set.
+    """The model (tf_keras or Keras 3, as it was written) rebuilt from the stored JSON with
+    `read_weights` set.
 
     A custom layer class must be registered with Keras or passed in ``custom_objects``.
     """

@@ -14,8 +14,10 @@ TF_KERAS, KERAS3 = "tf_keras", "keras3"
 
 # Per world, the module that implements each public function of the package.
 MODULES = {
-    TF_KERAS: {"prune": "tf_stdprune.prune", "callbacks": "tf_stdprune.callbacks"},
-    KERAS3: {"prune": "tf_stdprune.keras3_prune", "callbacks": "tf_stdprune.keras3_prune"},
+    TF_KERAS: {"prune": "tf_stdprune.prune", "callbacks": "tf_stdprune.callbacks",
+               "quantize": "tf_stdprune.quantize"},
+    KERAS3: {"prune": "tf_stdprune.keras3_prune", "callbacks": "tf_stdprune.keras3_prune",
+             "quantize": "tf_stdprune.keras3_quantize"},
 }
 
 

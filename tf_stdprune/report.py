@@ -26,8 +26,9 @@ import numpy as np
 
 from tf_stdprune.registry import get_tensor, layer_kind, prunable_attributes
 
-# Wrappers whose inner layer the report counts in their place (either Keras).
-WRAPPERS = ("PruneLowStd", "PruneLowMagnitude", "QuantizeWeights")
+# Pruning wrappers whose inner layer the report counts in their place (either Keras);
+# a quantization wrapper stays, and counts through its ``effective_tensors()``.
+WRAPPERS = ("PruneLowStd", "PruneLowMagnitude")
 
 @dataclasses.dataclass
 class LayerSparsity:
@@ -141,10 +142,20 @@ def counted_tensors(layer):
     a wrapper with ``effective_tensors()`` counts as its inner layer with the tensors it
     computes with (see the module docstring)."""
     effective = getattr(layer, "effective_tensors", None)
-    if isinstance(layer, keras.layers.Wrapper) and callable(effective):
+    if hasattr(layer, "layer") and callable(effective):
         return layer.layer, list(effective().values())
     attributes = prunable_attributes(layer, prune_batchnorm=True) or []
     return layer, [np.asarray(get_tensor(layer, a)) for a in attributes]
+
+
+def prunable_layers(model):
+    """``(layer, attribute paths)`` of every distinct leaf layer with prunable tensors."""
+    seen = set()
+    for layer in leaf_layers(model):
+        attributes = prunable_attributes(layer, prune_batchnorm=True)
+        if attributes and id(layer) not in seen:
+            seen.add(id(layer))
+            yield layer, attributes
 
 
 def sparsity_report(model):

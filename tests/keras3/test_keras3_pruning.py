@@ -250,3 +250,33 @@ def test_mixing_tf_keras_and_keras3_objects_in_one_call_is_refused():
     tf_keras = pytest.importorskip("tf_keras")
     with pytest.raises(TypeError, match="mixes tf_keras and Keras 3"):
         tf_stdprune.prune_low_std([keras.layers.Dense(2), tf_keras.layers.Dense(2)])
+
+
+def test_deep_compression_pipeline_on_keras3(tmp_path, tiny_data):
+    """prune -> strip -> quantize -> fine-tune centroids -> strip -> compress -> decompress,
+    each reader leaving its input bit for bit, the file giving the same outputs."""
+    x, y = tiny_data
+    model = tf_stdprune.prune_low_std(tiny_cnn(), pruning_schedule=schedule([0.8]))
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+              callbacks=[tf_stdprune.UpdatePruningStep()])
+    quantized = tf_stdprune.quantize_weights(tf_stdprune.strip_pruning(model), bits=3)
+    quantized.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    quantized.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    before = [np.array(w) for w in quantized.weights]
+    final = tf_stdprune.strip_quantization(quantized)
+    path = tf_stdprune.compress(quantized, tmp_path / "model.tfspz")
+    for old, new in zip(before, quantized.weights):
+        np.testing.assert_array_equal(old, np.asarray(new))
+    kernel = np.asarray(final.get_layer("dense").kernel)
+    assert len(np.unique(kernel[kernel != 0])) <= 2 ** 3
+    assert np.count_nonzero(kernel == 0) > 0
+    restored = tf_stdprune.decompress(path)
+    assert type(restored).__module__.split(".")[0] == "keras"
+    for a, b in zip(final.weights, restored.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(restored.predict(x, verbose=0)),
+                               np.asarray(quantized.predict(x, verbose=0)), atol=1e-5)
+    assert tf_stdprune.sparsity_report(restored) == tf_stdprune.sparsity_report(final)
+    report = tf_stdprune.compression_report(quantized)
+    assert report.to_dict()
