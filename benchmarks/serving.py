@@ -43,6 +43,8 @@ from tf_stdprune.tflite import export_tflite
 from common import interleaved_samples, report
 
 FLAGS = flags.FLAGS
+FORMS = ("dense_saved_model", "sparse_saved_model", "sparse_auto", "tflite_dense",
+         "tflite_sparse", "tflite_int8")
 flags.DEFINE_float("width", 0.25, "VGG19-BN width multiplier.")
 flags.DEFINE_float("zeros", 0.92, "Fraction of each kernel / BN gamma set to zero.")
 flags.DEFINE_bool("weight_sharing", True, "quantize_weights with its defaults (8 bits "
@@ -52,6 +54,8 @@ flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
 flags.DEFINE_integer("calls", 10, "Calls per form per round at batch 1 (calls // batch "
                      "at larger batches, at least 1).")
 flags.DEFINE_integer("threads", None, "TFLite interpreter threads (default: its own).")
+flags.DEFINE_list("forms", list(FORMS), "The forms to export and time (dense_saved_model, "
+                  "the baseline, is always included).")
 flags.DEFINE_integer("train_epochs", 0, "Train on digits first to report top-1.")
 flags.DEFINE_string("out_dir", None, "Where the exports go (default: a temporary directory).")
 flags.DEFINE_bool("matmul", False, "Time one 4096x4096 Dense kernel instead.")
@@ -89,20 +93,26 @@ def benchmark_model(data):
     return quantize_weights(model) if FLAGS.weight_sharing else model
 
 
-def export_all(model, out_dir, calibration):
-    """``{form: path}`` of every exported form (module docstring)."""
+def export_all(model, out_dir, calibration, forms):
+    """``{form: path}`` of the exported ``forms`` (module docstring)."""
     join = lambda name: os.path.join(out_dir, name)  # noqa: E731
-    return {
-        "dense_saved_model": export_dense_saved_model(model, join("dense"), overwrite=True),
-        "sparse_saved_model": export_sparse_saved_model(model, join("sparse"), overwrite=True),
-        "sparse_auto": export_sparse_saved_model(model, join("sparse_auto"), overwrite=True,
-                                                 sparse_compute="auto"),
-        "tflite_dense": export_tflite(model, join("dense.tflite"), sparse=False,
-                                      overwrite=True),
-        "tflite_sparse": export_tflite(model, join("sparse.tflite"), overwrite=True),
-        "tflite_int8": export_tflite(model, join("int8.tflite"), int8=True, overwrite=True,
-                                     representative_data=calibration),
+    exporters = {
+        "dense_saved_model": lambda: export_dense_saved_model(model, join("dense"),
+                                                              overwrite=True),
+        "sparse_saved_model": lambda: export_sparse_saved_model(model, join("sparse"),
+                                                                overwrite=True),
+        "sparse_auto": lambda: export_sparse_saved_model(model, join("sparse_auto"),
+                                                         overwrite=True, sparse_compute="auto"),
+        "tflite_dense": lambda: export_tflite(model, join("dense.tflite"), sparse=False,
+                                              overwrite=True),
+        "tflite_sparse": lambda: export_tflite(model, join("sparse.tflite"), overwrite=True),
+        "tflite_int8": lambda: export_tflite(model, join("int8.tflite"), int8=True,
+                                             overwrite=True, representative_data=calibration),
     }
+    unknown = set(forms) - set(exporters)
+    if unknown:
+        raise ValueError(f"--forms names unknown forms {sorted(unknown)}; choose from {FORMS}.")
+    return {name: exporters[name]() for name in FORMS if name in forms}
 
 
 def predictor(path, batch):
@@ -145,7 +155,8 @@ def serving(_):
     data = _digits()
     model = benchmark_model(data)
     out_dir = FLAGS.out_dir or tempfile.mkdtemp(prefix="serving_")
-    paths = export_all(model, out_dir, data[0][:256])
+    forms = {"dense_saved_model", *FLAGS.forms}
+    paths = export_all(model, out_dir, data[0][:256], forms)
     sizes = {name: disk_size(path) for name, path in paths.items()}
     config = {"width": FLAGS.width, "zeros": FLAGS.zeros, "weight_sharing": FLAGS.weight_sharing,
               "rounds": FLAGS.rounds, "threads": FLAGS.threads,
@@ -160,7 +171,8 @@ def serving(_):
         per_call = {name: [t / calls for t in times] for name, times in samples.items()}
         report(f"serving latency, batch {batch}", dict(config, batch=batch, calls=calls),
                per_call, "dense_saved_model", items=batch,
-               pairs=[("tflite_sparse", "tflite_dense"), ("tflite_int8", "tflite_dense")])
+               pairs=[(a, "tflite_dense") for a in ("tflite_sparse", "tflite_int8")
+                      if {a, "tflite_dense"} <= set(paths)])
     accuracy = top1(paths, *data[2:]) if FLAGS.train_epochs else {}
     dense_bytes = sizes["dense_saved_model"]["bytes"]
     print(json.dumps({"benchmark": "serving size", "config": config, "sizes": sizes,

@@ -243,20 +243,20 @@ def test_sparse_compute_true_matches_the_keras_outputs_and_is_recorded(tmp_path,
     model = zero_out(digits_cnn(), 0.9)
     path = export_sparse_saved_model(model, tmp_path / "m", sparse_compute=True)
     marker = json.loads((tmp_path / "m" / MARKER).read_text())
-    assert marker["sparse_compute"] == {"dense": "sparse", "dense_1": "sparse"}
+    assert marker["sparse_compute_layers"] == ["dense", "dense_1"]
     for x in inputs.values():
         np.testing.assert_allclose(_serve(path, x), model(x, training=False).numpy(), atol=1e-4)
 
 
 def test_sparse_compute_auto_uses_sparse_only_for_large_very_sparse_dense_layers(tmp_path):
-    """A 1024x1024 kernel at 97 % zeros computes sparsely at batch <= SPARSE_MAX_BATCH and
-    densely above; both branches give the Keras outputs. A 6x4 kernel stays dense."""
+    """A 1024x1024 kernel at 97 % zeros computes sparsely, as COO at batch <=
+    SPARSE_MAX_BATCH and as CSR above; both give the Keras outputs. 1024x4 stays dense."""
     model = zero_out(keras.Sequential([keras.Input((1024,)),
                                        keras.layers.Dense(1024, activation="relu"),
                                        keras.layers.Dense(4)]), 0.97)
     path = export_sparse_saved_model(model, tmp_path / "m", sparse_compute="auto")
     marker = json.loads((tmp_path / "m" / MARKER).read_text())
-    assert marker["sparse_compute"] == {model.layers[0].name: "both"}
+    assert marker["sparse_compute_layers"] == [model.layers[0].name]
     rng = np.random.default_rng(7)
     for batch in (1, SPARSE_MAX_BATCH, SPARSE_MAX_BATCH + 3):
         x = rng.normal(size=(batch, 1024)).astype("float32")

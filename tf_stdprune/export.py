@@ -18,17 +18,25 @@ quantized) against ``4 N`` dense. The result needs only TensorFlow:
 ``tf.saved_model.load(path).signatures["serving_default"]``.
 
 Sparse compute (``sparse_compute``): a `Dense` layer with a 2-D input may instead compute
-``y = act((W^T x^T)^T + b)`` with ``W^T`` a `tf.SparseTensor` (row-major COO, decoded once)
-and ``tf.sparse.sparse_dense_matmul``. Measured on a 4096 x 4096 kernel on 2 CPU cores
-(``benchmarks/serving.py --matmul``): at 97 % zeros it is about 3.5x faster than the dense
-matmul at batch 1 and about 1.5x slower at batch 64; at 90 % zeros it only breaks even at
-batch 1; ``tf.raw_ops.SparseMatrixMatMul`` (CSR) must rebuild its CSR matrix on every
-call (a CSR variant cannot be held in a saved variable) and loses at batch 1.
-``"auto"`` therefore uses it for a Dense layer with at least `SPARSE_MIN_ZEROS` zeros
-and `SPARSE_MIN_WEIGHTS` weights, and only for batches of at most `SPARSE_MAX_BATCH`
-rows (a ``tf.cond`` on the batch size; larger batches read the dense cache). ``True``
-computes every eligible Dense layer sparsely at every batch size; ``False`` never.
-Convolutions always use the dense cache.
+``y = act((W^T x^T)^T + b)`` with ``W^T`` decoded once into row-major COO index and value
+caches: batches of at most `SPARSE_MAX_BATCH` rows use ``tf.sparse.sparse_dense_matmul``
+on it, larger ones ``tf.raw_ops.SparseMatrixMatMul`` on a CSR matrix built from it in the
+call (a CSR matrix is a variant tensor, which no saved variable can hold). Measured on one
+4096 x 4096 kernel (the classifier of full-width VGG19-BN) on 2 CPU cores, time relative
+to the dense ``tf.matmul`` (``benchmarks/serving.py --matmul``):
+
+    zeros   batch 1 (COO)   batch 4 (COO)   batch 16 (CSR)   batch 64 (CSR)
+    90 %    1.5             1.9             1.1-1.2          0.5
+    96 %    0.5-0.6         0.5             0.5              0.3
+    98 %    0.35-0.45       0.3             0.2              0.15
+
+COO loses at every batch size at 90 % zeros and at batch >= 16 (2-4x slower at batch 64);
+CSR loses at batch <= 4 (its per-call conversion costs more than the product saves) and
+at 90 % zeros below batch 64. ``"auto"`` therefore computes sparsely a Dense layer with
+at least `SPARSE_MIN_ZEROS` zeros and `SPARSE_MIN_WEIGHTS` weights (smaller products
+are dominated by per-op overhead) and leaves every other layer dense; ``True`` computes
+every eligible Dense layer sparsely; ``False`` none. Convolutions always use the dense
+cache.
 
 Every export directory holds `MARKER`, a JSON file naming the format; ``overwrite=True``
 replaces only a directory that carries it (see `io.write_atomically`). Exporting never
@@ -57,17 +65,17 @@ MARKER = "tf_stdprune_export.json"
 FORMAT_VERSION = 2
 SPARSE_MIN_ZEROS = 0.95
 SPARSE_MIN_WEIGHTS = 1 << 20
-SPARSE_MAX_BATCH = 4
+SPARSE_MAX_BATCH = 4  # COO up to here, CSR above
 
 
 class SparseTensor(tf.Module):
     """The variables of one sparse tensor, its rebuild and its decode-once caches.
 
-    ``matmul`` (None, ``"sparse"`` or ``"both"``): also cache the transposed kernel as a
-    `tf.SparseTensor` for `Dense` sparse compute; ``"sparse"`` skips the dense cache.
+    ``matmul``: cache the transposed kernel in COO form (for `sparse_dense_call`)
+    instead of the dense tensor.
     """
 
-    def __init__(self, array, matmul=None):
+    def __init__(self, array, matmul=False):
         super().__init__()
         flat = np.asarray(array, np.float32).ravel()
         self.shape = tuple(int(d) for d in array.shape)
@@ -80,8 +88,9 @@ class SparseTensor(tf.Module):
             self.indices = tf.Variable(indices.ravel().astype(np.uint8), trainable=False)
         else:
             self.values = tf.Variable(flat[positions], trainable=False)
-        self.cache = _empty_cache(tf.float32, [0])
-        if matmul:
+        if not matmul:
+            self.cache = _empty_cache(tf.float32, [0])
+        else:
             self.transposed_indices = _empty_cache(tf.int64, [0, 2])
             self.transposed_values = _empty_cache(tf.float32, [0])
 
@@ -104,15 +113,14 @@ class SparseTensor(tf.Module):
 
     def decode(self):
         """The assignments that fill the caches (run once, by the serving function)."""
-        updates = [] if self.matmul == "sparse" else [self.cache.assign(self.dense())]
-        if self.matmul:
-            positions, values = self.positions_and_values()
-            rows, columns = positions // self.shape[1], positions % self.shape[1]
-            transposed = tf.sparse.reorder(tf.SparseTensor(
-                tf.cast(tf.stack([columns, rows], 1), tf.int64), values, self.shape[::-1]))
-            updates += [self.transposed_indices.assign(transposed.indices),
-                        self.transposed_values.assign(transposed.values)]
-        return updates
+        if not self.matmul:
+            return [self.cache.assign(self.dense())]
+        positions, values = self.positions_and_values()
+        rows, columns = positions // self.shape[1], positions % self.shape[1]
+        transposed = tf.sparse.reorder(tf.SparseTensor(
+            tf.cast(tf.stack([columns, rows], 1), tf.int64), values, self.shape[::-1]))
+        return [self.transposed_indices.assign(transposed.indices),
+                self.transposed_values.assign(transposed.values)]
 
     def read(self):
         """The cached dense tensor (valid after `decode`)."""
@@ -131,17 +139,17 @@ def _empty_cache(dtype, empty_shape):
                        trainable=False)
 
 
-def sparse_compute_mode(layer, array, sparse_compute):
-    """None (dense cache), ``"sparse"`` (always sparse) or ``"both"`` (sparse for small
-    batches, dense otherwise) for one prunable tensor (module docstring)."""
+def uses_sparse_compute(layer, array, sparse_compute):
+    """Whether the prunable tensor ``array`` of ``layer`` is computed sparsely (module
+    docstring): a float32 `Dense` kernel with a 2-D input, and with ``"auto"`` at least
+    `SPARSE_MIN_ZEROS` zeros and `SPARSE_MIN_WEIGHTS` weights."""
     eligible = (type(layer) is keras.layers.Dense and layer.compute_dtype == "float32"
                 and array.ndim == 2 and _input_rank(layer) == 2)
     if not eligible or sparse_compute is False:
-        return None
-    if sparse_compute is True:
-        return "sparse"
+        return False
     zeros = 1.0 - np.count_nonzero(array) / array.size
-    return "both" if zeros >= SPARSE_MIN_ZEROS and array.size >= SPARSE_MIN_WEIGHTS else None
+    return sparse_compute is True or (zeros >= SPARSE_MIN_ZEROS
+                                      and array.size >= SPARSE_MIN_WEIGHTS)
 
 
 def _input_rank(layer):
@@ -151,21 +159,26 @@ def _input_rank(layer):
         return None
 
 
+def sparse_matmul(transposed, x):
+    """``x @ W`` from ``transposed = W^T`` (a `tf.SparseTensor`): COO
+    ``sparse_dense_matmul`` for at most `SPARSE_MAX_BATCH` rows, CSR above."""
+    def coo():
+        return tf.transpose(tf.sparse.sparse_dense_matmul(transposed, x, adjoint_b=True))
+
+    def csr():
+        matrix = tf.raw_ops.SparseTensorToCSRSparseMatrix(
+            indices=transposed.indices, values=transposed.values,
+            dense_shape=tf.cast(transposed.dense_shape, tf.int64))
+        return tf.transpose(tf.raw_ops.SparseMatrixMatMul(a=matrix, b=x, adjoint_b=True))
+
+    return tf.cond(tf.shape(x)[0] <= SPARSE_MAX_BATCH, coo, csr)
+
+
 @contextlib.contextmanager
 def sparse_dense_call(layer, tensor):
-    """Makes the `Dense` ``layer`` compute ``act(x @ W + b)`` with ``W^T`` sparse."""
+    """Makes the `Dense` ``layer`` compute ``act(x @ W + b)`` with `sparse_matmul`."""
     def call(inputs):
-        x = tf.convert_to_tensor(inputs)
-
-        def sparse():
-            product = tf.sparse.sparse_dense_matmul(tensor.read_transposed(), x, adjoint_b=True)
-            return tf.transpose(product)
-
-        if tensor.matmul == "both":
-            y = tf.cond(tf.shape(x)[0] <= SPARSE_MAX_BATCH, sparse,
-                        lambda: tf.matmul(x, tensor.read()))
-        else:
-            y = sparse()
+        y = sparse_matmul(tensor.read_transposed(), tf.convert_to_tensor(inputs))
         if layer.use_bias:
             y = tf.nn.bias_add(y, layer.bias)
         return layer.activation(y) if layer.activation is not None else y
@@ -185,12 +198,12 @@ class _Serving(tf.Module):
         super().__init__()
         self.decoded = tf.Variable(False, trainable=False)
         replaced, self.tensors, substitutions = set(), [], []
-        self.matmul = {}
+        self.matmul = []
         for layer, attributes in prunable_layers(model) if sparse else []:
             arrays = [np.asarray(get_tensor(layer, a)) for a in attributes]
-            modes = [sparse_compute_mode(layer, a, sparse_compute) for a in arrays]
+            modes = [uses_sparse_compute(layer, a, sparse_compute) for a in arrays]
             tensors = [SparseTensor(a, m) for a, m in zip(arrays, modes)]
-            self.matmul.update({layer.name: m for m in modes if m})
+            self.matmul += [layer.name] if any(modes) else []
             substitutions.append((layer, attributes, tensors))
             self.tensors += tensors
             replaced |= {get_tensor(layer, a).ref() for a in attributes}
@@ -279,7 +292,7 @@ def _export(model, path, overwrite, sparse, sparse_compute=False):
         check_pruned(copy)
     module = _Serving(copy, sparse, sparse_compute)
     metadata = {"format": "tf_stdprune " + ("sparse" if sparse else "dense") + " SavedModel",
-                "version": FORMAT_VERSION, "sparse_compute": module.matmul}
+                "version": FORMAT_VERSION, "sparse_compute_layers": module.matmul}
 
     def save(temporary):
         tf.saved_model.save(module, temporary,
