@@ -21,22 +21,18 @@ Sparse compute (``sparse_compute``): a `Dense` layer with a 2-D input may instea
 ``y = act((W^T x^T)^T + b)`` with ``W^T`` decoded once into row-major COO index and value
 caches: batches of at most `SPARSE_MAX_BATCH` rows use ``tf.sparse.sparse_dense_matmul``
 on it, larger ones ``tf.raw_ops.SparseMatrixMatMul`` on a CSR matrix built from it in the
-call (a CSR matrix is a variant tensor, which no saved variable can hold). Measured on one
-4096 x 4096 kernel (the classifier of full-width VGG19-BN) on 2 CPU cores, time relative
-to the dense ``tf.matmul`` (``benchmarks/serving.py --matmul``):
+call (a CSR matrix is a variant tensor, which no saved variable can hold).
 
-    zeros   batch 1 (COO)   batch 4 (COO)   batch 16 (CSR)   batch 64 (CSR)
-    90 %    1.5             1.9             1.1-1.2          0.5
-    96 %    0.5-0.6         0.5             0.5              0.3
-    98 %    0.35-0.45       0.3             0.2              0.15
-
-COO loses at every batch size at 90 % zeros and at batch >= 16 (2-4x slower at batch 64);
-CSR loses at batch <= 4 (its per-call conversion costs more than the product saves) and
-at 90 % zeros below batch 64. ``"auto"`` therefore computes sparsely a Dense layer with
-at least `SPARSE_MIN_ZEROS` zeros and `SPARSE_MIN_WEIGHTS` weights (smaller products
-are dominated by per-op overhead) and leaves every other layer dense; ``True`` computes
-every eligible Dense layer sparsely; ``False`` none. Convolutions always use the dense
-cache.
+The rule comes from ``benchmarks/serving.py --matmul``, which times one 4096 x 4096
+kernel (the classifier of full-width VGG19-BN) against the dense ``tf.matmul`` on CPU.
+With 96-98 % zeros COO beats dense at batch 1 to 4 and CSR beats it at batch 16 to 64,
+while COO loses at batch >= 16 and CSR at batch <= 4 (its per-call conversion costs
+more than the product saves); with 90 % zeros COO loses at every batch size and CSR
+wins only at the largest batches. ``"auto"`` therefore computes sparsely a Dense layer
+with at least `SPARSE_MIN_ZEROS` zeros and `SPARSE_MIN_WEIGHTS` weights (smaller
+products are dominated by per-op overhead) and leaves every other layer dense; ``True``
+computes every eligible Dense layer sparsely; ``False`` none. Convolutions always use
+the dense cache.
 
 Every export directory holds `MARKER`, a JSON file naming the format; ``overwrite=True``
 replaces only a directory that carries it (see `io.write_atomically`). Exporting never
@@ -54,7 +50,7 @@ import tensorflow as tf
 from tf_stdprune import coding
 from tf_stdprune import io as atomic_io
 from tf_stdprune._keras import check_keras2, keras
-from tf_stdprune.prune import all_layers, prune_scope
+from tf_stdprune.prune import prune_scope
 from tf_stdprune.quantize import QuantizeWeights, plain_model, prunable_layers
 from tf_stdprune.registry import get_tensor
 from tf_stdprune.wrapper import substituted
