@@ -253,8 +253,10 @@ def private_plain_copy(model):
         with prune_scope(), keras.utils.custom_object_scope({"QuantizeWeights": QuantizeWeights}):
             copy = keras.models.clone_model(model)
     except (NotImplementedError, ValueError, TypeError) as error:
-        raise ValueError(f"model {model.name!r} cannot be copied for export ({error}); only "
-                         "Sequential and functional models are supported.") from error
+        raise ValueError(
+            f"model {model.name!r} cannot be copied for export ({error}). Export a Sequential "
+            "or functional model whose layers can be rebuilt from their config (register "
+            "custom layers with keras.utils.register_keras_serializable).") from error
     copy.set_weights(model.get_weights())
     return plain_model(copy)
 
