@@ -1,45 +1,81 @@
 """`export_sparse_saved_model`: a SavedModel that stores pruned tensors sparsely.
 
-Every prunable tensor (kernels, BN gammas; see `wrapper.prunable_attributes`) of ``N``
-entries with ``n`` nonzeros is stored as variables
+Every prunable tensor (kernels, BN gammas; see `registry`) of ``N`` entries with ``n``
+nonzeros is stored as variables
 
     gaps:   uint8, the relative positions of the nonzeros (`coding.relative_gaps`, span
             256: one byte per nonzero plus one filler per 255 zeros in a row);
     values: float32 [n], or, when the tensor has at most 256 distinct nonzero values (a
             quantized model), ``codebook`` float32 [K] and ``indices`` uint8 [n].
 
-The serving function rebuilds ``w = scatter(positions, values, [N])`` and calls the Keras
-model with the rebuilt tensors substituted for its variables; the other variables
-(biases, BN beta and moving statistics) are stored as they are. Storage per prunable
-tensor: ``5 n`` bytes (``2 n + 4 K`` quantized) against ``4 N`` dense. The result needs
-only TensorFlow: ``tf.saved_model.load(path).signatures["serving_default"]``.
+Decode once: the first call of the serving function rebuilds every tensor,
+``w = reshape(scatter(positions, values, [N]), shape)``, into a cache variable and sets
+a flag; every later call reads the caches, so it costs what a dense call costs plus one
+``tf.cond`` on the flag. The caches are saved empty (shape ``[0]``), so the files hold
+only the sparse form. The other variables (biases, BN beta and moving statistics) are
+stored as they are. Storage per prunable tensor: ``5 n`` bytes (``2 n + 4 K``
+quantized) against ``4 N`` dense. The result needs only TensorFlow:
+``tf.saved_model.load(path).signatures["serving_default"]``.
+
+Sparse compute (``sparse_compute``): a `Dense` layer with a 2-D input may instead compute
+``y = act((W^T x^T)^T + b)`` with ``W^T`` decoded once into row-major COO index and value
+caches: batches of at most `SPARSE_MAX_BATCH` rows use ``tf.sparse.sparse_dense_matmul``
+on it, larger ones ``tf.raw_ops.SparseMatrixMatMul`` on a CSR matrix built from it in the
+call (a CSR matrix is a variant tensor, which no saved variable can hold).
+
+The rule comes from ``benchmarks/serving.py --matmul``, which times one 4096 x 4096
+kernel (the classifier of full-width VGG19-BN) against the dense ``tf.matmul`` on CPU.
+With 96-98 % zeros COO beats dense at batch 1 to 4 and CSR beats it at batch 16 to 64,
+while COO loses at batch >= 16 and CSR at batch <= 4 (its per-call conversion costs
+more than the product saves); with 90 % zeros COO loses at every batch size and CSR
+wins only at the largest batches. ``"auto"`` therefore computes sparsely a Dense layer
+with at least `SPARSE_MIN_ZEROS` zeros and `SPARSE_MIN_WEIGHTS` weights (smaller
+products are dominated by per-op overhead) and leaves every other layer dense; ``True``
+computes every eligible Dense layer sparsely; ``False`` none. Convolutions always use
+the dense cache.
+
+Every export directory holds `MARKER`, a JSON file naming the format; ``overwrite=True``
+replaces only a directory that carries it (see `io.write_atomically`). Exporting never
+changes the model it reads: the tensors are taken from a private copy.
 """
 import contextlib
 import io
+import json
 import os
-import shutil
 import tarfile
-import tempfile
 
 import numpy as np
 import tensorflow as tf
 
 from tf_stdprune import coding
+from tf_stdprune import io as atomic_io
+from tf_stdprune._keras import check_keras2, keras
+from tf_stdprune.prune import prune_scope
+from tf_stdprune.quantize import QuantizeWeights, plain_model, prunable_layers
 from tf_stdprune.registry import get_tensor
-from tf_stdprune.quantize import plain_model, prunable_layers
 from tf_stdprune.wrapper import substituted
 
 GAP_SPAN = 256
 MAX_CODEBOOK = 256
+MARKER = "tf_stdprune_export.json"
+FORMAT_VERSION = 2
+SPARSE_MIN_ZEROS = 0.95
+SPARSE_MIN_WEIGHTS = 1 << 20
+SPARSE_MAX_BATCH = 4  # COO up to here, CSR above
 
 
 class SparseTensor(tf.Module):
-    """The variables of one sparse tensor and its rebuild (module docstring)."""
+    """The variables of one sparse tensor, its rebuild and its decode-once caches.
 
-    def __init__(self, array):
+    ``matmul``: cache the transposed kernel in COO form (for `sparse_dense_call`)
+    instead of the dense tensor.
+    """
+
+    def __init__(self, array, matmul=False):
         super().__init__()
         flat = np.asarray(array, np.float32).ravel()
         self.shape = tuple(int(d) for d in array.shape)
+        self.matmul = matmul
         positions = np.flatnonzero(flat)
         self.gaps = tf.Variable(coding.relative_gaps(positions, GAP_SPAN), trainable=False)
         codebook, indices = np.unique(flat[positions], return_inverse=True)
@@ -48,9 +84,14 @@ class SparseTensor(tf.Module):
             self.indices = tf.Variable(indices.ravel().astype(np.uint8), trainable=False)
         else:
             self.values = tf.Variable(flat[positions], trainable=False)
+        if not matmul:
+            self.cache = _empty_cache(tf.float32, [0])
+        else:
+            self.transposed_indices = _empty_cache(tf.int64, [0, 2])
+            self.transposed_values = _empty_cache(tf.float32, [0])
 
-    def dense(self):
-        """``w = reshape(scatter(positions, values, [N]), shape)``."""
+    def positions_and_values(self):
+        """The flat positions (int32 [n]) and values (float32 [n]) of the nonzeros."""
         gaps = tf.cast(self.gaps, tf.int32)
         advance = tf.where(gaps == 0, GAP_SPAN - 1, gaps)
         positions = tf.boolean_mask(tf.cumsum(advance) - 1, gaps != 0)
@@ -58,31 +99,121 @@ class SparseTensor(tf.Module):
             values = tf.gather(self.codebook, tf.cast(self.indices, tf.int32))
         else:
             values = tf.convert_to_tensor(self.values)
+        return positions, values
+
+    def dense(self):
+        """``w = reshape(scatter(positions, values, [N]), shape)``."""
+        positions, values = self.positions_and_values()
         flat = tf.scatter_nd(positions[:, None], values, [int(np.prod(self.shape))])
         return tf.reshape(flat, self.shape)
 
+    def decode(self):
+        """The assignments that fill the caches (run once, by the serving function)."""
+        if not self.matmul:
+            return [self.cache.assign(self.dense())]
+        positions, values = self.positions_and_values()
+        rows, columns = positions // self.shape[1], positions % self.shape[1]
+        transposed = tf.sparse.reorder(tf.SparseTensor(
+            tf.cast(tf.stack([columns, rows], 1), tf.int64), values, self.shape[::-1]))
+        return [self.transposed_indices.assign(transposed.indices),
+                self.transposed_values.assign(transposed.values)]
+
+    def read(self):
+        """The cached dense tensor (valid after `decode`)."""
+        return tf.reshape(self.cache.read_value(), self.shape)
+
+    def read_transposed(self):
+        """The cached ``W^T`` as a `tf.SparseTensor` (valid after `decode`)."""
+        return tf.SparseTensor(tf.reshape(self.transposed_indices.read_value(), [-1, 2]),
+                               tf.reshape(self.transposed_values.read_value(), [-1]),
+                               self.shape[::-1])
+
+
+def _empty_cache(dtype, empty_shape):
+    """A variable of any shape, saved empty, filled by the first serving call."""
+    return tf.Variable(tf.zeros(empty_shape, dtype), shape=tf.TensorShape(None),
+                       trainable=False)
+
+
+def uses_sparse_compute(layer, array, sparse_compute):
+    """Whether the prunable tensor ``array`` of ``layer`` is computed sparsely (module
+    docstring): a float32 `Dense` kernel with a 2-D input, and with ``"auto"`` at least
+    `SPARSE_MIN_ZEROS` zeros and `SPARSE_MIN_WEIGHTS` weights."""
+    eligible = (type(layer) is keras.layers.Dense and layer.compute_dtype == "float32"
+                and array.ndim == 2 and _input_rank(layer) == 2)
+    if not eligible or sparse_compute is False:
+        return False
+    zeros = 1.0 - np.count_nonzero(array) / array.size
+    return sparse_compute is True or (zeros >= SPARSE_MIN_ZEROS
+                                      and array.size >= SPARSE_MIN_WEIGHTS)
+
+
+def _input_rank(layer):
+    try:
+        return len(layer.input_shape)
+    except (AttributeError, RuntimeError):  # a shared layer has several input shapes
+        return None
+
+
+def sparse_matmul(transposed, x):
+    """``x @ W`` from ``transposed = W^T`` (a `tf.SparseTensor`): COO
+    ``sparse_dense_matmul`` for at most `SPARSE_MAX_BATCH` rows, CSR above."""
+    def coo():
+        return tf.transpose(tf.sparse.sparse_dense_matmul(transposed, x, adjoint_b=True))
+
+    def csr():
+        matrix = tf.raw_ops.SparseTensorToCSRSparseMatrix(
+            indices=transposed.indices, values=transposed.values,
+            dense_shape=tf.cast(transposed.dense_shape, tf.int64))
+        return tf.transpose(tf.raw_ops.SparseMatrixMatMul(a=matrix, b=x, adjoint_b=True))
+
+    return tf.cond(tf.shape(x)[0] <= SPARSE_MAX_BATCH, coo, csr)
+
+
+@contextlib.contextmanager
+def sparse_dense_call(layer, tensor):
+    """Makes the `Dense` ``layer`` compute ``act(x @ W + b)`` with `sparse_matmul`."""
+    def call(inputs):
+        y = sparse_matmul(tensor.read_transposed(), tf.convert_to_tensor(inputs))
+        if layer.use_bias:
+            y = tf.nn.bias_add(y, layer.bias)
+        return layer.activation(y) if layer.activation is not None else y
+
+    object.__setattr__(layer, "call", call)
+    try:
+        yield
+    finally:
+        object.__delattr__(layer, "call")
+
 
 class _Serving(tf.Module):
-    """Holds the variables to save; `serving_function` calls the Keras model, which is
-    kept out of the tracked state so that only these variables are saved."""
+    """Holds the variables to save; `serving_function` calls the (private copy of the)
+    Keras model, which is kept out of the tracked state so that only these are saved."""
 
-    def __init__(self, model, sparse):
+    def __init__(self, model, sparse, sparse_compute):
         super().__init__()
-        replaced, self.sparse_tensors = set(), []
-        substitutions = []  # (layer, attributes, [SparseTensor])
+        self.decoded = tf.Variable(False, trainable=False)
+        replaced, self.tensors, substitutions = set(), [], []
+        self.matmul = []
         for layer, attributes in prunable_layers(model) if sparse else []:
-            tensors = [SparseTensor(np.asarray(get_tensor(layer, a))) for a in attributes]
+            arrays = [np.asarray(get_tensor(layer, a)) for a in attributes]
+            modes = [uses_sparse_compute(layer, a, sparse_compute) for a in arrays]
+            tensors = [SparseTensor(a, m) for a, m in zip(arrays, modes)]
+            self.matmul += [layer.name] if any(modes) else []
             substitutions.append((layer, attributes, tensors))
-            self.sparse_tensors += tensors
+            self.tensors += tensors
             replaced |= {get_tensor(layer, a).ref() for a in attributes}
-        self.dense_variables = [v for v in model.weights if v.ref() not in replaced]
+        self.other_variables = [v for v in model.weights if v.ref() not in replaced]
         names = model.output_names
 
         def serve(*inputs):
-            with contextlib.ExitStack() as stack:
+            with tf.control_dependencies([self._decode_once()]), contextlib.ExitStack() as stack:
                 for layer, attributes, tensors in substitutions:
-                    dense = [t.dense() for t in tensors]
-                    stack.enter_context(substituted(layer, attributes, dense))
+                    if tensors[0].matmul:
+                        stack.enter_context(sparse_dense_call(layer, tensors[0]))
+                    else:
+                        stack.enter_context(substituted(layer, attributes,
+                                                        [t.read() for t in tensors]))
                 outputs = model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
             return dict(zip(names, tf.nest.flatten(outputs)))
 
@@ -92,54 +223,101 @@ class _Serving(tf.Module):
         # each distributed variable's primary copy instead of tracing collectives.
         self.serving_function = tf.function(serve, input_signature=specs, autograph=False)
 
+    def _decode_once(self):
+        """Fills every cache on the first call (caches first, then the flag)."""
+        if not self.tensors:
+            return tf.no_op()
 
-def _check_target(path, overwrite):
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
-        raise FileExistsError(f"{path!r} exists and is not an empty directory; pass "
-                              "overwrite=True to replace it.")
+        def decode():
+            updates = [u for t in self.tensors for u in t.decode()]
+            with tf.control_dependencies(updates):
+                return tf.identity(self.decoded.assign(True).read_value())
 
-
-def _replace_directory(source, path):
-    """Moves directory ``source`` to ``path`` (same filesystem), replacing what is there."""
-    if not os.path.lexists(path):
-        os.replace(source, path)
-        return
-    trash = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=os.path.dirname(path))
-    os.replace(path, os.path.join(trash, "old"))
-    os.replace(source, path)
-    shutil.rmtree(trash)
+        return tf.cond(self.decoded, lambda: tf.constant(True), decode)
 
 
-def _export(model, path, overwrite, sparse):
-    path = os.path.abspath(os.fspath(path))
-    _check_target(path, overwrite)
-    model = plain_model(model)
-    if not model.inputs:
-        raise ValueError("The model has no defined inputs; build it with an input shape "
-                         "(e.g. keras.Input) before exporting.")
-    module = _Serving(model, sparse)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp.", dir=parent)
-    os.chmod(temporary, 0o755)  # mkdtemp's 0o700 would survive the rename
+def private_plain_copy(model):
+    """A plain (unwrapped) copy of ``model`` with its own variables, the same values.
+
+    Stripping a quantized model assigns the shared values to its layers' kernels; doing
+    that on a copy leaves ``model`` exactly as it was.
+    """
+    check_keras2(model, "The model passed to the export")
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a tf_keras Model, got {type(model).__name__}.")
+    if not model.built or not model.inputs:
+        raise ValueError(
+            f"model {model.name!r} is not built or has no defined inputs; build it with an "
+            "input shape (e.g. keras.Input(shape)) before exporting.")
     try:
+        with prune_scope(), keras.utils.custom_object_scope({"QuantizeWeights": QuantizeWeights}):
+            copy = keras.models.clone_model(model)
+    except (NotImplementedError, ValueError, TypeError) as error:
+        raise ValueError(
+            f"model {model.name!r} cannot be copied for export ({error}). Export a Sequential "
+            "or functional model whose layers can be rebuilt from their config (register "
+            "custom layers with keras.utils.register_keras_serializable).") from error
+    copy.set_weights(model.get_weights())
+    return plain_model(copy)
+
+
+def check_pruned(model, what="export_sparse_saved_model"):
+    """Raises unless some prunable tensor of the plain ``model`` holds a zero."""
+    tensors = [np.asarray(get_tensor(l, a)) for l, attrs in prunable_layers(model) for a in attrs]
+    if not any(t.size and np.count_nonzero(t) < t.size for t in tensors):
+        raise ValueError(
+            f"{what}: model {model.name!r} has no pruned weight (no zero in any kernel or "
+            "BN gamma), so a sparse form would only be larger. Prune it first "
+            "(tf_stdprune.prune_low_std, train, strip_pruning), or export it dense with "
+            "export_dense_saved_model / export_tflite(..., sparse=False).")
+
+
+def _check_sparse_compute(sparse_compute):
+    if not (sparse_compute is True or sparse_compute is False or sparse_compute == "auto"):
+        raise ValueError(f"sparse_compute must be 'auto', True or False, got "
+                         f"{sparse_compute!r}.")
+
+
+def _export(model, path, overwrite, sparse, sparse_compute=False):
+    _check_sparse_compute(sparse_compute)
+    path = os.path.abspath(os.fspath(path))
+    atomic_io.clean_temporaries(os.path.dirname(path), target_name=os.path.basename(path))
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{path!r} is a file; give the path of a directory for the "
+                              "SavedModel (a new one, or an earlier export with overwrite=True).")
+    copy = private_plain_copy(model)
+    if sparse:
+        check_pruned(copy)
+    module = _Serving(copy, sparse, sparse_compute)
+    metadata = {"format": "tf_stdprune " + ("sparse" if sparse else "dense") + " SavedModel",
+                "version": FORMAT_VERSION, "sparse_compute_layers": module.matmul}
+
+    def save(temporary):
         tf.saved_model.save(module, temporary,
                             signatures={"serving_default": module.serving_function})
-        _replace_directory(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            shutil.rmtree(temporary)
-    return path
+        with open(os.path.join(temporary, MARKER), "w") as f:
+            json.dump(metadata, f, indent=2)
+
+    return atomic_io.write_atomically(path, save, overwrite=overwrite, marker=MARKER)
 
 
-def export_sparse_saved_model(model, path, overwrite=False):
+def export_sparse_saved_model(model, path, overwrite=False, sparse_compute=False):
     """Writes ``model`` (stripped, or with pruning/quantization wrappers) as a SavedModel
-    whose prunable tensors are sparse (module docstring); returns the absolute path.
+    whose prunable tensors are sparse and decoded once (module docstring); returns the
+    absolute path.
 
-    Written to a temporary directory next to ``path``, then renamed. Raises
-    `FileExistsError` if ``path`` is a file or a non-empty directory, unless ``overwrite``.
+    ``sparse_compute``: ``"auto"``, ``True`` or ``False`` (module docstring). Written to
+    a temporary directory next to ``path``, then renamed. Raises `FileExistsError` if
+    ``path`` is a file or a non-empty directory, unless ``overwrite``; ``overwrite``
+    replaces only an earlier export (a directory holding `MARKER`) and never the working
+    directory, its parents, the home directory or the root. ``model`` is not changed.
+
+    Examples::
+
+        export_sparse_saved_model(strip_pruning(pruned), "exports/sparse")
+        serve = tf.saved_model.load("exports/sparse").signatures["serving_default"]
     """
-    return _export(model, path, overwrite, sparse=True)
+    return _export(model, path, overwrite, sparse=True, sparse_compute=sparse_compute)
 
 
 def export_dense_saved_model(model, path, overwrite=False):

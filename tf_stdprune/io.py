@@ -40,17 +40,22 @@ def _remove(path):
         os.remove(path)
 
 
-def clean_temporaries(directory):
+def clean_temporaries(directory, target_name=None):
     """Restores or deletes what an interrupted `write_atomically` left in ``directory``.
 
     ``.<name>.old-*`` goes back to ``<name>`` when ``<name>`` is missing (the process died
-    between the two renames), else it is deleted; ``.<name>.tmp-*`` is deleted.
+    between the two renames), else it is deleted; ``.<name>.tmp-*`` is deleted. With
+    ``target_name``, only the leftovers of that one target are touched.
     Returns the list of paths it restored or removed.
     """
     if not os.path.isdir(directory):
         return []
     touched = []
-    for name in sorted(os.listdir(directory)):
+    names = sorted(os.listdir(directory))
+    if target_name is not None:
+        prefixes = (f".{target_name}{OLD}", f".{target_name}{TEMPORARY}")
+        names = [n for n in names if n.startswith(prefixes)]
+    for name in names:
         path = os.path.join(directory, name)
         if _is_ours(name, OLD):
             target = os.path.join(directory, name[1:name.rindex(OLD)])
@@ -118,9 +123,9 @@ def write_atomically(path, save, overwrite=True, marker=None):
     path = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(path)
     exists = os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path))
-    if exists:
-        if not overwrite:
-            raise FileExistsError(f"{path!r} exists; pass overwrite=True to replace it.")
+    if exists and not overwrite:
+        raise FileExistsError(f"{path!r} exists; pass overwrite=True to replace it.")
+    if os.path.lexists(path):  # an empty working directory may not be replaced either
         check_replaceable(path, marker)
     os.makedirs(directory, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix=f".{name}{TEMPORARY}", dir=directory)
