@@ -12,7 +12,7 @@ Procedure:    iterative_callbacks, IterativePruning, IterationLearningRate, rest
               recalibrate_batchnorm, sensitivity_analysis, suggest_layer_quality
 Compression:  quantize_weights, strip_quantization, QuantizeWeights, linear_kmeans,
               compress, decompress, read_weights, compression_report,
-              export_sparse_saved_model, export_dense_saved_model, disk_size
+              export_sparse_saved_model, export_dense_saved_model, export_tflite, disk_size
 """
 import importlib
 
@@ -71,7 +71,7 @@ _LAZY = {
     "CompressionReport": "compression_report", "compression_report": "compression_report",
     "plot_compression_stages": "compression_report",
     "disk_size": "export", "export_dense_saved_model": "export",
-    "export_sparse_saved_model": "export",
+    "export_sparse_saved_model": "export", "export_tflite": "tflite",
     "IterativePruning": "iterative", "iterative_callbacks": "iterative",
     "IterationLearningRate": "callbacks", "PruningSummaries": "callbacks",
     "prune_scope": "prune", "PruneLowStd": "wrapper",
