@@ -9,7 +9,7 @@ from matplotlib import image
 
 from tf_stdprune._keras import keras
 from tf_stdprune.compressed_file import compress
-from tf_stdprune.compression_report import (CompressionReport, compression_report,
+from tf_stdprune.compression_stages import (CompressionReport, compression_report,
                                             plot_compression_stages)
 from tf_stdprune.quantize import quantize_weights, strip_quantization
 

@@ -68,8 +68,8 @@ def strip_quantization(model):
 _LAZY = {
     "CompressedFileError": "compressed_file", "compress": "compressed_file",
     "decompress": "compressed_file", "read_weights": "compressed_file",
-    "CompressionReport": "compression_report", "compression_report": "compression_report",
-    "plot_compression_stages": "compression_report",
+    "CompressionReport": "compression_stages", "compression_report": "compression_stages",
+    "plot_compression_stages": "compression_stages",
     "disk_size": "export", "export_dense_saved_model": "export",
     "export_sparse_saved_model": "export", "export_tflite": "tflite",
     "IterativePruning": "iterative", "iterative_callbacks": "iterative",

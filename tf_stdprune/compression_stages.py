@@ -1,4 +1,4 @@
-"""`compression_report`: storage per stage as in Deep Compression's tables (Han et al. 2016).
+"""`compression_report`: storage per stage as in Deep Compression's tables (Han, Mao and Dally 2016).
 
 Per prunable tensor (kernel or BN gamma) with ``N`` weights, ``n`` nonzeros, ``E`` gap
 symbols (``n`` plus fillers) of ``k`` index bits, ``K`` shared values (``b =

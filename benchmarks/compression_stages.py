@@ -7,8 +7,8 @@ a compressed file (`compress`), read back (`read_weights`: Huffman decoding only
 `decompress`: also rebuilds the Keras model). Times are single runs except serving latency, which
 interleaves the dense and sparse SavedModels (medians of ``--rounds``).
 
-    python benchmarks/compression.py --width=0.25
-    python benchmarks/compression.py --width=1.0 --rounds=5
+    python benchmarks/compression_stages.py --width=0.25
+    python benchmarks/compression_stages.py --width=1.0 --rounds=5
 """
 import json
 import os
@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_stdprune.compressed_file import compress, decompress, read_weights
-from tf_stdprune.compression_report import compression_report
+from tf_stdprune.compression_stages import compression_report
 from tf_stdprune.export import disk_size, export_dense_saved_model, export_sparse_saved_model
 from tf_stdprune.models import vgg19_bn
 from tf_stdprune.quantize import prunable_layers, quantize_weights, strip_quantization
