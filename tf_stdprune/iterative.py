@@ -20,6 +20,7 @@ training it writes ``report.json`` and the figures. A new run (epoch 0) first ev
 the still dense model into ``baseline.json`` (the figures' 0 % point).
 """
 import json
+import math
 import numbers
 import os
 import time
@@ -33,8 +34,10 @@ from tf_stdprune.callbacks import IterationLearningRate, UpdatePruningStep
 from tf_stdprune.prune import all_layers
 from tf_stdprune.recalibration import BATCHNORM_LAYERS, recalibrate_batchnorm
 from tf_stdprune.report import sparsity_report
+from tf_stdprune.io import atomic_write, clean_temporaries
 from tf_stdprune.run_state import (
-    HISTORY_FILE, STATE_FILE, atomic_write, check_writable, read_history, save_iteration)
+    HISTORY_FILE, STATE_FILE, NonFiniteError, acquire_lock, check_run_settings, check_writable,
+    non_finite_weights, read_history, release_lock, run_settings, save_iteration)
 from tf_stdprune.wrapper import PruneLowStd
 
 # Names Keras gives a compiled top-1 accuracy; the history calls it ``top1``.
@@ -78,17 +81,25 @@ class IterativePruning(keras.callbacks.Callback):
         On by default: a model with BatchNormalization needs ``recalibration_data``.
       batch_size: batch size of data given as ``(x, y)`` arrays.
       figures: write the figures at the end of training.
+      checkpoint_extras: more trackables saved with every checkpoint, e.g.
+        ``{"data": iterator}``; pass the same to `restore_run`.
 
     ``fit`` must start where the model and ``run_dir`` stand: at an iteration boundary, at
     ``epoch = pruning_step / steps_per_epoch``, and at the epoch of ``run_dir``'s last
     checkpoint if it has one (``initial_epoch=restore_run(model, run_dir)``); anything
     else raises ``ValueError`` before a file is touched. Under a multi-worker strategy
     only the chief writes files.
+
+    The chief owns ``run_dir`` from the start of ``fit`` to its end (`acquire_lock`), and
+    refuses a directory whose ``run.json`` records other settings (`check_run_settings`
+    with `run_settings`), before writing anything. A NaN or infinite weight or loss after
+    the baseline or an iteration raises `NonFiniteError` naming the layer and the
+    iteration; that iteration is neither recorded nor checkpointed.
     """
 
     def __init__(self, run_dir, epochs_per_iteration, train_eval_data=None,
                  validation_data=None, recalibration_data=None, recalibration_batches=20,
-                 batch_size=32, figures=True):
+                 batch_size=32, figures=True, checkpoint_extras=None):
         super().__init__()
         if not isinstance(epochs_per_iteration, numbers.Integral) or epochs_per_iteration < 1:
             raise ValueError(f"epochs_per_iteration must be an integer >= 1, got {epochs_per_iteration!r}.")
@@ -101,6 +112,7 @@ class IterativePruning(keras.callbacks.Callback):
         self.recalibration_data = _as_dataset(recalibration_data, batch_size, "recalibration_data")
         self.recalibration_batches = recalibration_batches
         self.figures = figures
+        self.checkpoint_extras = checkpoint_extras
 
     def on_train_begin(self, logs=None):
         self.wrappers = [l for l in all_layers(self.model) if isinstance(l, PruneLowStd)]
@@ -136,6 +148,7 @@ class IterativePruning(keras.callbacks.Callback):
         self.iterations = self.params["epochs"] // self.epochs_per_iteration
         self.chief = self.model.distribute_strategy.extended.should_checkpoint
         if self.chief:
+            self._claim_run_dir()
             check_writable(self.run_dir)
             self.writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard"))
         self.history, self.started = None, None
@@ -156,8 +169,11 @@ class IterativePruning(keras.callbacks.Callback):
             )
         self.history = [r for r in read_history(self.run_dir)
                         if r["iteration"] <= epoch // self.epochs_per_iteration]
+        if self.chief:
+            check_run_settings(self.run_dir, self.settings)
         if epoch == 0:
             baseline = self._evaluate()
+            self._check_finite("the dense baseline", baseline)
             if self.chief:
                 atomic_write(os.path.join(self.run_dir, HISTORY_FILE), "")
                 atomic_write(os.path.join(self.run_dir, "baseline.json"), json.dumps(baseline, indent=2))
@@ -207,8 +223,10 @@ class IterativePruning(keras.callbacks.Callback):
             "layer_zeros": {l.name: l.zeros for l in report.layers},
             "wall_time_s": time.time() - self.started,
         }
+        self._check_finite(f"iteration {iteration}", dict(after, **record["fit_logs"]))
         self.history.append(record)
-        save_iteration(self.model, self.run_dir, iteration, epoch + 1, self.history, self.chief)
+        save_iteration(self.model, self.run_dir, iteration, epoch + 1, self.history, self.chief,
+                       self.checkpoint_extras)
         self._log(record)
 
     def on_train_end(self, logs=None):
@@ -220,6 +238,32 @@ class IterativePruning(keras.callbacks.Callback):
         atomic_write(os.path.join(self.run_dir, "report.json"), report.to_json())
         if self.figures:
             plots.write_figures(self.run_dir)
+        release_lock(self.run_dir)
+
+    def _claim_run_dir(self):
+        """Takes ``run_dir``'s lock and checks its ``run.json``; changes nothing else."""
+        self.settings = run_settings(self.model, self.epochs_per_iteration)
+        took = acquire_lock(self.run_dir)
+        try:
+            check_run_settings(self.run_dir, self.settings, write=False)
+            clean_temporaries(self.run_dir)
+            clean_temporaries(os.path.join(self.run_dir, "checkpoints"))
+        except BaseException:
+            if took:
+                release_lock(self.run_dir)
+            raise
+
+    def _check_finite(self, where, losses):
+        """Raises `NonFiniteError` if a weight or one of ``losses`` is NaN or infinite."""
+        bad = [f"weight {name}" for name in non_finite_weights(self.model)]
+        bad += [f"{name} = {value}" for name, value in losses.items()
+                if "loss" in name and not math.isfinite(value)]
+        if bad:
+            raise NonFiniteError(
+                f"Training diverged: after {where}, {', '.join(bad[:5])}"
+                f"{' and more' if len(bad) > 5 else ''} is not finite. Nothing of it was "
+                f"recorded; {self.run_dir} still holds the last good checkpoint. Lower the "
+                "learning rate (initial_lrs) or q, then resume.")
 
     def _recalibrate_and_evaluate(self):
         if self.recalibration_data is not None and self.recalibration_batches:
@@ -261,13 +305,29 @@ class IterativePruning(keras.callbacks.Callback):
         self.writer.flush()
 
 
+def warn_unreachable_drops(lr_drops, epochs_per_iteration):
+    """Logs a warning naming the drops at or beyond ``epochs_per_iteration``: epochs
+    inside an iteration run from 0 to ``E - 1``, so such a drop never lowers the rate.
+    Returns them."""
+    unreachable = sorted(d for d in lr_drops if isinstance(d, numbers.Real) and d >= epochs_per_iteration)
+    if unreachable:
+        logging.warning(
+            "lr_drops %s never take effect: an iteration has epochs 0..%d "
+            "(epochs_per_iteration=%d). Give drops below %d, or more epochs per iteration.",
+            unreachable, epochs_per_iteration - 1, epochs_per_iteration, epochs_per_iteration)
+    return unreachable
+
+
 def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, lr_drops=(3, 10, 16),
                         lr_drop_factor=0.1, **kwargs):
     """The callbacks of the seed's procedure, in the order they must run.
 
     `UpdatePruningStep`, `IterationLearningRate(initial_lrs, E, lr_drops, lr_drop_factor)`
-    and `IterativePruning(run_dir, E, **kwargs)`.
+    and `IterativePruning(run_dir, E, **kwargs)`. Drops that can never fire (at or
+    beyond ``E``) are named in a warning (`warn_unreachable_drops`).
     """
+    if isinstance(epochs_per_iteration, numbers.Integral):
+        warn_unreachable_drops(lr_drops, epochs_per_iteration)
     return [
         UpdatePruningStep(),
         IterationLearningRate(initial_lrs, epochs_per_iteration, lr_drops, lr_drop_factor),
