@@ -8,7 +8,7 @@ Layout of ``run_dir``::
     history.jsonl          one JSON line per finished iteration
     checkpoints/iter-NNNN/ tf.train.Checkpoint of model (weights, masks, sigmas, steps),
                            optimizer (slots, iteration count) and random generator
-                           states, plus meta.json {"iteration", "epoch"}; the newest
+                           states (layers' generators), plus meta.json {"iteration", "epoch"}; the newest
                            two are kept
     state.json             {"iteration", "epoch", "checkpoint"}, written LAST
 
@@ -313,11 +313,6 @@ def _write_history(run_dir, history):
 
 # ----------------------------------------------------------------------------- random state
 
-def _random_state_variables():
-    """TensorFlow's global random generator (a trackable with a state variable)."""
-    return {"tf_global_generator": tf.random.get_global_generator()}
-
-
 def _python_random_state():
     return {"numpy": _plain(np.random.get_state(legacy=False)),
             "python": _plain(random.getstate())}
@@ -333,9 +328,28 @@ def _set_python_random_state(state):
     random.setstate((version, tuple(internal), gauss))
 
 
+def layer_generators(model):
+    """``{"layer_rng_<i>": generator}``: the `tf.random.Generator` of every layer that
+    draws random numbers through one (dropout, noise and augmentation layers under
+    ``keras.backend.experimental.enable_tf_random_generator()``), ``i`` its position.
+
+    Keras creates these generators at a layer's first call and does not list them among
+    the model's weights, so they are created here and checkpointed explicitly.
+    """
+    generators = {}
+    for index, (_, layer) in enumerate(_unwrapped_layers(model)):
+        source = getattr(layer, "_random_generator", None)
+        if hasattr(source, "_maybe_init"):
+            source._maybe_init()
+        generator = getattr(source, "_generator", None)
+        if isinstance(generator, tf.random.Generator):
+            generators[f"layer_rng_{index}"] = generator
+    return generators
+
+
 def _checkpoint(model, extras=None):
     return tf.train.Checkpoint(model=model, optimizer=model.optimizer,
-                               **_random_state_variables(), **(extras or {}))
+                               **layer_generators(model), **(extras or {}))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -343,7 +357,9 @@ def _checkpoint(model, extras=None):
 def save_iteration(model, run_dir, iteration, epoch, history, chief=True, extras=None):
     """Checkpoints model, optimizer and random states after ``iteration``, atomically.
 
-    ``extras``: more trackables to checkpoint (e.g. ``{"data": iterator}``); give the
+    Random states: the layers' generators (`layer_generators`), numpy's and Python's
+    global states (in ``meta.json``), and ``extras``: more trackables, e.g.
+    ``{"data_rng": generator}`` of a data pipeline or ``{"data": iterator}``; give the
     same to `restore_run`. Writes ``checkpoints/iter-NNNN`` (with ``meta.json``), then
     ``history.jsonl``, then ``state.json`` (the commit point), then deletes all but the
     newest `KEPT_CHECKPOINTS` checkpoints. Under a multi-worker strategy every worker
@@ -492,8 +508,8 @@ def restore_run(model, run_dir, fall_back=False, extras=None):
     checkpoint, an unreadable ``state.json``, a bad ``history.jsonl`` line) raises
     `RunDirectoryError` naming the file; with ``fall_back=True`` the newest intact
     earlier checkpoint is used instead (and the history cut back to it). Restores model,
-    optimizer (built first so that its slots are restored exactly), TensorFlow's
-    global random generator, numpy's and Python's random states, and ``extras``.
+    optimizer (built first so that its slots are restored exactly), the layers' random
+    generators, numpy's and Python's random states, and ``extras``.
     """
     if model.optimizer is None:
         raise ValueError("Compile the model before restore_run(model, run_dir): its optimizer "
