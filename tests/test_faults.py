@@ -76,8 +76,8 @@ def test_killed_runs_resume_to_the_same_result(tmp_path, uninterrupted):
 
 
 def test_a_kill_between_the_two_renames_of_an_overwrite_loses_nothing(tmp_path, uninterrupted):
-    # The 4th overwrite: history.jsonl or state.json of iteration 2 is renamed aside,
-    # its new version not yet in place.
+    # At the 4th overwrite (of history.jsonl or state.json) the old version is renamed
+    # aside and the new one not yet in place.
     result = _run(tmp_path, "--kill_between_renames=4")
     assert result.returncode == -9, result.stderr[-3000:]
     aside = [name for name in os.listdir(tmp_path) if ".old-" in name]
