@@ -159,6 +159,8 @@ class IterativePruning(keras.callbacks.Callback):
         saved_epoch = _saved_epoch(self.run_dir)
         if (epoch % self.epochs_per_iteration or step != epoch * self.steps
                 or saved_epoch not in (None, epoch)):
+            if self.chief:
+                release_lock(self.run_dir)
             where = (f"{self.run_dir} holds a run finished up to epoch {saved_epoch}"
                      if saved_epoch is not None else f"{self.run_dir} holds no checkpoint")
             raise ValueError(
@@ -259,6 +261,8 @@ class IterativePruning(keras.callbacks.Callback):
         bad += [f"{name} = {value}" for name, value in losses.items()
                 if "loss" in name and not math.isfinite(value)]
         if bad:
+            if self.chief:
+                release_lock(self.run_dir)
             raise NonFiniteError(
                 f"Training diverged: after {where}, {', '.join(bad[:5])}"
                 f"{' and more' if len(bad) > 5 else ''} is not finite. Nothing of it was "

@@ -19,6 +19,7 @@ iteration; `restore_run` first puts back or deletes what a killed write left beh
 (`tf_stdprune.io.clean_temporaries`).
 """
 import atexit
+import contextlib
 import datetime
 import hashlib
 import json
@@ -339,8 +340,11 @@ def layer_generators(model):
     generators = {}
     for index, (_, layer) in enumerate(_unwrapped_layers(model)):
         source = getattr(layer, "_random_generator", None)
-        if hasattr(source, "_maybe_init"):
-            source._maybe_init()
+        stateful = getattr(source, "RNG_STATEFUL", None)
+        if stateful is not None and getattr(source, "_rng_type", None) == stateful:
+            strategy = getattr(model, "distribute_strategy", None)
+            with strategy.scope() if strategy is not None else contextlib.nullcontext():
+                source._maybe_init()
         generator = getattr(source, "_generator", None)
         if isinstance(generator, tf.random.Generator):
             generators[f"layer_rng_{index}"] = generator
@@ -485,6 +489,14 @@ def _choose_checkpoint(run_dir):
     return None, None, problems
 
 
+def _history_lines(run_dir):
+    path = os.path.join(run_dir, HISTORY_FILE)
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def _iteration_of(relative):
     return int(relative.rsplit("-", 1)[1])
 
@@ -532,9 +544,8 @@ def _restore(model, run_dir, fall_back, extras, chief):
     if chief:
         clean_temporaries(run_dir)
         clean_temporaries(os.path.join(run_dir, CHECKPOINTS))
-    if not any(os.path.exists(os.path.join(run_dir, name))
-               for name in (STATE_FILE, HISTORY_FILE, CHECKPOINTS)):
-        return 0
+    if not os.path.exists(os.path.join(run_dir, STATE_FILE)) and not _history_lines(run_dir):
+        return 0  # no iteration finished: a new run (a checkpoint without state.json is partial)
     meta, prefix, problems = _choose_checkpoint(run_dir)
     if problems and (meta is None or not fall_back):
         how = (f"restore_run(model, run_dir, fall_back=True) resumes from the intact "
