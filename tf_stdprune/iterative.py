@@ -313,7 +313,8 @@ def warn_unreachable_drops(lr_drops, epochs_per_iteration):
     """Logs a warning naming the drops at or beyond ``epochs_per_iteration``: epochs
     inside an iteration run from 0 to ``E - 1``, so such a drop never lowers the rate.
     Returns them."""
-    unreachable = sorted(d for d in lr_drops if isinstance(d, numbers.Real) and d >= epochs_per_iteration)
+    unreachable = sorted(d for d in lr_drops
+                         if isinstance(d, numbers.Real) and d >= epochs_per_iteration)
     if unreachable:
         logging.warning(
             "lr_drops %s never take effect: an iteration has epochs 0..%d "

@@ -8,8 +8,8 @@ Layout of ``run_dir``::
     history.jsonl          one JSON line per finished iteration
     checkpoints/iter-NNNN/ tf.train.Checkpoint of model (weights, masks, sigmas, steps),
                            optimizer (slots, iteration count) and random generator
-                           states (layers' generators), plus meta.json {"iteration", "epoch"}; the newest
-                           two are kept
+                           states (layers' generators), plus meta.json {"iteration",
+                           "epoch", "random"}; the newest two are kept
     state.json             {"iteration", "epoch", "checkpoint"}, written LAST
 
 Every file is written with `tf_stdprune.io.write_atomically`, so a reader sees either the
@@ -84,7 +84,10 @@ def _unwrapped_layers(model):
 
 def _plain(value):
     """``value`` as JSON-comparable data (numpy scalars to floats, tuples to lists)."""
-    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+    def default(v):
+        return v.tolist() if hasattr(v, "tolist") else str(v)
+
+    return json.loads(json.dumps(value, default=default))
 
 
 def _schedule_config(wrapper):
@@ -158,7 +161,8 @@ def _allowed_change(name, old, new):
     short = name.replace("schedule.config.", "schedule.")
     if short in EXTENSIBLE_LISTS and isinstance(old, list) and isinstance(new, list):
         return new[:len(old)] == old
-    return short in EXTENSIBLE_COUNTS and isinstance(old, int) and isinstance(new, int) and new >= old
+    return (short in EXTENSIBLE_COUNTS and isinstance(old, int) and isinstance(new, int)
+            and new >= old)
 
 
 def setting_differences(old, new):
@@ -207,6 +211,8 @@ _HELD = {}
 
 
 def _pid_alive(pid):
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False  # not a process id: an unreadable lock
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -242,7 +248,9 @@ def acquire_lock(run_dir):
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             owner = _read_lock(path)
-            if owner is not None and not (owner.get("host") == host and not _pid_alive(owner.get("pid", -1))):
+            stale = owner is None or (owner.get("host") == host
+                                      and not _pid_alive(owner.get("pid")))
+            if not stale:
                 raise RunDirectoryError(
                     f"{run_dir} is in use by process {owner.get('pid')} on host "
                     f"{owner.get('host')!r} (since {owner.get('started')}). Wait for it to "
@@ -417,7 +425,8 @@ def _check_checkpoint(run_dir, relative):
             reader.get_tensor(name)
     except (OSError, ValueError, KeyError, IndexError, RuntimeError, tf.errors.OpError) as error:
         reason = getattr(error, "message", None) or str(error)
-        raise RunDirectoryError(f"the checkpoint {directory} is damaged ({reason.splitlines()[0][:200]})") from error
+        raise RunDirectoryError(
+            f"the checkpoint {directory} is damaged ({reason.splitlines()[0][:200]})") from error
     return meta, prefix
 
 
@@ -472,7 +481,8 @@ def _choose_checkpoint(run_dir):
         problems.append(str(error))
     finished = {r["iteration"] for r in history}
     for relative in ([state["checkpoint"]] if state else []) + _checkpoint_candidates(run_dir):
-        if state and relative != state["checkpoint"] and _iteration_of(relative) >= state["iteration"]:
+        if (state and relative != state["checkpoint"]
+                and _iteration_of(relative) >= state["iteration"]):
             continue  # newer than the commit point: not finished
         try:
             meta, prefix = _check_checkpoint(run_dir, relative)
