@@ -5,32 +5,40 @@
     python examples/vgg19_cifar10.py --preset=paper --strategy=mirrored --mixed_precision --jit_compile
 
 Presets fill the defaults; every flag given on the command line overrides its preset.
-Running the same command again resumes: the dense baseline is reloaded and pruning goes on
-from the last finished iteration. Outputs in --out_dir:
+Every flag is checked before anything trains. Running the same command again resumes: the
+dense baseline is reloaded and pruning goes on from the last finished iteration. The
+settings that define the run are kept in --out_dir/run.json; resuming with other ones is
+refused, except more --iterations (with --qualities and --initial_lrs extended at their
+end). One process at a time owns --out_dir (its ``lock`` file). Outputs in --out_dir:
 
+    run.json, lock                                the run's settings; its owner while it runs
     baseline/weights.h5, baseline/metrics.json    the dense model and its test metrics
+    baseline/wall_time.json                       (and its training time)
     run/                                          history.jsonl, checkpoints, report.json,
                                                   figures/, tensorboard/ (the iterations)
     final/model.keras, final/model.h5, final/saved_model/    the stripped pruned model
     final/sparse_saved_model/, final/model.tfspz  with --export_sparse / --compress (quick:
                                                   on), after --quantize_bits weight sharing
     summary.md                                    dense vs pruned top-1, zeros, compression,
-                                                  sizes on disk, wall time
+                                                  sizes on disk, wall time (summed over
+                                                  all the processes of the run)
 """
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 import tensorflow as tf
 
 import tf_stdprune
-from tf_stdprune import compressed_file, data, export, models
+from tf_stdprune import compressed_file, data, export, models, run_state
 from tf_stdprune._keras import keras
-from tf_stdprune.io import write_atomically
-from tf_stdprune.run_state import atomic_write, check_writable
+from tf_stdprune.io import atomic_write, clean_temporaries, write_atomically
+from tf_stdprune.iterative import warn_unreachable_drops
+from tf_stdprune.run_state import check_writable
 
 # The seed gives no quality parameters: "paper" raises q by 0.1 per iteration up to 1.6
 # (about 89 % of a Gaussian layer below 1.6 sigma; the seed ended at 87.9 % zeros).
@@ -114,6 +122,60 @@ def config():
     return cfg
 
 
+# The settings that define a run in --out_dir: resuming with another value is refused.
+RUN_SETTINGS = ("dataset", "max_train_examples", "augment", "width", "batch_size", "seed",
+                "baseline_epochs", "baseline_lr", "baseline_lr_drops", "iterations",
+                "epochs_per_iteration", "lr_drops", "initial_lrs", "qualities", "std_mode",
+                "recalibration_batches")
+
+
+def validate(cfg):
+    """Raises `app.UsageError` naming the flag, the value and the fix for every value that
+    would fail later (e.g. after the dense baseline trained); warns of LR drops that can
+    never fire."""
+    def positive(name, values):
+        bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+        if bad or not values:
+            raise app.UsageError(f"--{name}={','.join(map(str, values))}: every value must be a "
+                                 "finite number > 0.")
+
+    positive("initial_lrs", cfg["initial_lrs"])
+    positive("baseline_lr", [cfg["baseline_lr"]])
+    positive("width", [cfg["width"]])
+    if not cfg["qualities"] or any(not (math.isfinite(q) and q >= 0) for q in cfg["qualities"]):
+        raise app.UsageError(f"--qualities={','.join(map(str, cfg['qualities']))}: every q must be "
+                             "a finite number >= 0 (the threshold is q * sigma).")
+    for name in ("lr_drops", "baseline_lr_drops"):
+        if any(d < 0 for d in cfg[name]):
+            raise app.UsageError(f"--{name}={','.join(map(str, cfg[name]))}: drops are epochs >= 0.")
+    warn_unreachable_drops(cfg["lr_drops"], cfg["epochs_per_iteration"])
+    unreachable = [d for d in cfg["baseline_lr_drops"] if d >= cfg["baseline_epochs"]]
+    if unreachable:
+        logging.warning("--baseline_lr_drops %s never take effect: the baseline trains %d epochs.",
+                        unreachable, cfg["baseline_epochs"])
+
+
+def claim_out_dir(cfg, chief):
+    """Takes --out_dir's lock, refuses a resume with other settings, and puts back or
+    deletes what a killed write left; every check comes before the baseline trains."""
+    out_dir = cfg["out_dir"]
+    settings = {name: cfg[name] for name in RUN_SETTINGS}
+    if not chief:
+        run_state.check_run_settings(out_dir, settings, write=False)
+        return
+    check_writable(out_dir)
+    took = run_state.acquire_lock(out_dir)
+    try:
+        run_state.check_run_settings(out_dir, settings, write=False)
+    except ValueError as error:
+        if took:
+            run_state.release_lock(out_dir)
+        raise app.UsageError(f"{error}") from error
+    for directory in (out_dir, os.path.join(out_dir, "baseline"), os.path.join(out_dir, "final")):
+        clean_temporaries(directory)
+    run_state.check_run_settings(out_dir, settings)
+
+
 def split_cpu(replicas):
     """Makes ``replicas`` logical CPU devices; must run before TensorFlow uses a device."""
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -178,17 +240,42 @@ def dense_baseline(cfg, strategy, train, test, info, jit_compile, resume, build_
         model.load_weights(weights)
         with open(metrics_path) as f:
             return model, json.load(f)
-    model.fit(train, epochs=cfg["baseline_epochs"], verbose=2, callbacks=[
+    started = time.time()
+    history = model.fit(train, epochs=cfg["baseline_epochs"], verbose=2, callbacks=[
         tf_stdprune.IterationLearningRate([cfg["baseline_lr"]], cfg["baseline_epochs"],
                                           cfg["baseline_lr_drops"])])
     # Evaluated as the pruned model will be: BN statistics re-estimated first.
     tf_stdprune.recalibrate_batchnorm(model, train, cfg["recalibration_batches"])
     metrics = evaluate(model, test)
+    check_finite(model, dict(metrics, train_loss=history.history["loss"][-1]))
     out_dir = os.path.join(write_dir, "baseline")
     os.makedirs(out_dir, exist_ok=True)
     write_atomically(os.path.join(out_dir, "weights.h5"), model.save_weights)
+    atomic_write(os.path.join(out_dir, "wall_time.json"),
+                 json.dumps({"wall_time_s": time.time() - started}))
     atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
     return model, metrics
+
+
+def check_finite(model, metrics):
+    """Raises `run_state.NonFiniteError` naming the weights and losses of the dense
+    baseline that are NaN or infinite; nothing of it is saved."""
+    bad = run_state.non_finite_weights(model)
+    bad += [f"{name} = {value}" for name, value in metrics.items()
+            if "loss" in name and not math.isfinite(value)]
+    if bad:
+        raise run_state.NonFiniteError(
+            f"The dense baseline diverged: {', '.join(bad[:5])} not finite. Nothing was saved; "
+            "lower --baseline_lr and run again.")
+
+
+def baseline_seconds(out_dir):
+    """The dense baseline's training time as recorded when it trained (0 if unknown)."""
+    try:
+        with open(os.path.join(out_dir, "baseline", "wall_time.json")) as f:
+            return float(json.load(f)["wall_time_s"])
+    except (OSError, ValueError, KeyError):
+        return 0.0
 
 
 def pruned_model(dense, cfg, strategy, steps_per_epoch, jit_compile):
@@ -243,7 +330,8 @@ def summary_markdown(cfg, dense, final, report, sizes, seconds, stages=()):
             ("zero weights", str(report.zero_weights)),
             ("zero weights rate (%)", f"{report.zero_weights_rate:.4f}"),
             ("zero parameters rate (%)", f"{report.zero_parameters_rate:.4f}"),
-            ("compression rate", f"x{report.compression_rate:.4f}")]
+            ("compression rate", "all weights pruned" if report.to_dict()["compression_rate"] is None
+             else f"x{report.compression_rate:.4f}")]
     rows += [(f"top-1 {stage} (%)", f"{100 * top1:.2f}") for stage, top1 in stages]
     rows += [(f"size of final/{name} (bytes, gzip bytes)", f"{size['bytes']}, {size['gzip_bytes']}")
              for name, size in sizes.items()]
@@ -259,10 +347,10 @@ def run(cfg, strategy, jit_compile=False, resume=True, build_model=models.vgg19_
 
     ``build_model(num_classes, width=, input_shape=)`` makes the dense model.
     """
-    started = time.time()
     # Every worker of a multi-worker strategy saves (saving may run collectives) and
     # resumes from --out_dir (a shared filesystem), but only the chief writes there.
     chief = strategy.extended.should_checkpoint
+    claim_out_dir(cfg, chief)
     write_dir = cfg["out_dir"] if chief else tempfile.mkdtemp(prefix="vgg19-worker-")
     check_writable(write_dir)
     keras.utils.set_random_seed(cfg["seed"])
@@ -281,6 +369,7 @@ def run(cfg, strategy, jit_compile=False, resume=True, build_model=models.vgg19_
                    validation_data=test, recalibration_data=train,
                    recalibration_batches=cfg["recalibration_batches"]))
 
+    started = time.time()  # the iterations' and the baseline's times are in their records
     with strategy.scope():
         final = compile_model(tf_stdprune.strip_pruning(pruned), jit_compile)
     final_metrics = evaluate(final, test)
@@ -296,11 +385,14 @@ def run(cfg, strategy, jit_compile=False, resume=True, build_model=models.vgg19_
         print(storage.table())
         tf_stdprune.plot_compression_stages(
             storage, os.path.join(write_dir, "final", "compression_stages.png"))
-    text = summary_markdown(cfg, dense_metrics, final_metrics, report, sizes,
-                            time.time() - started, stages.items())
+    seconds = (baseline_seconds(cfg["out_dir"]) + time.time() - started
+               + sum(r["wall_time_s"] for r in run_state.read_history(run_dir)))
+    text = summary_markdown(cfg, dense_metrics, final_metrics, report, sizes, seconds,
+                            stages.items())
     if chief:
         atomic_write(os.path.join(write_dir, "summary.md"), text)
         print(text)
+        run_state.release_lock(cfg["out_dir"])
     else:
         shutil.rmtree(write_dir)
     return pruned, text
@@ -310,6 +402,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cfg = config()
+    validate(cfg)
     if not FLAGS.resume and os.path.exists(os.path.join(cfg["out_dir"], "baseline")):
         raise app.UsageError(f"--out_dir {cfg['out_dir']} holds a previous run: pass --resume "
                              "to continue it, or choose another --out_dir.")

@@ -42,3 +42,66 @@ def test_a_directory_without_a_run_is_a_usage_error(tmp_path, capsys):
         cli.main(["report", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "missing report.json, history.jsonl" in capsys.readouterr().err
+
+
+def _damage_history(run_dir):
+    """Replaces line 2 of history.jsonl by garbage and appends a record without fields."""
+    path = os.path.join(run_dir, "history.jsonl")
+    with open(path) as f:
+        lines = f.readlines()
+    lines[1] = "{garbage\n"
+    lines.append('{"iteration": 5}\n')
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def _rows(stdout):
+    return [line.split()[:2] for line in stdout.splitlines()
+            if line.split()[:1] in (["1"], ["2"], ["3"], ["4"], ["5"])]
+
+
+def test_garbage_history_lines_are_named_and_the_rest_reported(tmp_path, capsys):
+    synthetic_run.write(str(tmp_path))
+    _damage_history(str(tmp_path))
+    assert cli.main(["report", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "Final Parameters:" in captured.out
+    assert _rows(captured.out) == [["1", "0.5"], ["3", "1.5"], ["4", "0"]]
+    assert "history.jsonl, line 2: not an iteration record: '{garbage'" in captured.err
+    assert "line 5: not an iteration record" in captured.err
+    for name in plots.FIGURES:
+        assert os.path.getsize(tmp_path / "figures" / name) > 8_000
+
+
+def test_an_unwritable_figures_directory_writes_no_figures_but_prints_the_report(tmp_path, capsys):
+    synthetic_run.write(str(tmp_path))
+    (tmp_path / "figures").write_text("a file where the figures would go")
+    assert cli.main(["report", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "Final Parameters:" in captured.out and len(_rows(captured.out)) == 4
+    assert "wrote no figures" in captured.err and "--figures_dir" in captured.err
+    assert (tmp_path / "figures").read_text() == "a file where the figures would go"
+    assert cli.main(["report", str(tmp_path), f"--figures_dir={tmp_path / 'elsewhere'}"]) == 0
+    assert sorted(os.listdir(tmp_path / "elsewhere")) == sorted(plots.FIGURES)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_run_directory_is_reported_without_figures(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    synthetic_run.write(str(run_dir))
+    os.chmod(run_dir, 0o555)
+    try:
+        assert cli.main(["report", str(run_dir)]) == 1
+    finally:
+        os.chmod(run_dir, 0o755)
+    captured = capsys.readouterr()
+    assert len(_rows(captured.out)) == 4 and "wrote no figures" in captured.err
+    assert not (run_dir / "figures").exists()
+
+
+def test_an_unreadable_report_json_is_named_and_the_history_still_printed(tmp_path, capsys):
+    synthetic_run.write(str(tmp_path))
+    (tmp_path / "report.json").write_text("{not json")
+    assert cli.main(["report", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "report.json: unreadable" in captured.err and len(_rows(captured.out)) == 4

@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 
-from absl import flags
+from absl import app, flags
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -203,3 +203,26 @@ def test_quick_preset_runs_every_compression_stage_and_flags_turn_them_off():
     assert (off["quantize_bits"], off["export_sparse"], off["compress"]) == (None, False, False)
     paper = _config("--preset=paper", "--quantize_bits=8")
     assert (paper["quantize_bits"], paper["export_sparse"], paper["compress"]) == (8, False, False)
+
+
+def _files(out_dir):
+    return {str(p.relative_to(out_dir)): p.read_bytes() for p in out_dir.rglob("*") if p.is_file()}
+
+
+def test_resume_with_another_seed_is_refused_before_anything_changes(finished):
+    out_dir, _ = finished
+    before = _files(out_dir)
+    with _flags(f"--out_dir={out_dir}", *TINY, "--seed=1"), \
+            pytest.raises(app.UsageError, match=r"seed: 0 \(run directory\) vs 1 \(now\)"):
+        example.main(["vgg19_cifar10.py"])
+    assert _files(out_dir) == before
+
+
+def test_a_resumed_run_sums_the_wall_time_of_every_process(finished):
+    out_dir, _ = finished
+    history = read_history(str(out_dir / "run"))
+    recorded = json.loads((out_dir / "baseline" / "wall_time.json").read_text())["wall_time_s"]
+    earlier = recorded + sum(r["wall_time_s"] for r in history)
+    _main(out_dir)  # every iteration is finished: this process only writes the final outputs
+    assert read_history(str(out_dir / "run")) == history
+    assert float(_summary(out_dir)["wall time (s)"]) >= round(earlier)

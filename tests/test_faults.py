@@ -1,9 +1,10 @@
 """Crashes lose nothing: SIGKILL at many points, including mid-checkpoint, then resume.
 
-A chain of runs of tests/resumable_run.py is killed at pseudo-random batches and at
-pseudo-random file replacements (inside checkpoint/history/state writing); each rerun
-resumes from the last finished iteration. The final history and report must equal an
-uninterrupted run's.
+A chain of runs of tests/resumable_run.py (dropout, augmentation and per-epoch shuffling
+on) is killed at pseudo-random batches and at pseudo-random file replacements (inside
+checkpoint/history/state writing); each rerun resumes from the last finished iteration.
+The final weights, history (wall times aside) and report must equal an uninterrupted
+run's bit for bit.
 """
 import json
 import os
@@ -37,8 +38,9 @@ def _comparable(run_dir):
     history = run_state.read_history(run_dir)
     for record in history:
         record.pop("wall_time_s")
-    with open(os.path.join(run_dir, "report.json")) as f:
-        return history, json.load(f)
+    with open(os.path.join(run_dir, "report.json")) as f, \
+            open(os.path.join(run_dir, "weights.sha256")) as g:
+        return history, json.load(f), g.read()
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +67,25 @@ def test_killed_runs_resume_to_the_same_result(tmp_path, uninterrupted):
     assert len(finished_before) >= 8  # kills that hit a running process
     result = _run(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    history, report = _comparable(tmp_path)
-    expected_history, expected_report = uninterrupted
+    history, report, weights = _comparable(tmp_path)
+    expected_history, expected_report, expected_weights = uninterrupted
+    assert weights == expected_weights
     assert report == expected_report
     assert [r["iteration"] for r in history] == [1, 2, 3, 4]
     assert json.dumps(history, sort_keys=True) == json.dumps(expected_history, sort_keys=True)
+
+
+def test_a_kill_between_the_two_renames_of_an_overwrite_loses_nothing(tmp_path, uninterrupted):
+    # At the 4th overwrite (of history.jsonl or state.json) the old version is renamed
+    # aside and the new one not yet in place.
+    result = _run(tmp_path, "--kill_between_renames=4")
+    assert result.returncode == -9, result.stderr[-3000:]
+    aside = [name for name in os.listdir(tmp_path) if ".old-" in name]
+    assert len(aside) == 1 and not os.path.exists(tmp_path / aside[0].split(".old-")[0][1:])
+    result = _run(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not [name for name in os.listdir(tmp_path) if ".old-" in name or ".tmp-" in name]
+    assert _comparable(tmp_path) == uninterrupted
 
 
 def test_unwritable_out_dir_fails_before_training(tmp_path):

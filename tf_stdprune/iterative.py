@@ -20,6 +20,7 @@ training it writes ``report.json`` and the figures. A new run (epoch 0) first ev
 the still dense model into ``baseline.json`` (the figures' 0 % point).
 """
 import json
+import math
 import numbers
 import os
 import time
@@ -33,8 +34,10 @@ from tf_stdprune.callbacks import DropoutRescaling, IterationLearningRate, Updat
 from tf_stdprune.prune import all_layers
 from tf_stdprune.recalibration import BATCHNORM_LAYERS, recalibrate_batchnorm
 from tf_stdprune.report import sparsity_report
+from tf_stdprune.io import atomic_write, clean_temporaries
 from tf_stdprune.run_state import (
-    HISTORY_FILE, STATE_FILE, atomic_write, check_writable, read_history, save_iteration)
+    HISTORY_FILE, STATE_FILE, NonFiniteError, acquire_lock, check_run_settings, check_writable,
+    non_finite_weights, read_history, release_lock, run_settings, save_iteration)
 from tf_stdprune.target import TargetAccuracy
 from tf_stdprune.wrapper import PruneLowStd
 
@@ -82,17 +85,25 @@ class IterativePruning(keras.callbacks.Callback):
       acceptance: target mode's judge (`target.TargetAccuracy`): its
         ``accept(self, record)`` sees each finished iteration before it is checkpointed;
         an iteration it rejects is neither appended nor checkpointed here.
+      checkpoint_extras: more trackables saved with every checkpoint, e.g.
+        ``{"data": iterator}``; pass the same to `restore_run`.
 
     ``fit`` must start where the model and ``run_dir`` stand: at an iteration boundary, at
     ``epoch = pruning_step / steps_per_epoch``, and at the epoch of ``run_dir``'s last
     checkpoint if it has one (``initial_epoch=restore_run(model, run_dir)``); anything
     else raises ``ValueError`` before a file is touched. Under a multi-worker strategy
     only the chief writes files.
+
+    The chief owns ``run_dir`` from the start of ``fit`` to its end (`acquire_lock`), and
+    refuses a directory whose ``run.json`` records other settings (`check_run_settings`
+    with `run_settings`), before writing anything. A NaN or infinite weight or loss after
+    the baseline or an iteration raises `NonFiniteError` naming the layer and the
+    iteration; that iteration is neither recorded nor checkpointed.
     """
 
     def __init__(self, run_dir, epochs_per_iteration, train_eval_data=None,
                  validation_data=None, recalibration_data=None, recalibration_batches=20,
-                 batch_size=32, figures=True, acceptance=None):
+                 batch_size=32, figures=True, checkpoint_extras=None, acceptance=None):
         super().__init__()
         self.acceptance = acceptance  # target mode: a `target.TargetAccuracy`, or None
         if not isinstance(epochs_per_iteration, numbers.Integral) or epochs_per_iteration < 1:
@@ -106,6 +117,7 @@ class IterativePruning(keras.callbacks.Callback):
         self.recalibration_data = _as_dataset(recalibration_data, batch_size, "recalibration_data")
         self.recalibration_batches = recalibration_batches
         self.figures = figures
+        self.checkpoint_extras = checkpoint_extras
 
     def on_train_begin(self, logs=None):
         self.wrappers = [l for l in all_layers(self.model) if isinstance(l, PruneLowStd)]
@@ -141,6 +153,7 @@ class IterativePruning(keras.callbacks.Callback):
         self.iterations = self.params["epochs"] // self.epochs_per_iteration
         self.chief = self.model.distribute_strategy.extended.should_checkpoint
         if self.chief:
+            self._claim_run_dir()
             check_writable(self.run_dir)
             self.writer = tf.summary.create_file_writer(os.path.join(self.run_dir, "tensorboard"))
         self.history, self.started = None, None
@@ -151,6 +164,8 @@ class IterativePruning(keras.callbacks.Callback):
         saved_epoch = _saved_epoch(self.run_dir)
         if (epoch % self.epochs_per_iteration or step != epoch * self.steps
                 or saved_epoch not in (None, epoch)):
+            if self.chief:
+                release_lock(self.run_dir)
             where = (f"{self.run_dir} holds a run finished up to epoch {saved_epoch}"
                      if saved_epoch is not None else f"{self.run_dir} holds no checkpoint")
             raise ValueError(
@@ -161,8 +176,11 @@ class IterativePruning(keras.callbacks.Callback):
             )
         self.history = [r for r in read_history(self.run_dir)
                         if r["iteration"] <= epoch // self.epochs_per_iteration]
+        if self.chief:
+            check_run_settings(self.run_dir, self.settings)
         if epoch == 0:
             baseline = self._evaluate()
+            self._check_finite("the dense baseline", baseline)
             if self.chief:
                 atomic_write(os.path.join(self.run_dir, HISTORY_FILE), "")
                 atomic_write(os.path.join(self.run_dir, "baseline.json"), json.dumps(baseline, indent=2))
@@ -207,15 +225,17 @@ class IterativePruning(keras.callbacks.Callback):
             "zero_weights": report.zero_weights,
             "zero_weights_rate": report.zero_weights_rate,
             "zero_parameters_rate": report.zero_parameters_rate,
-            "compression_rate": report.compression_rate,
+            "compression_rate": report.to_dict()["compression_rate"],  # null: all pruned
             "total_parameters": report.total_parameters,
             "layer_zeros": {l.name: l.zeros for l in report.layers},
             "wall_time_s": time.time() - self.started,
         }
+        self._check_finite(f"iteration {iteration}", dict(after, **record["fit_logs"]))
         if self.acceptance is not None and not self.acceptance.accept(self, record):
             return  # rejected: the acceptance restored the last kept state and stops fit
         self.history.append(record)
-        save_iteration(self.model, self.run_dir, iteration, epoch + 1, self.history, self.chief)
+        save_iteration(self.model, self.run_dir, iteration, epoch + 1, self.history, self.chief,
+                       self.checkpoint_extras)
         self._log(record)
 
     def on_train_end(self, logs=None):
@@ -227,6 +247,34 @@ class IterativePruning(keras.callbacks.Callback):
         atomic_write(os.path.join(self.run_dir, "report.json"), report.to_json())
         if self.figures:
             plots.write_figures(self.run_dir)
+        release_lock(self.run_dir)
+
+    def _claim_run_dir(self):
+        """Takes ``run_dir``'s lock and checks its ``run.json``; changes nothing else."""
+        self.settings = run_settings(self.model, self.epochs_per_iteration)
+        took = acquire_lock(self.run_dir)
+        try:
+            check_run_settings(self.run_dir, self.settings, write=False)
+            clean_temporaries(self.run_dir)
+            clean_temporaries(os.path.join(self.run_dir, "checkpoints"))
+        except BaseException:
+            if took:
+                release_lock(self.run_dir)
+            raise
+
+    def _check_finite(self, where, losses):
+        """Raises `NonFiniteError` if a weight or one of ``losses`` is NaN or infinite."""
+        bad = [f"weight {name}" for name in non_finite_weights(self.model)]
+        bad += [f"{name} = {value}" for name, value in losses.items()
+                if "loss" in name and not math.isfinite(value)]
+        if bad:
+            if self.chief:
+                release_lock(self.run_dir)
+            raise NonFiniteError(
+                f"Training diverged: after {where}, {', '.join(bad[:5])}"
+                f"{' and more' if len(bad) > 5 else ''} is not finite. Nothing of it was "
+                f"recorded; {self.run_dir} still holds the last good checkpoint. Lower the "
+                "learning rate (initial_lrs) or q, then resume.")
 
     def _recalibrate_and_evaluate(self):
         if self.recalibration_data is not None and self.recalibration_batches:
@@ -251,9 +299,10 @@ class IterativePruning(keras.callbacks.Callback):
         accuracy = (f"  val {100 * before:.2f} % -> {100 * after:.2f} %"
                     if before is not None and after is not None else "")
         quality = f"{record['q']:.3g}" if record["q"] is not None else "-"
-        logging.info("iteration %d/%d  q=%s  zeros %.1f %%  x%.2f%s", record["iteration"],
+        rate = record["compression_rate"]
+        logging.info("iteration %d/%d  q=%s  zeros %.1f %%  %s%s", record["iteration"],
                      self.iterations, quality, record["zero_parameters_rate"],
-                     record["compression_rate"], accuracy)
+                     "all weights pruned" if rate is None else f"x{rate:.2f}", accuracy)
         if not self.chief:
             return
         with self.writer.as_default():
@@ -268,6 +317,20 @@ class IterativePruning(keras.callbacks.Callback):
         self.writer.flush()
 
 
+def warn_unreachable_drops(lr_drops, epochs_per_iteration):
+    """Logs a warning naming the drops at or beyond ``epochs_per_iteration``: epochs
+    inside an iteration run from 0 to ``E - 1``, so such a drop never lowers the rate.
+    Returns them."""
+    unreachable = sorted(d for d in lr_drops
+                         if isinstance(d, numbers.Real) and d >= epochs_per_iteration)
+    if unreachable:
+        logging.warning(
+            "lr_drops %s never take effect: an iteration has epochs 0..%d "
+            "(epochs_per_iteration=%d). Give drops below %d, or more epochs per iteration.",
+            unreachable, epochs_per_iteration - 1, epochs_per_iteration, epochs_per_iteration)
+    return unreachable
+
+
 def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, lr_drops=(3, 10, 16),
                         lr_drop_factor=0.1, rescale_dropout=True, target_accuracy_drop=None,
                         q_step=0.1, **kwargs):
@@ -279,8 +342,11 @@ def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, lr_drops=(3,
     after each pruning). With ``target_accuracy_drop`` (points of validation top-1) the
     run is in target mode (`target.TargetAccuracy`): q rises by ``q_step`` per iteration
     until an iteration drops more than that below dense; that iteration is rejected, the
-    last accepted state restored, and training stops.
+    last accepted state restored, and training stops. Drops that can never fire (at or
+    beyond ``E``) are named in a warning (`warn_unreachable_drops`).
     """
+    if isinstance(epochs_per_iteration, numbers.Integral):
+        warn_unreachable_drops(lr_drops, epochs_per_iteration)
     callbacks = [
         UpdatePruningStep(),
         IterationLearningRate(initial_lrs, epochs_per_iteration, lr_drops, lr_drop_factor),
