@@ -8,7 +8,10 @@ shares a name with a Keras layer is not matched.
 
 A tensor is named by an attribute path relative to the layer: ``"kernel"``, or
 ``"cell.recurrent_kernel"`` for a tensor held by a sub-layer (recurrent cells,
-MultiHeadAttention's projections). `resolve` turns a path into ``(owner, attribute)``;
+MultiHeadAttention's projections), with list items named by their index
+(``"cell.cells.0.kernel"`` for the first cell of an RNN over stacked cells). A generic
+``RNN`` layer's paths follow from its cell(s): each known cell's kernel and recurrent
+kernel. `resolve` turns a path into ``(owner, attribute)``;
 for an attribute that Keras 3 exposes as a read-only property over a stored variable
 (``Dense.kernel`` over ``Dense._kernel``) it names the stored one, which is what a
 wrapper substitutes ``w * m`` into.
@@ -46,6 +49,7 @@ TABLE = {
     "SimpleRNNCell": Entry(("kernel", "recurrent_kernel"), "rnn"),
     "LSTMCell": Entry(("kernel", "recurrent_kernel"), "rnn"),
     "GRUCell": Entry(("kernel", "recurrent_kernel"), "rnn"),
+    "RNN": Entry(None, "rnn"),  # paths from its cell(s), see `prunable_attributes`
     "MultiHeadAttention": Entry(_ATTENTION, "attention"),
     "BatchNormalization": Entry(("gamma",), "bn"),
     "SyncBatchNormalization": Entry(("gamma",), "bn"),
@@ -99,9 +103,26 @@ def prunable_attributes(layer, prune_batchnorm=True):
     entry = lookup(layer)
     if entry is None:
         return []
+    if entry.attributes is None:
+        return _rnn_cell_paths(layer)
     if entry.kind == BATCHNORM_KIND and not (prune_batchnorm and getattr(layer, "scale", True)):
         return []
     return list(entry.attributes)
+
+
+def _rnn_cell_paths(layer):
+    """Paths of a generic RNN's cell tensors; ``[]`` if a cell is not in the table."""
+    cell = layer.cell
+    cells = [("cell", cell)]
+    if hasattr(cell, "cells"):  # StackedRNNCells
+        cells = [(f"cell.cells.{i}", c) for i, c in enumerate(cell.cells)]
+    paths = []
+    for prefix, item in cells:
+        entry = lookup(item)
+        if entry is None or entry.kind != "rnn" or entry.attributes is None:
+            return []
+        paths += [f"{prefix}.{a}" for a in entry.attributes]
+    return paths
 
 
 def resolve(layer, path):
@@ -110,7 +131,7 @@ def resolve(layer, path):
     owner = layer
     *parents, attribute = path.split(".")
     for name in parents:
-        owner = getattr(owner, name)
+        owner = owner[int(name)] if name.isdigit() else getattr(owner, name)
     prop = getattr(type(owner), attribute, None)
     if isinstance(prop, property) and hasattr(owner, "_" + attribute):
         attribute = "_" + attribute
@@ -129,6 +150,13 @@ def unknown_kernels(layer):
     A non-empty answer means the layer would silently stay dense: callers raise.
     """
     name = keras_class_name(layer)
-    if name in TABLE or name in NOT_PRUNED:
+    if name in NOT_PRUNED or (name in TABLE and prunable_attributes(layer) != []):
+        return []
+    if name in TABLE and TABLE[name].kind == BATCHNORM_KIND:
         return []
     return [w for w in getattr(layer, "trainable_weights", []) if len(w.shape) >= 2]
+
+
+def refused(layer):
+    """True for a layer that is never pruned and must be refused (``REFUSED``)."""
+    return keras_class_name(layer) in REFUSED
