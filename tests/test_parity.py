@@ -84,7 +84,7 @@ def test_each_newly_supported_layer_is_pruned_by_the_std_rule_and_stays_exactly_
         assert [w.shape for w in their_layer.layer.get_prunable_weights()] == [
             w.shape for w in weights]
     before = [w.numpy() for w in weights]
-    pruned.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+    pruned.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse", run_eagerly=True)  # no tracing
     x = _inputs(shape, integer)
     _fit(pruned, x, steps=2)  # the first call prunes, then two updates
     for (weight, mask, _), w0 in zip(wrapper.pruning_vars, before):

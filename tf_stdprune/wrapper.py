@@ -185,8 +185,9 @@ class StdPruning:
         wrapper = self._wrapper
         pairs = []
         for (weight, mask, threshold), sigma in zip(wrapper.pruning_vars, wrapper.sigmas):
+            # stop_gradient: an eager GradientTape (run_eagerly=True) must not record the rule
             new_mask, new_threshold, new_sigma, new_weight = self._rule(
-                _float32_value(weight), tf.convert_to_tensor(mask), quality,
+                tf.stop_gradient(_float32_value(weight)), tf.convert_to_tensor(mask), quality,
                 tf.convert_to_tensor(sigma))
             pairs += [(mask, new_mask), (threshold, new_threshold), (sigma, new_sigma),
                       (weight, tf.cast(new_weight, getattr(weight, "true_dtype", weight.dtype)))]
