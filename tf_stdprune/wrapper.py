@@ -309,6 +309,28 @@ def check_wrappable(layer):
         )
 
 
+def build_attention_projections(layer):
+    """Builds a MultiHeadAttention's projection layers if they are not built yet.
+
+    tf_keras creates them from the shapes of its first call (or of its saved config) but
+    builds their kernels only when they are called; a layer restored from a file has not
+    been. One call on zeros of those shapes (1 for unknown sizes) builds them.
+    """
+    if registry.layer_kind(layer) != "attention":
+        return
+    if not getattr(layer, "_built_from_signature", False):
+        raise ValueError(
+            f"MultiHeadAttention {layer.name!r} has not been called yet, so its projections do "
+            "not exist: call it once on its inputs (as a model does) before wrapping it."
+        )
+    if all(registry.resolve(layer, p)[0].built for p in registry.TABLE["MultiHeadAttention"].attributes):
+        return
+    with tf.init_scope():
+        query, value, key = [tf.zeros([d or 1 for d in shape]) for shape in (
+            layer._query_shape, layer._value_shape, layer._key_shape)]
+        layer(query, value, key=key)
+
+
 @keras.utils.register_keras_serializable(package="tf_stdprune")
 class PruneLowStd(PruneLowMagnitude):
     """Wraps a layer so that weights with ``|w| < q * sigma`` are pruned during training.
@@ -375,6 +397,7 @@ class PruneLowStd(PruneLowMagnitude):
 
     def build(self, input_shape):
         keras.layers.Wrapper.build(self, input_shape)
+        build_attention_projections(self.layer)
         if self._weight_attributes is None:
             self._weight_attributes = prunable_attributes(self.layer, self.prune_batchnorm)
         if not self._weight_attributes:
