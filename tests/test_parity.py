@@ -103,7 +103,6 @@ def test_each_newly_supported_layer_is_pruned_by_the_std_rule_and_stays_exactly_
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow  # three formats of an LSTM + attention model: about a minute on 2 CPUs
 def test_rnn_and_attention_round_trip_through_h5_keras_and_saved_model(tmp_path):
     inputs = keras.Input((4, 5))
     hidden = L.LSTM(3, return_sequences=True, name="lstm")(inputs)

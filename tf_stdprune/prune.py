@@ -8,6 +8,7 @@ from tf_stdprune.wrapper import (
     PruneLowStd,
     check_block_arguments,
     check_flag,
+    check_prunable,
     check_schedule,
     prunable_attributes,
 )
@@ -126,6 +127,7 @@ def _wrapper_factory(settings, layer_quality, skip, pruning_policy):
             return layer
         if pruning_policy is not None and not pruning_policy.allow_pruning(layer):
             return layer
+        check_prunable(layer)
         if prunable_attributes(layer, settings["prune_batchnorm"]) == []:
             return layer
         return PruneLowStd(layer, layer_quality=layer_quality.get(layer.name, 1.0), **settings)

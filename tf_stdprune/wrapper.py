@@ -73,11 +73,8 @@ def prunable_attributes(layer, prune_batchnorm=True):
     """Attribute paths of the tensors of ``layer`` that are pruned (see `registry`).
 
     A layer with its own ``get_prunable_weights`` (tfmot's `PrunableLayer`) is honoured once
-    built (``None`` before); every other layer is looked up in `registry.TABLE`.
-
-    Raises:
-      ValueError: for a layer that tfmot refuses too (ConvLSTM), and for a layer holding
-        trainable kernels that the registry does not know (it would stay dense silently).
+    built (``None`` before); every other layer is looked up in `registry.TABLE` (``[]`` for
+    a layer it does not name: `check_prunable` says whether that is an error).
     """
     own = getattr(layer, "get_prunable_weights", None)
     if own is not None and not isinstance(own, RegistryWeights):
@@ -91,10 +88,22 @@ def prunable_attributes(layer, prune_batchnorm=True):
                 "an attribute of the layer (e.g. self.kernel) so the wrapper can mask it."
             )
         return names
+    return registry.prunable_attributes(layer, prune_batchnorm)
+
+
+def check_prunable(layer):
+    """Raises ValueError for a layer that pruning would otherwise leave dense silently.
+
+    That is a layer tfmot refuses too (ConvLSTM), and a layer holding trainable kernels
+    that the registry does not know and that does not define ``get_prunable_weights``.
+    """
+    own = getattr(layer, "get_prunable_weights", None)
+    if own is not None and not isinstance(own, RegistryWeights):
+        return
     if registry.refused(layer):
         raise ValueError(
             f"Layer {layer.name!r} ({type(layer).__name__}) is not supported for pruning (nor "
-            "by tfmot): pass skip=[its name] to prune_low_std to keep it dense."
+            f"by tfmot): pass skip=[{layer.name!r}] to prune_low_std to keep it dense."
         )
     unknown = registry.unknown_kernels(layer)
     if unknown:
@@ -105,7 +114,6 @@ def prunable_attributes(layer, prune_batchnorm=True):
             "kernels to prune), or keep it dense with prune_low_std(..., skip=["
             f"{layer.name!r}])."
         )
-    return registry.prunable_attributes(layer, prune_batchnorm)
 
 
 @contextlib.contextmanager
@@ -364,6 +372,7 @@ class PruneLowStd(PruneLowMagnitude):
         check_flag(prune_batchnorm, "prune_batchnorm")
         block_size = check_block_arguments(block_size, block_pooling_type, sparsity_m_by_n)
         pruning_schedule = check_schedule(pruning_schedule)
+        check_prunable(layer)
         self._weight_attributes = prunable_attributes(layer, prune_batchnorm)
         if self._weight_attributes == []:
             raise ValueError(
@@ -398,6 +407,7 @@ class PruneLowStd(PruneLowMagnitude):
     def build(self, input_shape):
         keras.layers.Wrapper.build(self, input_shape)
         build_attention_projections(self.layer)
+        check_prunable(self.layer)  # a layer built only now: its kernels exist now
         if self._weight_attributes is None:
             self._weight_attributes = prunable_attributes(self.layer, self.prune_batchnorm)
         if not self._weight_attributes:
