@@ -338,3 +338,17 @@ def test_huge_q_never_prunes_a_zero_std_tensor_and_nan_q_is_refused():
     with pytest.raises(tf.errors.InvalidArgumentError, match="non-finite q"):
         wrapper.pruning_obj.update_masks(float("nan"))
     assert np.all(wrapper.pruning_vars[0][1].numpy() == 1.0)
+
+
+def test_std_schedule_prunes_at_the_first_call_of_each_iteration_in_tfmot_step_numbers():
+    model = tf_stdprune.prune_low_std(keras.Sequential([L.Dense(3, input_shape=(4,))]),
+                                      tf_stdprune.StdPruningSchedule([0.5, 1.0], 3, begin_step=1))
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    wrapper, pruned_at = model.layers[0], []
+    for _ in range(8):
+        model.fit(np.ones((1, 4)), np.zeros((1, 3)), verbose=0,
+                  callbacks=[tf_stdprune.UpdatePruningStep()])
+        pruned_at.append(int(wrapper.pruned_at_step.numpy()))
+    # one optimizer step before the first pruning, then every 3: calls (= steps) 2, 5, 8
+    assert pruned_at == [-1, 2, 2, 2, 5, 5, 5, 8]
+    assert int(wrapper.pruning_step.numpy()) == 8

@@ -17,9 +17,8 @@ it: a boolean ``weights_masked`` is set by `mask_optimizer_slots` (which establi
 ``w = w * m``, ``s = s * m``) and cleared whenever the masks change. With it set, one
 elementwise pass over the weights per step remains (the gradient's ``* m``), as in tfmot
 (its ``w = w * m`` assignment). Ours multiplies the gradient, a temporary TensorFlow may
-overwrite in place; tfmot's allocates a new buffer for every weight at every step, which
-at full width costs page faults and makes its step 4-5 % slower than ours at batch 8 and
-16 (README). Without our callback (tfmot's `UpdatePruningStep`, a custom loop that never
+overwrite in place, where tfmot's allocates a new buffer for every weight at every step
+(benchmarks/overhead.py compares the two). Without our callback (tfmot's `UpdatePruningStep`, a custom loop that never
 calls `mask_optimizer_slots`) it stays cleared after the first pruning and every step
 multiplies.
 Assigning a kernel directly (``kernel.assign(dense)``) breaks it: call
@@ -28,8 +27,15 @@ each epoch's end, ours also at ``on_train_begin``).
 
 It subclasses tfmot's `PruneLowMagnitude` and keeps its protocol (``pruning_step``,
 ``pruning_vars`` of ``(weight, mask, threshold)``, ``pruning_obj.weight_mask_op()`` and
-``conditional_mask_update()``), so tfmot's `UpdatePruningStep`, `PruningSummaries`,
-`strip_pruning` and `collect_prunable_layers` work on it unchanged.
+``conditional_mask_update()``, ``layer.get_prunable_weights()``), so tfmot's
+`UpdatePruningStep`, `PruningSummaries`, `strip_pruning` and `collect_prunable_layers` work
+on it unchanged. The schedule is asked at tfmot's step numbers (the k-th training call is
+step k), so a tfmot schedule fires at the same calls under both wrappers.
+
+Where it differs from tfmot by design: stored weights are exactly sparse after every
+batch, so any checkpoint is; subclasses of supported layers are pruned like their parent
+class; BatchNormalization ``gamma`` and depthwise kernels are pruned too; a layer with
+kernels that nobody knows how to prune raises instead of staying dense.
 """
 import contextlib
 import inspect
