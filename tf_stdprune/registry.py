@@ -16,6 +16,12 @@ for an attribute that Keras 3 exposes as a read-only property over a stored vari
 (``Dense.kernel`` over ``Dense._kernel``) it names the stored one, which is what a
 wrapper substitutes ``w * m`` into.
 
+Against tfmot's own registry the table prunes every tensor tfmot prunes (Dense, Conv,
+transposed Conv, Embedding, LocallyConnected, the recurrent layers and cells,
+MultiHeadAttention's projections) and, by design, more: depthwise kernels (of depthwise
+and separable convolutions), EinsumDense and, optionally, BatchNormalization's ``gamma``,
+as the seed counts every weight. ConvLSTM layers are refused, as tfmot refuses them.
+
 Report kinds: ``"conv"``, ``"dense"``, ``"bn"``, ``"embedding"``, ``"rnn"``,
 ``"attention"``; ``"other"`` for layers with nothing to prune.
 """
