@@ -99,7 +99,7 @@ def _wrapped_layers(std_mode):
     for i, (layer, shape) in enumerate(specs):
         wrapper = tf_stdprune.PruneLowStd(
             layer, tf_stdprune.StdPruningSchedule([1.0], 1), std_mode=std_mode,
-            quality_multiplier=1.0 + 0.25 * (i % 3))
+            layer_quality=1.0 + 0.25 * (i % 3))
         wrapper.build(shape)
         wrapped.append(wrapper)
     return wrapped
@@ -120,7 +120,7 @@ def test_wrapper_masks_match_reference(std_mode):
     assert len(state) == 9  # SeparableConv2D has two kernels
     for q in QUALITIES:
         for wrapper in wrappers:
-            q_layer = np.float32(q) * np.float32(wrapper.quality_multiplier)
+            q_layer = np.float32(q) * np.float32(wrapper.layer_quality)
             for weight, _, _ in wrapper.pruning_vars:
                 w, m, s0 = state[id(weight)]
                 w = _separate(w, m, float(q_layer), std_mode, s0)

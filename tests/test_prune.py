@@ -108,19 +108,21 @@ def test_layer_and_list():
     assert wrapped.std_mode == "all" and wrapped.name == "custom"
     result = tf_stdprune.prune_low_std([L.Dense(2, name="d2"), relu, bn],
                                        layer_quality={"d2": 1.5})
-    assert isinstance(result[0], tf_stdprune.PruneLowStd) and result[0].quality_multiplier == 1.5
+    assert isinstance(result[0], tf_stdprune.PruneLowStd) and result[0].layer_quality == 1.5
     assert result[1] is relu and isinstance(result[2], tf_stdprune.PruneLowStd)
     assert tf_stdprune.prune_low_std([bn], prune_batchnorm=False) == [bn]
-    assert tf_stdprune.prune_low_std([wrapped])[0] is wrapped  # already wrapped: kept
+    assert tf_stdprune.prune_low_std([wrapped], std_mode="all")[0] is wrapped  # same settings: kept
+    with pytest.raises(ValueError, match=r"already pruned with other settings.*std_mode.*strip_pruning"):
+        tf_stdprune.prune_low_std([wrapped], std_mode="initial")
 
 
 def test_layer_quality_sets_multiplier_and_rejects_unknown_names():
     pruned = tf_stdprune.prune_low_std(residual(), layer_quality={"c1": 2.0, "d": 0.5})
-    factors = {w.layer.name: w.quality_multiplier for w in _wrappers(pruned)}
+    factors = {w.layer.name: w.layer_quality for w in _wrappers(pruned)}
     assert factors == {"stem": 1.0, "c1": 2.0, "bn": 1.0, "c2": 1.0, "d": 0.5}
     with pytest.raises(ValueError, match=r"layer_quality.*\['nope'\].*model.summary"):
         tf_stdprune.prune_low_std(residual(), layer_quality={"c1": 2.0, "nope": 1.0})
-    with pytest.raises(ValueError, match="quality_multiplier"):
+    with pytest.raises(ValueError, match="layer_quality"):
         tf_stdprune.prune_low_std(residual(), layer_quality={"c1": -1.0})
 
 
@@ -133,7 +135,7 @@ def test_subclassed_model_raises():
         def call(self, inputs):
             return self.dense(inputs)
 
-    with pytest.raises(ValueError, match="^Subclassed models are not supported currently.$"):
+    with pytest.raises(ValueError, match="^Subclassed models are not supported"):
         tf_stdprune.prune_low_std(Net())
 
 

@@ -46,9 +46,9 @@ def test_reload_keeps_pruning_state_and_training_continues_identically(tmp_path,
         tiny_cnn(l2=1e-3), std_mode="surviving", layer_quality={"dense": 1.5},
         pruning_schedule=tf_stdprune.StdPruningSchedule([0.6, 0.9, 1.2], 4))
     model.compile(_sgd(), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    _fit(model, tiny_data)  # prunes at steps 0 and 4 of 8
+    _fit(model, tiny_data)  # prunes at calls 1 and 5 of 8 (tfmot's step numbers)
     saved = _state(model)
-    assert saved["prune_low_std_dense"][:2] == (8, 4)
+    assert saved["prune_low_std_dense"][:2] == (8, 5)
     reloaded = {}
     for name in FORMATS:
         model.save(tmp_path / name)
@@ -65,8 +65,8 @@ def test_reload_keeps_pruning_state_and_training_continues_identically(tmp_path,
     for copy in (fresh, reloaded["saved_model"]):
         copy.compile(_sgd(), model.loss)
         _fit(copy, tiny_data)
-    _fit(model, tiny_data)  # prunes again at steps 8 and 12
-    assert _state(model)["prune_low_std_dense"][:2] == (16, 12)
+    _fit(model, tiny_data)  # prunes again at calls 9 and 13
+    assert _state(model)["prune_low_std_dense"][:2] == (16, 13)
 
     for name, copy in reloaded.items():
         reference = model if name in WITH_OPTIMIZER_STATE else fresh
@@ -93,11 +93,19 @@ def _assert_same_state(state, expected, name):
 def test_wrapper_config_round_trip():
     layer = tf_stdprune.PruneLowStd(
         keras.layers.Conv2D(3, 2, name="c"), tf_stdprune.StdPruningSchedule([0.5, 1.0], 7, 3, 40),
-        std_mode="all", quality_multiplier=1.25, prune_batchnorm=False, name="w")
+        std_mode="all", layer_quality=1.25, prune_batchnorm=False, name="w")
     config = layer.get_config()
     with tf_stdprune.prune_scope():
         copy = keras.layers.deserialize(keras.layers.serialize(layer))
     assert type(copy) is PruneLowStd and copy.get_config() == config
-    assert (copy.std_mode, copy.quality_multiplier, copy.prune_batchnorm) == ("all", 1.25, False)
+    assert (copy.std_mode, copy.layer_quality, copy.prune_batchnorm) == ("all", 1.25, False)
     assert copy.pruning_schedule.get_config() == layer.pruning_schedule.get_config()
     assert PruneLowStd.from_config(config).get_config() == config
+
+
+def test_a_config_saved_with_the_former_name_quality_multiplier_loads_as_layer_quality():
+    layer = tf_stdprune.PruneLowStd(keras.layers.Dense(3, name="d"), layer_quality=0.75)
+    config = layer.get_config()
+    config["quality_multiplier"] = config.pop("layer_quality")
+    copy = PruneLowStd.from_config(config)
+    assert copy.layer_quality == 0.75 and copy.get_config() == layer.get_config()

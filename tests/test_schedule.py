@@ -12,9 +12,11 @@ from tf_stdprune._keras import keras
 
 
 def _expected(step, qualities, steps_per_iteration, begin_step=0, end_step=-1):
-    """Reference: prune at begin_step + k * steps_per_iteration, q of iteration k."""
-    offset = step - begin_step
-    in_range = offset >= 0 and (end_step < 0 or step <= end_step)
+    """Reference: step counts training calls from 1 (tfmot's numbering); prune at the call
+    after begin_step + k * steps_per_iteration optimizer steps, q of iteration k."""
+    taken = step - 1
+    offset = taken - begin_step
+    in_range = offset >= 0 and (end_step < 0 or taken <= end_step)
     prune = in_range and offset % steps_per_iteration == 0
     return prune, qualities[min(max(offset // steps_per_iteration, 0), len(qualities) - 1)]
 
@@ -31,25 +33,26 @@ def test_prunes_at_first_step_of_each_iteration(qualities, spi, begin, end):
     for step in range(40):
         should_prune, q = schedule(tf.constant(step, tf.int64))
         expected_prune, expected_q = _expected(step, qualities, spi, begin, end)
-        assert bool(should_prune) == expected_prune, step
-        if step >= begin:
+        assert bool(should_prune) == expected_prune == schedule.should_prune(step), step
+        if step - 1 >= begin:
+            assert schedule.quality(schedule.iteration(step)) == expected_q
             assert float(q) == np.float32(expected_q), step  # last quality repeats
 
 
 def test_inside_tf_function():
     schedule = StdPruningSchedule([0.5, 1.5], 2)
     call = tf.function(schedule)
-    results = [(bool(p), float(q)) for p, q in (call(tf.constant(s, tf.int64)) for s in range(6))]
+    results = [(bool(p), float(q)) for p, q in (call(tf.constant(s, tf.int64)) for s in range(1, 7))]
     assert results == [(True, 0.5), (False, 0.5), (True, 1.5), (False, 1.5), (True, 1.5),
                        (False, 1.5)]
 
 
 def test_callable_qualities():
     schedule = StdPruningSchedule(lambda i: 0.25 * tf.cast(i + 1, tf.float32), 3, begin_step=1)
-    for step in range(1, 12):
+    for step in range(2, 13):
         should_prune, q = schedule(step)
-        assert bool(should_prune) == ((step - 1) % 3 == 0)
-        assert float(q) == 0.25 * ((step - 1) // 3 + 1)
+        assert bool(should_prune) == ((step - 2) % 3 == 0)
+        assert float(q) == 0.25 * ((step - 2) // 3 + 1)
     with pytest.raises(ValueError, match="callable qualities cannot be serialized"):
         schedule.get_config()
 
@@ -78,6 +81,7 @@ BAD = [
     (dict(qualities=[0.5, -0.1]), r"qualities\[1\]"),
     (dict(qualities=[math.nan]), r"qualities\[0\]"),
     (dict(qualities=[math.inf]), r"qualities\[0\]"),
+    (dict(qualities=[1e39]), r"qualities\[0\]"),  # overflows the float32 threshold
     (dict(qualities=-1.0), r"qualities\[0\]"),
     (dict(qualities=["0.5"]), r"qualities\[0\]"),
     (dict(qualities=[True]), r"qualities\[0\]"),
@@ -100,3 +104,21 @@ def test_bad_input_raises_value_error_naming_argument(kwargs, match):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=match):
         StdPruningSchedule(**arguments)
+
+
+def test_a_callable_quality_returning_nan_or_overflowing_is_refused_for_python_steps():
+    for bad in (math.nan, 1e39, -1.0):
+        schedule = StdPruningSchedule(lambda i, bad=bad: bad, 3)
+        with pytest.raises(ValueError, match="callable"):
+            schedule.quality(0)
+
+
+@pytest.mark.parametrize("begin, frequency", [(0, 1), (0, 3), (2, 4), (5, 2)])
+def test_prunes_one_call_after_the_step_a_tfmot_schedule_with_the_same_arguments_names(
+        begin, frequency):
+    """tfmot's ConstantSparsity fires at steps begin + k * frequency, the last call of the
+    previous period; ours at the call after, the first call of each iteration."""
+    theirs = tfmot.sparsity.keras.ConstantSparsity(0.5, begin, frequency=frequency)
+    ours = StdPruningSchedule([1.0], frequency, begin_step=begin)
+    tfmot_steps = [s for s in range(0, 29) if bool(theirs(tf.constant(s, tf.int64))[0])]
+    assert [s for s in range(1, 30) if ours.should_prune(s)] == [s + 1 for s in tfmot_steps]

@@ -194,7 +194,7 @@ class IterativePruning(keras.callbacks.Callback):
         step = int(self.wrappers[0].pruning_step.numpy())
         self.quality = None
         for layer in self.wrappers:
-            should_prune, quality = layer.pruning_schedule(step)
+            should_prune, quality = layer.pruning_schedule(step + 1)  # the next call's step
             if bool(should_prune):
                 layer.pruning_obj.update_masks(quality)
                 layer.mask_optimizer_slots(self.model.optimizer)

@@ -1,9 +1,10 @@
 """`prune_low_std`, `strip_pruning` and `UpdatePruningStep` for Keras 3 models.
 
 Pruning happens between training steps: `UpdatePruningStep` counts optimizer steps and,
-before the first batch of every step at which a wrapper's schedule prunes, calls
-`PruneLowStd.update_masks` with that step's ``q``. A batch's step is the number of
-optimizer steps done before it (``optimizer.iterations`` at its start), so with
+before each batch at whose step a wrapper's schedule prunes, calls
+`PruneLowStd.update_masks` with that step's ``q``. Steps are numbered as on the tf_keras
+path and in tfmot: the k-th training call is step ``k`` (``optimizer.iterations + 1``
+while it runs), so with
 ``StdPruningSchedule(qualities, steps_per_iteration=E * steps_per_epoch)`` pruning falls
 on the first batch of every ``E``-th epoch, as on the tf_keras path. With
 ``steps_per_execution = k`` Keras runs ``k`` steps between two callback calls; pruning
@@ -163,7 +164,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
         optimizer = self.model.optimizer
         if not optimizer.built:
             optimizer.build(self.model.trainable_variables)
-        self._step = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        self._taken = int(keras.ops.convert_to_numpy(optimizer.iterations))
         self._per_call = int(getattr(self.model, "steps_per_execution", 1) or 1)
         for wrapper in self._wrappers:
             wrapper.apply_masks(optimizer)
@@ -177,7 +178,8 @@ class UpdatePruningStep(keras.callbacks.Callback):
                 )
 
     def on_train_batch_begin(self, batch, logs=None):
-        due = [w for w in self._wrappers if w.pruning_schedule.should_prune(self._step)]
+        step = self._taken + 1  # tfmot's numbering: the k-th training call is step k
+        due = [w for w in self._wrappers if w.pruning_schedule.should_prune(step)]
         if not due:
             return
         sync = getattr(self.model, "jax_state_sync", None)
@@ -185,8 +187,8 @@ class UpdatePruningStep(keras.callbacks.Callback):
             sync()
         for wrapper in due:
             schedule = wrapper.pruning_schedule
-            quality = schedule.quality(schedule.iteration(self._step))
+            quality = schedule.quality(schedule.iteration(step))
             wrapper.update_masks(quality, self.model.optimizer)
 
     def on_train_batch_end(self, batch, logs=None):
-        self._step += self._per_call
+        self._taken += self._per_call

@@ -15,8 +15,18 @@ so a pruned connection never comes back. ``sigma`` depends on ``std_mode``:
 
 ``std`` is the population standard deviation ``sqrt(sum_i (w_i - mu)^2 / n)`` taken over
 the finite entries only (NaN and +-inf are left out of the statistics). A tensor whose
-statistics are all equal has ``sigma = 0``, hence ``threshold = 0`` and nothing is pruned.
-``|NaN| >= t`` is false, so a NaN weight is pruned; the mask itself is never NaN.
+statistics are all equal has ``sigma = 0``, hence ``threshold = 0`` and nothing is pruned,
+whatever ``q``. ``|NaN| >= t`` is false, so a NaN weight is pruned; the mask itself is never
+NaN.
+
+Block sparsity (`std_prune_blocks`) applies the same rule to blocks of a 2-D tensor: with
+``P[b] = pool_{i in b} |w_i|`` (AVG: the mean, MAX: the largest, over the block's entries;
+edge blocks are partial), a block is kept iff ``P[b] >= q * sigma(P)`` and ``sigma`` is taken
+over the pooled magnitudes as above (``"surviving"``: over blocks with a kept entry).
+
+`sparsity_prune` serves tfmot's sparsity schedules by their meaning: it keeps the
+``n - round(s * n)`` largest ``|w|`` (ties at the threshold kept), so that a target
+sparsity ``s`` is reached.
 """
 import types
 
@@ -89,12 +99,17 @@ def apply_mask(weights, mask, ops=TF_OPS):
     return ops.where(ops.cast(mask, "bool"), weights, ops.zeros_like(weights))
 
 
+def std_threshold(quality, sigma, ops=TF_OPS):
+    """``q * sigma``, and 0 when ``sigma == 0`` (so ``inf * 0`` never gives NaN)."""
+    return ops.where(sigma > 0.0, quality * sigma, ops.zeros_like(sigma))
+
+
 def std_rule(weights, mask, quality, std_mode, stored_sigma, ops=TF_OPS):
     """One application of the rule: ``(m_new, threshold, sigma, w * m_new)`` with
     ``threshold = q * sigma`` and ``m_new = m AND (|w| >= threshold)``."""
     weights = ops.cast(weights, "float32")
     sigma = layer_sigma(weights, mask, std_mode, stored_sigma, ops)
-    threshold = quality * sigma
+    threshold = std_threshold(quality, sigma, ops)
     new_mask = prune_mask(weights, mask, threshold, ops)
     return new_mask, threshold, sigma, apply_mask(weights, new_mask, ops)
 
@@ -111,3 +126,59 @@ def std_prune(weights, mask, quality, std_mode, stored_sigma):
     subnormal ``q * sigma`` gives ``threshold = 0``.
     """
     return std_rule(weights, mask, quality, std_mode, stored_sigma)
+
+
+def block_magnitudes(weights, block_size, pooling):
+    """``P[b] = pool(|w|)`` over ``block_size`` blocks of a 2-D tensor (``"AVG"``/``"MAX"``).
+
+    The tensor is padded with zeros to whole blocks; an edge block's mean is taken over
+    its real entries only.
+    """
+    rows, cols = block_size
+    height, width = weights.shape
+    pad = [[0, -height % rows], [0, -width % cols]]
+    shape = [(height + pad[0][1]) // rows, rows, (width + pad[1][1]) // cols, cols]
+    magnitudes = tf.reshape(tf.pad(tf.abs(tf.cast(weights, tf.float32)), pad), shape)
+    if pooling == "MAX":
+        return tf.reduce_max(magnitudes, axis=[1, 3])
+    counts = tf.reshape(tf.pad(tf.ones([height, width]), pad), shape)
+    return tf.reduce_sum(magnitudes, axis=[1, 3]) / tf.reduce_sum(counts, axis=[1, 3])
+
+
+def expand_blocks(block_values, block_size, shape):
+    """Repeats each block's value over its entries, cropped to ``shape``."""
+    rows, cols = block_size
+    expanded = tf.repeat(tf.repeat(block_values, rows, axis=0), cols, axis=1)
+    return expanded[: shape[0], : shape[1]]
+
+
+def std_prune_blocks(weights, mask, quality, std_mode, stored_sigma, block_size, pooling):
+    """The rule on pooled block magnitudes (see the module docstring).
+
+    Returns ``(m_new, threshold, sigma, w * m_new)`` like `std_prune`; ``m_new`` is
+    ``m`` AND the kept blocks expanded to entries, so a pruned entry never comes back.
+    """
+    weights = tf.cast(weights, tf.float32)
+    pooled = block_magnitudes(weights, block_size, pooling)
+    alive = block_magnitudes(mask, block_size, "MAX")  # 1 for a block with a kept entry
+    sigma = layer_sigma(pooled, alive, std_mode, stored_sigma)
+    threshold = std_threshold(quality, sigma)
+    keep = expand_blocks(tf.cast(pooled >= threshold, mask.dtype), block_size, weights.shape)
+    new_mask = mask * keep
+    return new_mask, threshold, sigma, apply_mask(weights, new_mask)
+
+
+def sparsity_prune(weights, mask, sparsity):
+    """Keeps the ``n - round(sparsity * n)`` largest ``|w|`` (and pruned entries stay pruned).
+
+    Returns ``(m_new, threshold, w * m_new)``; ``threshold`` is the smallest kept ``|w|``.
+    """
+    weights = tf.cast(weights, tf.float32)
+    magnitudes = tf.reshape(tf.abs(apply_mask(weights, mask)), [-1])
+    size = tf.size(magnitudes)
+    keep = size - tf.cast(tf.round(tf.cast(sparsity, tf.float32) * tf.cast(size, tf.float32)),
+                          tf.int32)
+    keep = tf.clip_by_value(keep, 1, size)
+    threshold = tf.math.top_k(magnitudes, k=keep, sorted=True).values[-1]
+    new_mask = prune_mask(weights, mask, threshold)
+    return new_mask, threshold, apply_mask(weights, new_mask)

@@ -8,10 +8,19 @@ shares a name with a Keras layer is not matched.
 
 A tensor is named by an attribute path relative to the layer: ``"kernel"``, or
 ``"cell.recurrent_kernel"`` for a tensor held by a sub-layer (recurrent cells,
-MultiHeadAttention's projections). `resolve` turns a path into ``(owner, attribute)``;
+MultiHeadAttention's projections), with list items named by their index
+(``"cell.cells.0.kernel"`` for the first cell of an RNN over stacked cells). A generic
+``RNN`` layer's paths follow from its cell(s): each known cell's kernel and recurrent
+kernel. `resolve` turns a path into ``(owner, attribute)``;
 for an attribute that Keras 3 exposes as a read-only property over a stored variable
 (``Dense.kernel`` over ``Dense._kernel``) it names the stored one, which is what a
 wrapper substitutes ``w * m`` into.
+
+Against tfmot's own registry the table prunes every tensor tfmot prunes (Dense, Conv,
+transposed Conv, Embedding, LocallyConnected, the recurrent layers and cells,
+MultiHeadAttention's projections) and, by design, more: depthwise kernels (of depthwise
+and separable convolutions), EinsumDense and, optionally, BatchNormalization's ``gamma``,
+as the seed counts every weight. ConvLSTM layers are refused, as tfmot refuses them.
 
 Report kinds: ``"conv"``, ``"dense"``, ``"bn"``, ``"embedding"``, ``"rnn"``,
 ``"attention"``; ``"other"`` for layers with nothing to prune.
@@ -46,6 +55,7 @@ TABLE = {
     "SimpleRNNCell": Entry(("kernel", "recurrent_kernel"), "rnn"),
     "LSTMCell": Entry(("kernel", "recurrent_kernel"), "rnn"),
     "GRUCell": Entry(("kernel", "recurrent_kernel"), "rnn"),
+    "RNN": Entry(None, "rnn"),  # paths from its cell(s), see `prunable_attributes`
     "MultiHeadAttention": Entry(_ATTENTION, "attention"),
     "BatchNormalization": Entry(("gamma",), "bn"),
     "SyncBatchNormalization": Entry(("gamma",), "bn"),
@@ -94,6 +104,20 @@ def layer_kind(layer):
     return entry.kind if entry else "other"
 
 
+class RegistryWeights:
+    """``layer.get_prunable_weights()`` for a layer that the table knows.
+
+    Set on every wrapped built-in layer, so that code written for tfmot's `PrunableLayer`
+    protocol (``wrapper.layer.get_prunable_weights()``) sees the tensors that are pruned.
+    """
+
+    def __init__(self, layer, paths):
+        self._layer, self.paths = layer, list(paths)
+
+    def __call__(self):
+        return [get_tensor(self._layer, p) for p in self.paths]
+
+
 def declared_attributes(layer):
     """Attribute names of the tensors a layer's own ``get_prunable_weights()`` returns
     (tfmot's `PrunableLayer` protocol); None before the layer is built."""
@@ -113,18 +137,37 @@ def prunable_attributes(layer, prune_batchnorm=True):
     """Attribute paths of ``layer``'s prunable tensors (see the module docstring).
 
     A layer that implements ``get_prunable_weights`` itself (tfmot's `PrunableLayer`
-    protocol) is honoured: `declared_attributes`, None until it is built. Otherwise the
+    protocol; not the `RegistryWeights` a wrapper sets) is honoured:
+    `declared_attributes`, None until it is built. Otherwise the
     table decides; ``[]`` for a layer it does not name, and for BatchNormalization
     without ``scale`` or when ``prune_batchnorm`` is false.
     """
-    if hasattr(layer, "get_prunable_weights"):
+    own = getattr(layer, "get_prunable_weights", None)
+    if own is not None and not isinstance(own, RegistryWeights):
         return declared_attributes(layer)
     entry = lookup(layer)
     if entry is None:
         return []
+    if entry.attributes is None:
+        return _rnn_cell_paths(layer)
     if entry.kind == BATCHNORM_KIND and not (prune_batchnorm and getattr(layer, "scale", True)):
         return []
     return list(entry.attributes)
+
+
+def _rnn_cell_paths(layer):
+    """Paths of a generic RNN's cell tensors; ``[]`` if a cell is not in the table."""
+    cell = layer.cell
+    cells = [("cell", cell)]
+    if hasattr(cell, "cells"):  # StackedRNNCells
+        cells = [(f"cell.cells.{i}", c) for i, c in enumerate(cell.cells)]
+    paths = []
+    for prefix, item in cells:
+        entry = lookup(item)
+        if entry is None or entry.kind != "rnn" or entry.attributes is None:
+            return []
+        paths += [f"{prefix}.{a}" for a in entry.attributes]
+    return paths
 
 
 def resolve(layer, path):
@@ -133,7 +176,7 @@ def resolve(layer, path):
     owner = layer
     *parents, attribute = path.split(".")
     for name in parents:
-        owner = getattr(owner, name)
+        owner = owner[int(name)] if name.isdigit() else getattr(owner, name)
     if not hasattr(owner, attribute) and hasattr(owner, ALIASES.get(attribute, attribute)):
         attribute = ALIASES[attribute]
     prop = getattr(type(owner), attribute, None)
@@ -154,6 +197,13 @@ def unknown_kernels(layer):
     A non-empty answer means the layer would silently stay dense: callers raise.
     """
     name = keras_class_name(layer)
-    if name in TABLE or name in NOT_PRUNED:
+    if name in NOT_PRUNED or (name in TABLE and prunable_attributes(layer) != []):
+        return []
+    if name in TABLE and TABLE[name].kind == BATCHNORM_KIND:
         return []
     return [w for w in getattr(layer, "trainable_weights", []) if len(w.shape) >= 2]
+
+
+def refused(layer):
+    """True for a layer that is never pruned and must be refused (``REFUSED``)."""
+    return keras_class_name(layer) in REFUSED

@@ -1,12 +1,20 @@
 """`StdPruningSchedule`: when to prune, and with which quality parameter ``q``.
 
 One *iteration* of the seed's procedure is ``steps_per_iteration`` optimizer steps. The
-schedule prunes once, at the first step of every iteration::
+schedule prunes once, at the first step of every iteration.
 
-    iteration(step) = (step - begin_step) // steps_per_iteration
-    should_prune    = step >= begin_step and (step - begin_step) % steps_per_iteration == 0
-                      and (end_step < 0 or step <= end_step)
+Steps are numbered as tfmot numbers them: the k-th training call of a wrapped layer is
+step ``k`` (counted from 1; ``optimizer.iterations + 1`` while that call runs), so a tfmot
+schedule and this one see the same step at the same call. With ``n = step - 1``, the
+number of optimizer steps taken before the call::
+
+    iteration(step) = (n - begin_step) // steps_per_iteration
+    should_prune    = n >= begin_step and (n - begin_step) % steps_per_iteration == 0
+                      and (end_step < 0 or n <= end_step)
     q(step)         = qualities[min(iteration, len(qualities) - 1)]
+
+``begin_step`` is thus the number of optimizer steps trained before the first pruning (0:
+the very first call prunes), and ``end_step`` the last such count that still prunes.
 
 Once the list is exhausted **the last quality repeats** (as the seed's learning-rate list
 does); pass ``end_step`` to stop pruning instead. ``qualities`` may also be a callable of
@@ -20,12 +28,17 @@ import math
 import numbers
 
 
-def _check_quality(q, where):
-    """Returns ``q`` as a float; raises ValueError unless it is a finite number >= 0."""
-    if not isinstance(q, numbers.Real) or isinstance(q, bool) or not math.isfinite(q) or q < 0:
+# The largest float32: a larger q would overflow to inf in the float32 threshold q * sigma.
+MAX_QUALITY = 3.4028234663852886e38
+
+
+def check_quality(q, where):
+    """Returns ``q`` as a float; raises ValueError unless it is a number in [0, MAX_QUALITY]."""
+    if (not isinstance(q, numbers.Real) or isinstance(q, bool) or not math.isfinite(q) or q < 0
+            or q > MAX_QUALITY):
         raise ValueError(
-            f"{where} must be a finite number >= 0 (the multiple of the layer's std below "
-            f"which weights are pruned), got {q!r}."
+            f"{where} must be a finite number >= 0 and <= {MAX_QUALITY:.4g} (the multiple of "
+            f"the layer's std below which weights are pruned), got {q!r}."
         )
     return float(q)
 
@@ -46,8 +59,8 @@ class StdPruningSchedule:
 
     Examples:
       >>> schedule = StdPruningSchedule([0.5, 1.0], steps_per_iteration=100)
-      >>> [s for s in range(400) if schedule.should_prune(s)], schedule.quality(3)
-      ([0, 100, 200, 300], 1.0)
+      >>> [s for s in range(1, 401) if schedule.should_prune(s)], schedule.quality(3)
+      ([1, 101, 201, 301], 1.0)
     """
 
     def __init__(self, qualities, steps_per_iteration, begin_step=0, end_step=-1):
@@ -59,7 +72,7 @@ class StdPruningSchedule:
                 raise ValueError(
                     "qualities is empty: give at least one quality parameter q, e.g. [0.5, 1.0]."
                 )
-            qualities = [_check_quality(q, f"qualities[{i}]") for i, q in enumerate(qualities)]
+            qualities = [check_quality(q, f"qualities[{i}]") for i, q in enumerate(qualities)]
             self._quality_fn = None
         self.qualities = qualities
         self.steps_per_iteration = _check_step(
@@ -72,19 +85,21 @@ class StdPruningSchedule:
 
     def iteration(self, step):
         """The iteration index of ``step`` (negative before ``begin_step``)."""
-        return (step - self.begin_step) // self.steps_per_iteration
+        return (step - 1 - self.begin_step) // self.steps_per_iteration
 
     def should_prune(self, step):
-        """Whether the schedule prunes at the Python integer ``step``."""
-        in_range = step >= self.begin_step and (self.end_step < 0 or step <= self.end_step)
-        return in_range and (step - self.begin_step) % self.steps_per_iteration == 0
+        """Whether the schedule prunes at the Python integer ``step`` (counted from 1)."""
+        taken = step - 1
+        in_range = taken >= self.begin_step and (self.end_step < 0 or taken <= self.end_step)
+        return in_range and (taken - self.begin_step) % self.steps_per_iteration == 0
 
     def quality(self, iteration):
         """``q`` of an iteration index: a float for a Python integer, a float32 tensor for
         a TensorFlow tensor."""
         if isinstance(iteration, numbers.Integral):
             if self._quality_fn is not None:
-                return float(self._quality_fn(iteration))
+                return check_quality(float(self._quality_fn(iteration)),
+                                      f"qualities({iteration}) (the callable's q)")
             return self.qualities[min(max(iteration, 0), len(self.qualities) - 1)]
         import tensorflow as tf  # only the tf_keras path passes tensors
 
@@ -97,10 +112,11 @@ class StdPruningSchedule:
         import tensorflow as tf  # the tf_keras path's tensor protocol
 
         step = tf.cast(step, tf.int64)
-        in_range = step >= self.begin_step
+        taken = step - 1
+        in_range = taken >= self.begin_step
         if self.end_step >= 0:
-            in_range = tf.logical_and(in_range, step <= self.end_step)
-        on_turn = tf.equal(tf.math.floormod(step - self.begin_step, self.steps_per_iteration), 0)
+            in_range = tf.logical_and(in_range, taken <= self.end_step)
+        on_turn = tf.equal(tf.math.floormod(taken - self.begin_step, self.steps_per_iteration), 0)
         return tf.logical_and(in_range, on_turn), self.quality(self.iteration(step))
 
     def get_config(self):
