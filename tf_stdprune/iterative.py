@@ -356,9 +356,12 @@ def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, lr_drops=(3,
             raise ValueError("target_accuracy_drop compares validation top-1 with the dense "
                              "model: pass validation_data=(x, y) or a dataset.")
         target = TargetAccuracy(run_dir, target_accuracy_drop, q_step)
-        callbacks.append(target)
         kwargs["acceptance"] = target
     callbacks.append(IterativePruning(run_dir, epochs_per_iteration, **kwargs))
+    if target_accuracy_drop is not None:
+        # After IterativePruning: run.json records the schedule as given, which a resumed
+        # run is built with again; the raised q list is derived from it at every start.
+        callbacks.append(target)
     if rescale_dropout:
         callbacks.append(DropoutRescaling())
     return callbacks
