@@ -17,30 +17,7 @@ import tempfile
 from tf_stdprune import plots
 from tf_stdprune.io import write_atomically
 from tf_stdprune.report import SparsityReport
-
-RECORD_KEYS = ("iteration", "q", "zero_weights_rate", "zero_parameters_rate",
-               "compression_rate", "before", "after")
-
-
-def read_records(run_dir):
-    """``(records, bad)``: the history's readable iteration records, and
-    ``[(line number, text)]`` of the lines that are not."""
-    records, bad = [], []
-    with open(os.path.join(run_dir, "history.jsonl"), "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            if (isinstance(record, dict) and all(k in record for k in RECORD_KEYS)
-                    and isinstance(record["before"], dict) and isinstance(record["after"], dict)):
-                records.append(record)
-            else:
-                bad.append((number, line.decode("utf-8", "replace").strip()[:80]))
-    return records, bad
-
+from tf_stdprune.run_state import parse_history
 
 def _print_report(run_dir):
     try:
@@ -97,7 +74,7 @@ def _write_figures(run_dir, records, figures_dir):
 
 def _report(run_dir, figures_dir=None):
     ok = _print_report(run_dir)
-    records, bad = read_records(run_dir)
+    records, bad = parse_history(run_dir)
     for number, text in bad:
         print(f"skipped {os.path.join(run_dir, 'history.jsonl')}, line {number}: not an "
               f"iteration record: {text!r}", file=sys.stderr)

@@ -15,7 +15,7 @@ from keras import ops
 from tf_stdprune import registry
 from tf_stdprune.keras3_prune import all_layers, strip_pruning, wrappers
 from tf_stdprune.keras3_wrapper import substituted
-from tf_stdprune.kmeans import DEFAULT_MAX_ITER, linear_kmeans
+from tf_stdprune.kmeans import DEFAULT_MAX_ITER, cluster_tensor
 from tf_stdprune.validate import check_bits
 
 
@@ -70,14 +70,9 @@ class QuantizeWeights(keras.layers.Wrapper):
     def cluster(self, max_iter=DEFAULT_MAX_ITER):
         """Sets centroids and indices by `linear_kmeans` of the inner layer's nonzeros."""
         for path, centroids, indices in zip(self.paths, self.centroids, self.indices):
-            weight = np.asarray(registry.get_tensor(self.layer, path))
-            if not np.all(np.isfinite(weight)):
-                raise ValueError(f"Layer {self.layer.name!r}, tensor {path!r}: NaN or inf "
-                                 "weights cannot be clustered; go back to finite weights.")
-            surviving = weight != 0
-            values, labels = linear_kmeans(weight[surviving], 2 ** self.bits, max_iter)
-            index = np.zeros(weight.shape, np.int32)
-            index[surviving] = labels + 1
+            values, index = cluster_tensor(
+                registry.get_tensor(self.layer, path), self.bits,
+                f"Layer {self.layer.name!r}, tensor {path!r}", max_iter)
             centroids.assign(values)
             indices.assign(index)
 

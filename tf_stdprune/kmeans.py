@@ -44,3 +44,24 @@ def linear_kmeans(values, clusters, max_iter=DEFAULT_MAX_ITER):
         centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
     labels = np.searchsorted(assigned, x, side="left")
     return centroids.astype(np.float32), labels.astype(np.int32)
+
+
+def cluster_tensor(weight, bits, where, max_iter=DEFAULT_MAX_ITER):
+    """``(centroids float32 [2^bits], indices int32 like weight)`` of one weight tensor.
+
+    The nonzero weights are clustered by `linear_kmeans`; ``indices`` is 0 at pruned
+    (zero) positions and ``1 + cluster`` elsewhere, so ``take([0, c], indices)`` rebuilds
+    the shared tensor. Non-finite weights raise `ValueError` naming ``where`` (the layer
+    and tensor).
+    """
+    weight = np.asarray(weight)
+    bad = np.count_nonzero(~np.isfinite(weight))
+    if bad:
+        raise ValueError(
+            f"{where}: {bad} of {weight.size} weights are NaN or inf, so they cannot be "
+            "clustered. Training has diverged: go back to a checkpoint with finite weights.")
+    surviving = weight != 0
+    centroids, labels = linear_kmeans(weight[surviving], 2 ** bits, max_iter)
+    indices = np.zeros(weight.shape, np.int32)
+    indices[surviving] = labels + 1
+    return centroids, indices

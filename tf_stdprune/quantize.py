@@ -38,7 +38,7 @@ import tensorflow as tf
 from tf_stdprune._keras import PruneLowMagnitude, check_keras2, keras
 from tf_stdprune.prune import all_layers, strip_pruning
 from tf_stdprune.registry import get_tensor, layer_kind
-from tf_stdprune.kmeans import DEFAULT_MAX_ITER, linear_kmeans
+from tf_stdprune.kmeans import DEFAULT_MAX_ITER, cluster_tensor, linear_kmeans  # noqa: F401
 from tf_stdprune.report import leaf_layers, prunable_layers  # noqa: F401  (prunable_layers: public here too)
 from tf_stdprune.validate import check_bits
 from tf_stdprune.wrapper import prunable_attributes, substituted
@@ -103,17 +103,9 @@ class QuantizeWeights(keras.layers.Wrapper):
         """Sets centroids and indices by `linear_kmeans` of the inner layer's nonzeros."""
         for attribute, centroids, indices in zip(self._weight_attributes, self.centroids,
                                                  self.indices):
-            weight = np.asarray(get_tensor(self.layer, attribute))
-            bad = np.count_nonzero(~np.isfinite(weight))
-            if bad:
-                raise ValueError(
-                    f"Layer {self.layer.name!r}, tensor {attribute!r}: {bad} of {weight.size} "
-                    "weights are NaN or inf, so they cannot be clustered. Training has "
-                    "diverged: go back to a checkpoint with finite weights.")
-            surviving = weight != 0
-            values, labels = linear_kmeans(weight[surviving], 2 ** self.bits, max_iter)
-            index = np.zeros(weight.shape, np.int32)
-            index[surviving] = labels + 1
+            values, index = cluster_tensor(
+                get_tensor(self.layer, attribute), self.bits,
+                f"Layer {self.layer.name!r}, tensor {attribute!r}", max_iter)
             centroids.assign(values)
             indices.assign(index)
 

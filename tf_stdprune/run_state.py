@@ -291,15 +291,24 @@ def release_all_locks():
 
 # ----------------------------------------------------------------------------- history
 
-def read_history(run_dir):
-    """The finished iterations' records (a list of dicts).
+RECORD_KEYS = ("iteration", "q", "zero_weights_rate", "zero_parameters_rate",
+               "compression_rate", "before", "after")
 
-    A line that is not a JSON object raises `RunDirectoryError` naming the file and line.
-    """
+
+def is_record(record):
+    """True for a complete iteration record of ``history.jsonl``."""
+    return (isinstance(record, dict) and all(k in record for k in RECORD_KEYS)
+            and isinstance(record["before"], dict) and isinstance(record["after"], dict))
+
+
+def parse_history(run_dir, valid=is_record):
+    """``(records, bad)``: the history's lines that parse as JSON and pass ``valid``
+    (complete records, `is_record`), and ``[(line number, first 80 characters)]`` of the
+    lines that do not."""
     path = os.path.join(run_dir, HISTORY_FILE)
+    records, bad = [], []
     if not os.path.exists(path):
-        return []
-    records = []
+        return records, bad
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -308,10 +317,25 @@ def read_history(run_dir):
                 record = json.loads(line)
             except ValueError:
                 record = None
-            if not isinstance(record, dict) or "iteration" not in record:
-                raise RunDirectoryError(
-                    f"{path}, line {number}, is not an iteration record: {line[:80]!r}.")
-            records.append(record)
+            if valid(record):
+                records.append(record)
+            else:
+                bad.append((number, line.decode("utf-8", "replace").strip()[:80]))
+    return records, bad
+
+
+def read_history(run_dir):
+    """The finished iterations' records (a list of dicts).
+
+    A line that is not an iteration record raises `RunDirectoryError` naming the file and
+    line.
+    """
+    records, bad = parse_history(
+        run_dir, valid=lambda record: isinstance(record, dict) and "iteration" in record)
+    if bad:
+        number, text = bad[0]
+        raise RunDirectoryError(f"{os.path.join(run_dir, HISTORY_FILE)}, line {number}, is "
+                                f"not an iteration record: {text!r}.")
     return records
 
 
