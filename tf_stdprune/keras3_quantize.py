@@ -15,7 +15,7 @@ from keras import ops
 from tf_stdprune import registry
 from tf_stdprune.keras3_prune import all_layers, strip_pruning, wrappers
 from tf_stdprune.keras3_wrapper import substituted
-from tf_stdprune.kmeans import DEFAULT_MAX_ITER, cluster_tensor
+from tf_stdprune.kmeans import DEFAULT_MAX_ITER, bits_chooser, cluster_tensor
 from tf_stdprune.validate import check_bits
 
 
@@ -111,26 +111,18 @@ def quantize_weights(model, bits=None, conv_bits=8, dense_bits=5, bn_bits=8,
       >>> quantized.fit(x, y, epochs=2)                   # centroid fine-tuning
       >>> final = strip_quantization(quantized)
     """
-    layer_bits = dict(layer_bits or {})
-    for name, value in dict(bits=bits, conv_bits=conv_bits, dense_bits=dense_bits,
-                            bn_bits=bn_bits, **{f"layer_bits[{k!r}]": v
-                                                for k, v in layer_bits.items()}).items():
-        check_bits(value, name)
     if any(isinstance(l, QuantizeWeights) for l in all_layers(model)):
         raise ValueError("The model is already quantized; call strip_quantization(model) "
                          "first to quantize it again.")
     if wrappers(model):
         model = strip_pruning(model)
-    unknown = set(layer_bits) - {l.name for l in all_layers(model)}
-    if unknown:
-        raise ValueError(f"layer_bits names layers that are not in the model: {sorted(unknown)}.")
-    by_kind = {"dense": dense_bits, "bn": bn_bits}
+    choose = bits_chooser([l.name for l in all_layers(model)], bits, conv_bits, dense_bits,
+                          bn_bits, layer_bits)
 
     def wrap(layer):
         if isinstance(layer, keras.Model) or not registry.prunable_attributes(layer):
             return layer
-        chosen = layer_bits.get(layer.name, bits if bits is not None
-                                else by_kind.get(registry.layer_kind(layer), conv_bits))
+        chosen = choose(layer.name, registry.layer_kind(layer))
         return layer if chosen is None else QuantizeWeights(layer, chosen)
 
     quantized = keras.models.clone_model(model, clone_function=wrap, recursive=True)

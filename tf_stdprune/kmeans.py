@@ -2,7 +2,7 @@
 (Han, Mao and Dally 2016, section 3.2), in NumPy for either Keras."""
 import numpy as np
 
-from tf_stdprune.validate import check_int
+from tf_stdprune.validate import check_bits, check_int
 
 DEFAULT_MAX_ITER = 50
 
@@ -65,3 +65,29 @@ def cluster_tensor(weight, bits, where, max_iter=DEFAULT_MAX_ITER):
     indices = np.zeros(weight.shape, np.int32)
     indices[surviving] = labels + 1
     return centroids, indices
+
+
+def bits_chooser(layer_names, bits=None, conv_bits=8, dense_bits=5, bn_bits=8, layer_bits=None):
+    """Checks `quantize_weights`'s bit arguments; returns ``choose(name, kind) -> bits``.
+
+    A layer's bits: ``layer_bits[name]`` if given, else ``bits`` if given, else by its
+    report kind: ``dense_bits`` for ``"dense"``, ``bn_bits`` for ``"bn"``, ``conv_bits``
+    for every other kind. ``None`` means "leave unquantized". ``layer_bits`` naming a layer
+    not in ``layer_names`` raises `ValueError`.
+    """
+    layer_bits = dict(layer_bits or {})
+    named = dict(bits=bits, conv_bits=conv_bits, dense_bits=dense_bits, bn_bits=bn_bits)
+    named.update({f"layer_bits[{k!r}]": v for k, v in layer_bits.items()})
+    for name, value in named.items():
+        check_bits(value, name)
+    unknown = set(layer_bits) - set(layer_names)
+    if unknown:
+        raise ValueError(f"layer_bits names layers that are not in the model: {sorted(unknown)}.")
+    by_kind = {"dense": dense_bits, "bn": bn_bits}
+
+    def choose(name, kind):
+        if name in layer_bits:
+            return layer_bits[name]
+        return bits if bits is not None else by_kind.get(kind, conv_bits)
+
+    return choose

@@ -38,7 +38,8 @@ import tensorflow as tf
 from tf_stdprune._keras import PruneLowMagnitude, check_keras2, keras
 from tf_stdprune.prune import all_layers, strip_pruning
 from tf_stdprune.registry import get_tensor, layer_kind
-from tf_stdprune.kmeans import DEFAULT_MAX_ITER, cluster_tensor, linear_kmeans  # noqa: F401
+from tf_stdprune.kmeans import (  # noqa: F401  (linear_kmeans: public here too)
+    DEFAULT_MAX_ITER, bits_chooser, cluster_tensor, linear_kmeans)
 from tf_stdprune.report import leaf_layers, prunable_layers  # noqa: F401  (prunable_layers: public here too)
 from tf_stdprune.validate import check_bits
 from tf_stdprune.wrapper import prunable_attributes, substituted
@@ -162,26 +163,16 @@ def quantize_weights(model, bits=None, conv_bits=8, dense_bits=5, bn_bits=8,
     if any(isinstance(l, QuantizeWeights) for l in all_layers(model)):
         raise ValueError("The model is already quantized; call strip_quantization(model) "
                          "first to quantize it again.")
-    layer_bits = dict(layer_bits or {})
-    named = dict(bits=bits, conv_bits=conv_bits, dense_bits=dense_bits, bn_bits=bn_bits)
-    named.update({f"layer_bits[{k!r}]": v for k, v in layer_bits.items()})
-    for name, value in named.items():
-        check_bits(value, name)
     if any(isinstance(l, PruneLowMagnitude) for l in all_layers(model)):
         model = strip_pruning(model)
-    unknown = set(layer_bits) - {l.name for l in all_layers(model)}
-    if unknown:
-        raise ValueError(f"layer_bits names layers that are not in the model: {sorted(unknown)}.")
-    by_kind = {"dense": dense_bits, "bn": bn_bits}
+    choose = bits_chooser([l.name for l in all_layers(model)], bits, conv_bits, dense_bits,
+                          bn_bits, layer_bits)
 
     def wrap(layer):
         if not prunable_attributes(layer, prune_batchnorm=True):
             return layer
-        if layer.name in layer_bits:
-            layer_b = layer_bits[layer.name]
-        else:
-            layer_b = bits if bits is not None else by_kind.get(layer_kind(layer), conv_bits)
-        return layer if layer_b is None else QuantizeWeights(layer, layer_b)
+        chosen = choose(layer.name, layer_kind(layer))
+        return layer if chosen is None else QuantizeWeights(layer, chosen)
 
     quantized = _clone(model, wrap)
     for layer in all_layers(quantized):

@@ -7,7 +7,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND, tiny_cnn
+from keras3.helpers import BACKEND, tiny_cnn
 from reference import reference_step
 
 import tf_stdprune
