@@ -1,8 +1,8 @@
 """Which ``std_mode`` gives the best sparsity / accuracy trade-off? Measured on digits.
 
 scikit-learn's 1,797 real 8x8 digits (flattened, 25 % held out), a small
-Dense-BN-ReLU network trained dense first (as the seed prunes a trained VGG19), then,
-for every mode from the same dense weights, the seed's procedure: ``iterations``
+Dense-BN-ReLU network trained dense first (as the reference experiment prunes a trained VGG19), then,
+for every mode from the same dense weights, the reference experiment's procedure: ``iterations``
 iterations of one pruning step with an increasing ``q`` and ``epochs_per_iteration``
 epochs of retraining. Repeated for ``seeds`` seeds; the table shows means and, per
 seed, the final zero-weights rate (prunable tensors, exact zeros) and test accuracy.

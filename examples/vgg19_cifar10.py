@@ -1,4 +1,4 @@
-"""The seed's experiment end to end: VGG19-BN, a dense baseline, then iterative std pruning.
+"""The reference experiment end to end: VGG19-BN, a dense baseline, then iterative std pruning.
 
     python examples/vgg19_cifar10.py --preset=quick          # digits, offline, ~4 min on 2 CPUs
     python examples/vgg19_cifar10.py --preset=paper --data_dir=~/tensorflow_datasets
@@ -40,8 +40,8 @@ from tf_stdprune.io import atomic_write, clean_temporaries, write_atomically
 from tf_stdprune.iterative import warn_unreachable_drops
 from tf_stdprune.run_state import check_writable
 
-# The seed gives no quality parameters: "paper" raises q by 0.1 per iteration up to 1.6
-# (about 89 % of a Gaussian layer below 1.6 sigma; the seed ended at 87.9 % zeros).
+# The reference experiment gives no quality parameters: "paper" raises q by 0.1 per iteration up to 1.6
+# (about 89 % of a Gaussian layer below 1.6 sigma; the reference experiment ended at 87.9 % zeros).
 PRESETS = {
     "paper": dict(
         dataset="cifar10", width=1.0, batch_size=128, augment=True,

@@ -17,7 +17,7 @@ def _seed():
 
 
 def tiny_cnn(num_classes=3, input_shape=(8, 8, 3), l2=0.0):
-    """Conv-BN-ReLU-pool, then Dense: every kind the seed counts, ~700 parameters."""
+    """Conv-BN-ReLU-pool, then Dense: every kind the reference experiment counts, ~700 parameters."""
     reg = keras.regularizers.l2(l2) if l2 else None
     return keras.Sequential([
         keras.layers.Conv2D(4, 3, padding="same", input_shape=input_shape, kernel_regularizer=reg),

@@ -1,4 +1,4 @@
-"""The seed's procedure through ONE model.fit: lr schedule, masks, history, report, figures."""
+"""The reference experiment's procedure through ONE model.fit: lr schedule, masks, history, report, figures."""
 import json
 import os
 

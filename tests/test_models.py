@@ -1,4 +1,4 @@
-"""vgg19_bn: the seed's exact parameter counts, its layer order, L2 and width scaling."""
+"""vgg19_bn: the reference experiment's exact parameter counts, its layer order, L2 and width scaling."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -7,14 +7,14 @@ import tf_stdprune
 from tf_stdprune._keras import keras
 from tf_stdprune.models import vgg19_bn
 
-# The seed's table, written out again here (not imported from the module under test).
+# The reference experiment's table, written out again here (not imported from the module under test).
 SEED_CONVS = [64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512, 512, 512, 512, 512]
 
 
 def arithmetic_counts(width=1.0, dense_units=4096, num_classes=10, channels=3):
     """(parameters, weights) by hand: conv 3x3 + bias + BN (4 per channel); dense + bias.
 
-    Weights in the seed's sense are kernels and BN gammas (no biases, betas, moving stats).
+    Weights in the reference experiment's sense are kernels and BN gammas (no biases, betas, moving stats).
     """
     scale = lambda units: max(1, int(round(units * width)))  # noqa: E731
     parameters = weights = 0
@@ -40,7 +40,7 @@ def full_model():
 
 def test_seed_counts_at_width_one(full_model):
     assert arithmetic_counts() == (38_969_930, 38_939_712)
-    assert arithmetic_counts(dense_units=4906) != (38_969_930, 38_939_712)  # the seed's typo
+    assert arithmetic_counts(dense_units=4906) != (38_969_930, 38_939_712)  # the reference experiment's typo
     assert full_model.count_params() == 38_969_930
     report = tf_stdprune.sparsity_report(full_model)
     assert report.total_parameters == 38_969_930

@@ -1,4 +1,4 @@
-"""sparsity_report against an independent count, and the seed's "Final Parameters" block."""
+"""sparsity_report against an independent count, and the reference experiment's "Final Parameters" block."""
 import json
 
 import numpy as np
@@ -11,7 +11,7 @@ from tf_stdprune.report import LayerSparsity, SparsityReport
 
 L = keras.layers
 
-# The seed's block, verbatim (the document puts a blank line between paragraphs).
+# The reference experiment's block, verbatim (the document puts a blank line between paragraphs).
 SEED_BLOCK = """Final Parameters:
 
 total parameters: 38969930,

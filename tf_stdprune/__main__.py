@@ -1,6 +1,6 @@
 """``python -m tf_stdprune report RUN_DIR`` (also ``tf-stdprune report RUN_DIR``).
 
-Prints the seed's "Final Parameters" block and the per-iteration table of a run directory
+Prints the reference experiment's "Final Parameters" block and the per-iteration table of a run directory
 and regenerates its figures, without training anything. A damaged run directory is read
 as far as it can be: an unreadable ``report.json`` or a bad ``history.jsonl`` line is
 named on stderr and the rest is printed; figures are drawn from the readable lines, and

@@ -50,7 +50,7 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
 
 
 class IterationLearningRate(keras.callbacks.Callback):
-    """The seed's learning rate: a per-iteration initial rate, dropped inside each iteration.
+    """The reference experiment's learning rate: a per-iteration initial rate, dropped inside each iteration.
 
     For epoch ``e`` (0-based) with ``E`` epochs per iteration, ``i = e // E``, ``j = e % E``::
 

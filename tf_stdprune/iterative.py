@@ -1,4 +1,4 @@
-"""The seed's iterative procedure as callbacks for ONE ``model.fit`` call.
+"""The reference experiment's iterative procedure as callbacks for ONE ``model.fit`` call.
 
 One *iteration* = a pruning stage (``|w| < q_i * sigma`` with that iteration's ``q_i``)
 followed by ``E`` epochs of retraining. With ``I`` iterations::
@@ -334,7 +334,7 @@ def warn_unreachable_drops(lr_drops, epochs_per_iteration):
 def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, lr_drops=(3, 10, 16),
                         lr_drop_factor=0.1, rescale_dropout=True, target_accuracy_drop=None,
                         q_step=0.1, **kwargs):
-    """The callbacks of the seed's procedure, in the order they must run.
+    """The callbacks of the reference experiment's procedure, in the order they must run.
 
     `UpdatePruningStep`, `IterationLearningRate(initial_lrs, E, lr_drops, lr_drop_factor)`
     and `IterativePruning(run_dir, E, **kwargs)`; then, unless ``rescale_dropout`` is

@@ -1,4 +1,4 @@
-"""`vgg19_bn`: the seed's VGG19_BN_drop_10 for 32x32x3 images.
+"""`vgg19_bn`: the reference experiment's VGG19_BN_drop_10 for 32x32x3 images.
 
 Convolutions (3x3, stride 1, same padding, with bias), each followed by
 BatchNormalization and ReLU; ``M`` is 2x2 max pooling::
@@ -6,9 +6,9 @@ BatchNormalization and ReLU; ``M`` is 2x2 max pooling::
     [64, 64, M, 128, 128, M, 256 x4, M, 512 x4, M, 512 x4, M]
 
 then Flatten -> Dense 4096 -> ReLU -> Dropout -> Dense 4096 -> ReLU -> Dropout -> Dense 10
-(logits). The seed's "4906" is a typo for 4096: only 4096 gives its counts. At width 1 the
+(logits). The reference note's "4906" is a typo for 4096: only 4096 gives its counts. At width 1 the
 model has exactly 38,969,930 parameters (BN moving statistics included) of which
-38,939,712 are "weights" in the seed's sense (kernels + BN gammas)::
+38,939,712 are "weights" in the reference experiment's sense (kernels + BN gammas)::
 
     parameters = sum_conv (9 c_in c + c + 4 c) + sum_dense (n_in n + n)
     weights    = sum_conv (9 c_in c + c)     + sum_dense (n_in n)
@@ -29,7 +29,7 @@ def _scaled(units, width):
 
 def vgg19_bn(num_classes=10, width=1.0, dropout=0.5, weight_decay=5e-4,
              input_shape=(32, 32, 3), dense_units=4096, name="vgg19_bn", keras_module=None):
-    """The seed's VGG19-BN; ``width`` scales every conv and hidden dense layer's units.
+    """The reference experiment's VGG19-BN; ``width`` scales every conv and hidden dense layer's units.
 
     ``weight_decay`` is the L2 factor on every kernel (``loss += wd * sum(w^2)``; biases
     and BN parameters are not decayed). The logits are returned in float32 under a
@@ -40,11 +40,11 @@ def vgg19_bn(num_classes=10, width=1.0, dropout=0.5, weight_decay=5e-4,
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}.")
     if not width > 0:
-        raise ValueError(f"width must be > 0 (1.0 is the seed's model), got {width!r}.")
+        raise ValueError(f"width must be > 0 (1.0 is the reference model), got {width!r}.")
     if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1) (the seed uses 0.5), got {dropout!r}.")
+        raise ValueError(f"dropout must be in [0, 1) (the reference experiment uses 0.5), got {dropout!r}.")
     if weight_decay is not None and not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0 (the seed uses 5e-4), got {weight_decay!r}.")
+        raise ValueError(f"weight_decay must be >= 0 (the reference experiment uses 5e-4), got {weight_decay!r}.")
     if keras_module is None:
         from tf_stdprune._keras import keras as keras_module
     keras = keras_module

@@ -1,4 +1,4 @@
-"""The seed's figures, drawn from a run directory's ``history.jsonl`` and ``report.json``.
+"""The reference experiment's figures, drawn from a run directory's ``history.jsonl`` and ``report.json``.
 
 * Figure 1: validation top-1 vs ``zero_weights / all_parameters`` (%).
 * Figure 2: the same with train and validation curves, before and after retraining.
@@ -23,7 +23,13 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from tf_stdprune.io import write_atomically  # noqa: E402
 
-KIND_COLOURS = {"conv": "tab:blue", "bn": "tab:orange", "dense": "tab:green", "other": "tab:gray"}
+KIND_COLOURS = {"conv": "tab:blue", "bn": "tab:orange", "dense": "tab:green",
+                "embedding": "tab:purple", "rnn": "tab:brown", "attention": "tab:pink",
+                "other": "tab:gray"}
+# Legend names of the report's kinds ("dense" alone reads as "the dense model").
+KIND_LABELS = {"conv": "Convolution layers", "bn": "BatchNorm gammas", "dense": "Dense layers",
+               "embedding": "Embeddings", "rnn": "Recurrent layers",
+               "attention": "Attention projections", "other": "Other layers"}
 FIGURES = ("fig1_accuracy_vs_zero_parameters.png", "fig2_train_val_before_after.png",
            "fig3_accuracy_vs_compression_rate.png", "fig4_layer_compression.png",
            "fig5_quality_and_sparsity.png")
@@ -77,24 +83,18 @@ def _with_dense(xs, ys, baseline, key, dense_x):
     return xs, ys
 
 
-def write_figures(run_dir):
-    """Writes the five PNGs into ``run_dir/figures`` and returns their paths."""
-    history = _read_json_lines(os.path.join(run_dir, "history.jsonl"))
-    report = _optional_json(os.path.join(run_dir, "report.json"))
-    baseline = _optional_json(os.path.join(run_dir, "baseline.json"))
-    out = os.path.join(run_dir, "figures")
-    os.makedirs(out, exist_ok=True)
-    paths = [os.path.join(out, name) for name in FIGURES]
+def _figure_1(history, baseline):
     zeros = [r["zero_parameters_rate"] for r in history]
-    rates = [r["compression_rate"] for r in history]  # None: unbounded, not drawn
-
     fig, ax = _accuracy_axes("Figure 1: compression vs accuracy",
                              "zero weights / all parameters (%)")
     ax.plot(*_with_dense(zeros, _series(history, "after", "val_top1"), baseline, "val_top1", 0.0),
             "o-", label="validation, after retraining")
     ax.legend()
-    save_figure(fig, paths[0])
+    return fig
 
+
+def _figure_2(history, baseline):
+    zeros = [r["zero_parameters_rate"] for r in history]
     fig, ax = _accuracy_axes("Figure 2: train and validation, before and after retraining",
                              "zero weights / all parameters (%)")
     for split, colour in (("train", "tab:blue"), ("val", "tab:red")):
@@ -104,8 +104,11 @@ def write_figures(run_dir):
         ax.plot(zeros, _series(history, "before", key), "x--", color=colour, alpha=0.6,
                 label=f"{split}, right after pruning")
     ax.legend()
-    save_figure(fig, paths[1])
+    return fig
 
+
+def _figure_3(history, baseline):
+    rates = [r["compression_rate"] for r in history]  # None: unbounded, not drawn
     fig, ax = _accuracy_axes("Figure 3: compression rate vs accuracy",
                              "compression rate: all parameters / nonzero weights (x)")
     ax.plot(*_with_dense(rates, _series(history, "after", "val_top1"), baseline, "val_top1", 1.0),
@@ -113,8 +116,10 @@ def write_figures(run_dir):
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"x{value:g}"))
     ax.legend()
-    save_figure(fig, paths[2])
+    return fig
 
+
+def _figure_4(report):
     layers = (report or {}).get("layers", [])
     colours = [KIND_COLOURS.get(l["kind"], "tab:gray") for l in layers]
     positions = range(len(layers))
@@ -125,7 +130,8 @@ def write_figures(run_dir):
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title("Figure 4: compression in each layer")
-    ax.legend(handles=[Patch(color=colour, label=kind) for kind, colour in KIND_COLOURS.items()
+    ax.legend(handles=[Patch(color=colour, label=KIND_LABELS[kind])
+                       for kind, colour in KIND_COLOURS.items()
                        if any(l["kind"] == kind for l in layers)],
               loc="upper left", bbox_to_anchor=(1.01, 1.0))
     counts.bar(positions, [l["total"] for l in layers], color=colours, alpha=0.25)
@@ -134,8 +140,10 @@ def write_figures(run_dir):
     counts.set_ylabel("weights: all (light), nonzero (dark)")
     counts.set_xticks(positions)
     counts.set_xticklabels([l["name"] for l in layers], rotation=90, fontsize=7)
-    save_figure(fig, paths[3])
+    return fig
 
+
+def _figure_q(history):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     iterations = [r["iteration"] for r in history]
     ax.plot(iterations, [r["q"] for r in history], "o-", color="tab:purple")
@@ -145,5 +153,24 @@ def write_figures(run_dir):
     other.plot(iterations, [r["zero_weights_rate"] for r in history], "s-", color="tab:green")
     other.set_ylabel("zero weights (%)", color="tab:green")
     ax.set_title("q and sparsity per iteration")
-    save_figure(fig, paths[4])
+    return fig
+
+
+def write_figures(run_dir):
+    """Writes the five PNGs into ``run_dir/figures`` and returns their paths.
+
+    Iterations that target mode rejected (``"rejected": true``) are left out of the
+    curves; target mode draws them in its own figure.
+    """
+    history = [r for r in _read_json_lines(os.path.join(run_dir, "history.jsonl"))
+               if not r.get("rejected")]
+    report = _optional_json(os.path.join(run_dir, "report.json"))
+    baseline = _optional_json(os.path.join(run_dir, "baseline.json"))
+    out = os.path.join(run_dir, "figures")
+    os.makedirs(out, exist_ok=True)
+    figures = [_figure_1(history, baseline), _figure_2(history, baseline),
+               _figure_3(history, baseline), _figure_4(report), _figure_q(history)]
+    paths = [os.path.join(out, name) for name in FIGURES]
+    for fig, path in zip(figures, paths):
+        save_figure(fig, path)
     return paths

@@ -42,7 +42,7 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
         tfmot sparsity schedule, honoured as a target sparsity (see `PruneLowStd`).
       std_mode: ``"initial"`` (default: measured best, see README), ``"surviving"``, ``"all"``.
       layer_quality: ``{layer_name: factor}`` multiplying ``q`` per layer.
-      prune_batchnorm: also prune BatchNormalization ``gamma`` (the seed counts them).
+      prune_batchnorm: also prune BatchNormalization ``gamma`` (the reference experiment counts them).
       block_size, block_pooling_type: structured pruning of 2-D kernels: a block is kept
         iff ``pool(|w|) >= q * sigma(pool(|w|))`` (`mask_rule.std_prune_blocks`).
       pruning_policy: a tfmot `PruningPolicy` (models only): the layers it refuses stay

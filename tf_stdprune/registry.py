@@ -20,7 +20,7 @@ Against tfmot's own registry the table prunes every tensor tfmot prunes (Dense, 
 transposed Conv, Embedding, LocallyConnected, the recurrent layers and cells,
 MultiHeadAttention's projections) and, by design, more: depthwise kernels (of depthwise
 and separable convolutions), EinsumDense and, optionally, BatchNormalization's ``gamma``,
-as the seed counts every weight. ConvLSTM layers are refused, as tfmot refuses them.
+as the reference experiment counts every weight. ConvLSTM layers are refused, as tfmot refuses them.
 
 Report kinds: ``"conv"``, ``"dense"``, ``"bn"``, ``"embedding"``, ``"rnn"``,
 ``"attention"``; ``"other"`` for layers with nothing to prune.

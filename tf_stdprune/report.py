@@ -1,4 +1,4 @@
-"""`sparsity_report`: the seed's "Final Parameters" block, with exact integers.
+"""`sparsity_report`: the reference experiment's "Final Parameters" block, with exact integers.
 
 Counts, over the model's own tensors (pruning masks and counters excluded)::
 
@@ -73,7 +73,7 @@ class SparsityReport:
         return self.total_parameters > 0 and self.zero_weights == self.total_parameters
 
     def to_dict(self):
-        """Strict-JSON dict: the seed's fields and the per-layer list (with rates);
+        """Strict-JSON dict: the reference experiment's fields and the per-layer list (with rates);
         ``compression_rate`` is None (``null``) when every parameter is pruned."""
         return {
             "total_parameters": self.total_parameters,

@@ -1,6 +1,6 @@
 """`StdPruningSchedule`: when to prune, and with which quality parameter ``q``.
 
-One *iteration* of the seed's procedure is ``steps_per_iteration`` optimizer steps. The
+One *iteration* of the reference experiment's procedure is ``steps_per_iteration`` optimizer steps. The
 schedule prunes once, at the first step of every iteration.
 
 Steps are numbered as tfmot numbers them: the k-th training call of a wrapped layer is
@@ -16,7 +16,7 @@ number of optimizer steps taken before the call::
 ``begin_step`` is thus the number of optimizer steps trained before the first pruning (0:
 the very first call prunes), and ``end_step`` the last such count that still prunes.
 
-Once the list is exhausted **the last quality repeats** (as the seed's learning-rate list
+Once the list is exhausted **the last quality repeats** (as the reference experiment's learning-rate list
 does); pass ``end_step`` to stop pruning instead. ``qualities`` may also be a callable of
 the iteration index returning ``q``; such a schedule cannot be serialized.
 

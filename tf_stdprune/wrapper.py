@@ -49,7 +49,7 @@ from tf_stdprune.schedule import StdPruningSchedule, check_quality
 
 # Measured with benchmarks/std_mode.py: at the same q, "initial" gives the most sparsity
 # for the least accuracy loss; "surviving" compounds from step to step (collapses at the
-# seed's q range) and "all" prunes less and no better. See the README.
+# reference experiment's q range) and "all" prunes less and no better. See the README.
 DEFAULT_STD_MODE = "initial"
 # The schedule is plain Python: make it a tfmot schedule and a tf_keras serializable here.
 tfmot.sparsity.keras.PruningSchedule.register(StdPruningSchedule)
