@@ -39,6 +39,7 @@ class Benchmark:
     full: tuple
     env: tuple = ()  # extra (name, value) environment variables
     about: str = ""
+    preimport: tuple = ("tensorflow",)  # imported before benchmarks/ is on sys.path
 
     def command(self, full):
         """The command line, as it would be typed in the repository root."""
@@ -76,6 +77,21 @@ BENCHMARKS = (
               ("--width=1.0", "--rounds=5"),
               about="size, latency and top-1 of every exported form (SavedModels, TFLite)"),
 )
+
+
+# Runs a benchmark script as ``__main__`` after importing ``preimport`` (argv[1], comma-
+# separated) with benchmarks/ NOT on sys.path: a script there named like a package that a
+# dependency tries to import (``compression.py`` vs the ``compression`` package that jax
+# looks for) would otherwise be imported in its place, in the middle of TensorFlow's import.
+_BOOTSTRAP = """
+import importlib, os, runpy, sys
+preimport, script = sys.argv[1], sys.argv[2]
+sys.argv = sys.argv[2:]
+for name in filter(None, preimport.split(",")):
+    importlib.import_module(name)
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+runpy.run_path(script, run_name="__main__")
+"""
 
 
 def split_output(stdout):
@@ -150,16 +166,19 @@ def run(benchmark, full=False, python=sys.executable, timeout=None):
 
     ``benchmark.script`` is relative to ``benchmarks/`` (or absolute). The subprocess gets
     ``TF_CPP_MIN_LOG_LEVEL=2`` unless set, the benchmark's own variables and the
-    repository root on ``PYTHONPATH``; a run past ``timeout`` seconds raises
-    `subprocess.TimeoutExpired`.
+    repository root on ``PYTHONPATH``; ``benchmark.preimport`` is imported before the
+    script's directory joins ``sys.path`` (see ``_BOOTSTRAP``). A run past ``timeout``
+    seconds raises `subprocess.TimeoutExpired`.
     """
     env = dict(os.environ, **dict(benchmark.env))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     args = benchmark.full if full else benchmark.quick
     start = time.perf_counter()
-    done = subprocess.run([python, os.path.join(HERE, benchmark.script), *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    command = [python, "-c", _BOOTSTRAP, ",".join(benchmark.preimport),
+               os.path.join(HERE, benchmark.script), *args]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     seconds = time.perf_counter() - start
     reports, table = split_output(done.stdout)
     tail = "\n".join(done.stderr.strip().splitlines()[-15:]) if done.returncode else ""

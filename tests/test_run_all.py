@@ -46,7 +46,8 @@ def test_run_captures_the_reports_of_a_benchmark_subprocess_and_passes_its_flags
         print(json.dumps({FIRST!r}, indent=2))
         print("table row", sys.argv[1:], os.environ["FAKE_ENV"])
     """)
-    fake = run_all.Benchmark("fake", script, ("--small",), ("--big",), env=(("FAKE_ENV", "x"),))
+    fake = run_all.Benchmark("fake", script, ("--small",), ("--big",), env=(("FAKE_ENV", "x"),),
+                             preimport=("json",))
     outcome = run_all.run(fake, full=True)
     assert outcome.returncode == 0
     assert outcome.reports == [FIRST]
@@ -60,7 +61,7 @@ def test_a_failing_benchmark_is_reported_with_its_exit_status_and_error(tmp_path
         print("partial table")
         sys.exit("the benchmark broke: out of memory")
     """)
-    outcome = run_all.run(run_all.Benchmark("broken", script, (), ()))
+    outcome = run_all.run(run_all.Benchmark("broken", script, (), (), preimport=()))
     text = run_all.render([outcome], {"cpu": "test cpu"})
     assert outcome.returncode == 1
     assert "Failed with exit status 1" in text
@@ -96,7 +97,7 @@ def test_main_writes_results_md_for_the_chosen_benchmarks_only(tmp_path, monkeyp
         print(json.dumps({SECOND!r}, indent=2))
         print("sizes table")
     """)
-    fake = run_all.Benchmark("fake", script, (), ())
+    fake = run_all.Benchmark("fake", script, (), (), preimport=())
     other = run_all.Benchmark("other", "never_run.py", (), ())
     monkeypatch.setattr(run_all, "BENCHMARKS", (fake, other))
     output = tmp_path / "RESULTS.md"
@@ -114,3 +115,20 @@ def test_only_with_an_unknown_name_says_which_names_exist():
     with pytest.raises(SystemExit, match=r"--only names unknown benchmarks \['nope'\].*"
                                          r"mask_update"):
         run_all.select("mask_update,nope")
+
+
+def test_a_benchmark_module_named_like_a_package_does_not_shadow_it_for_the_preimports(
+        tmp_path):
+    # A script directory holding "json.py" must not replace the json package that the
+    # runner imports first; the script itself still imports its own sibling modules.
+    (tmp_path / "json.py").write_text("raise RuntimeError('the benchmark json.py was imported')\n")
+    (tmp_path / "sibling.py").write_text("VALUE = 'sibling found'\n")
+    script = _fake_script(tmp_path, """
+        import json, sys
+        import sibling
+        print(sibling.VALUE, json.dumps([1]), sys.argv[1:])
+    """)
+    outcome = run_all.run(run_all.Benchmark("shadow", script, ("--x=1",), (),
+                                            preimport=("json",)))
+    assert outcome.returncode == 0, outcome.stderr_tail
+    assert outcome.table == "sibling found [1] ['--x=1']"
