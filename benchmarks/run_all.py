@@ -1,0 +1,252 @@
+"""Runs the benchmarks and writes their latest results to ``benchmarks/RESULTS.md``.
+
+Each benchmark script prints one JSON object per report, then a human-readable table.
+This script runs the selected benchmarks one after the other (a subprocess each, so
+their memory and TensorFlow state stay apart), parses the JSON objects out of each one's
+standard output, keeps the rest as its table, and rewrites RESULTS.md with, for every
+benchmark, the exact command, the machine (CPU model, cores, library versions) and the
+table. Benchmarks not selected are listed as not run: the file only ever holds the run
+it was written from.
+
+    python benchmarks/run_all.py                     # small settings, every benchmark
+    python benchmarks/run_all.py --full              # the sizes quoted in the README
+    python benchmarks/run_all.py --only=mask_update,compression
+"""
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "RESULTS.md")
+sys.path.insert(0, ROOT)  # the package, also from a checkout that is not installed
+
+from tf_stdprune.io import atomic_write  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """One benchmark: its script, flags for a small run and for the published sizes."""
+    name: str
+    script: str
+    quick: tuple
+    full: tuple
+    env: tuple = ()  # extra (name, value) environment variables
+    about: str = ""
+    preimport: tuple = ("tensorflow",)  # imported before benchmarks/ is on sys.path
+
+    def command(self, full):
+        """The command line, as it would be typed in the repository root."""
+        env = " ".join(f"{k}={v}" for k, v in self.env)
+        args = " ".join(self.full if full else self.quick)
+        script = os.path.join("benchmarks", self.script)  # an absolute script stays absolute
+        return " ".join(p for p in (env, "python", script, args) if p)
+
+
+BENCHMARKS = (
+    Benchmark("overhead", "overhead.py",
+              ("--width=0.25", "--batch_size=64", "--steps=2", "--rounds=8", "--clock=cpu"),
+              ("--width=1.0", "--batch_size=8", "--steps=4", "--rounds=20", "--clock=cpu"),
+              about="train step: dense vs tfmot prune_low_magnitude vs prune_low_std"),
+    Benchmark("overhead_keras3", "overhead.py",
+              ("--keras=3", "--width=0.25", "--batch_size=64", "--steps=2", "--rounds=5"),
+              ("--keras=3", "--width=0.25", "--batch_size=64", "--steps=4", "--rounds=20"),
+              env=(("KERAS_BACKEND", "jax"),),
+              about="Keras 3 train step (JAX backend) pruned vs dense; mask update"),
+    Benchmark("xla_copies", "xla_copies.py",
+              ("--width=0.25", "--batch_size=8", "--with_kernels_only"),
+              ("--width=0.25", "--batch_size=8", "--with_kernels_only"),
+              about="elements copied by one XLA-compiled train step (deterministic)"),
+    Benchmark("mask_update", "mask_update.py", ("--width=0.25", "--rounds=3"),
+              ("--width=1.0", "--rounds=3"),
+              about="recompute every mask of VGG19-BN: std rule vs tfmot's top-k"),
+    Benchmark("std_mode", "std_mode.py",
+              ("--seeds=1", "--baseline_epochs=5", "--epochs_per_iteration=1"),
+              ("--seeds=2",),
+              about="which std_mode gives the best zeros / accuracy trade-off (digits)"),
+    Benchmark("compression", "compression.py", ("--width=0.25", "--rounds=3"),
+              ("--width=1.0", "--rounds=5"),
+              about="bytes per Deep Compression stage, file and SavedModel sizes, serving"),
+    Benchmark("serving", "serving.py", ("--width=0.25", "--rounds=3"),
+              ("--width=1.0", "--rounds=5"),
+              about="size, latency and top-1 of every exported form (SavedModels, TFLite)"),
+)
+
+
+# Runs a benchmark script as ``__main__`` after importing ``preimport`` (argv[1], comma-
+# separated) with benchmarks/ NOT on sys.path: a script there named like a package that a
+# dependency tries to import (``compression.py`` vs the ``compression`` package that jax
+# looks for) would otherwise be imported in its place, in the middle of TensorFlow's import.
+_BOOTSTRAP = """
+import importlib, os, runpy, sys
+preimport, script = sys.argv[1], sys.argv[2]
+sys.argv = sys.argv[2:]
+for name in filter(None, preimport.split(",")):
+    importlib.import_module(name)
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def split_output(stdout):
+    """``(json_objects, table)`` of a benchmark's standard output.
+
+    A JSON object starts on a line whose first character is ``{`` and may span many
+    lines; every other line belongs to the table, in order. A line that starts with
+    ``{`` but does not begin a valid JSON object is kept as table text.
+    """
+    decoder = json.JSONDecoder()
+    objects, table, position = [], [], 0
+    while position < len(stdout):
+        end = stdout.find("\n", position)
+        end = len(stdout) if end < 0 else end + 1
+        if stdout.startswith("{", position):
+            try:
+                value, stop = decoder.raw_decode(stdout, position)
+            except json.JSONDecodeError:
+                value = None
+            if isinstance(value, dict):
+                objects.append(value)
+                newline = stdout.find("\n", stop)
+                position = len(stdout) if newline < 0 else newline + 1
+                continue
+        table.append(stdout[position:end].rstrip("\n"))
+        position = end
+    return objects, "\n".join(table).strip("\n")
+
+
+def _version(package):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name from ``cpuinfo`` (Linux), else what `platform` knows."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.lower().startswith("model name") and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine():
+    """The machine a run measures: CPU, cores, OS, Python and library versions."""
+    versions = {name: _version(name) for name in (
+        "tensorflow", "tf-keras", "keras", "jax", "tensorflow-model-optimization")}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(),
+            "os": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version(), **versions}
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one benchmark run gave: its command, exit status, JSON reports and table."""
+    benchmark: Benchmark
+    command: str
+    returncode: int
+    reports: list
+    table: str
+    stderr_tail: str = ""
+    seconds: float = 0.0
+
+
+def run(benchmark, full=False, python=sys.executable, timeout=None):
+    """Runs one benchmark in a subprocess from the repository root; returns its `Outcome`.
+
+    ``benchmark.script`` is relative to ``benchmarks/`` (or absolute). The subprocess gets
+    ``TF_CPP_MIN_LOG_LEVEL=2`` unless set, the benchmark's own variables and the
+    repository root on ``PYTHONPATH``; ``benchmark.preimport`` is imported before the
+    script's directory joins ``sys.path`` (see ``_BOOTSTRAP``). A run past ``timeout``
+    seconds raises `subprocess.TimeoutExpired`.
+    """
+    env = dict(os.environ, **dict(benchmark.env))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    args = benchmark.full if full else benchmark.quick
+    start = time.perf_counter()
+    command = [python, "-c", _BOOTSTRAP, ",".join(benchmark.preimport),
+               os.path.join(HERE, benchmark.script), *args]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    seconds = time.perf_counter() - start
+    reports, table = split_output(done.stdout)
+    tail = "\n".join(done.stderr.strip().splitlines()[-15:]) if done.returncode else ""
+    return Outcome(benchmark, benchmark.command(full), done.returncode, reports, table,
+                   tail, seconds)
+
+
+def _section(outcome):
+    lines = [f"## {outcome.benchmark.name}", "", outcome.benchmark.about, "",
+             f"`{outcome.command}` ({outcome.seconds:.0f} s)", ""]
+    if outcome.returncode:
+        lines += [f"Failed with exit status {outcome.returncode}; the end of its error output:",
+                  "", "```", outcome.stderr_tail, "```", ""]
+    if outcome.table:
+        lines += ["```", outcome.table, "```", ""]
+    if outcome.reports:
+        lines += ["<details><summary>JSON</summary>", "", "```json",
+                  json.dumps(outcome.reports, indent=1), "```", "", "</details>", ""]
+    return lines
+
+
+def render(outcomes, machine_info, not_run=(), full=False):
+    """The text of RESULTS.md for ``outcomes`` (in order) measured on ``machine_info``."""
+    lines = ["# Benchmark results", "",
+             "Written by `python benchmarks/run_all.py`; each run replaces the whole file.",
+             "Ratios come with the median of per-round ratios and its 95 % sign-test interval",
+             "(`benchmarks/common.py`): only an interval that excludes 1 shows a difference.",
+             "", "Machine: " + ", ".join(f"{k} {v}" for k, v in machine_info.items()), ""]
+    for outcome in outcomes:
+        lines += _section(outcome)
+    if not_run:
+        lines += ["## Not run in this RESULTS.md", ""]
+        lines += [f"- {b.name}: `{b.command(full)}` ({b.about})" for b in not_run]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def select(only):
+    """The benchmarks named in ``only`` (comma-separated), all of them if empty."""
+    if not only:
+        return list(BENCHMARKS)
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    known = {b.name: b for b in BENCHMARKS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"--only names unknown benchmarks {unknown}; choose from "
+                         f"{sorted(known)}.")
+    return [known[n] for n in names]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="the README's (published) sizes")
+    parser.add_argument("--only", default="", help="comma-separated benchmark names")
+    parser.add_argument("--output", default=RESULTS, help="file to write (RESULTS.md)")
+    args = parser.parse_args(argv)
+    chosen = [b for b in select(args.only)
+              if os.path.exists(os.path.join(HERE, b.script))]
+    outcomes = []
+    for benchmark in chosen:
+        print(f"running {benchmark.command(args.full)}", flush=True)
+        outcomes.append(run(benchmark, args.full))
+        print(outcomes[-1].table or outcomes[-1].stderr_tail, flush=True)
+    not_run = [b for b in BENCHMARKS if b not in chosen]
+    atomic_write(args.output, render(outcomes, machine(), not_run, args.full))
+    print(f"wrote {args.output}")
+    return 1 if any(o.returncode for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
