@@ -70,7 +70,7 @@ BENCHMARKS = (
               ("--seeds=1", "--baseline_epochs=5", "--epochs_per_iteration=1"),
               ("--seeds=2",),
               about="which std_mode gives the best zeros / accuracy trade-off (digits)"),
-    Benchmark("compression", "compression.py", ("--width=0.25", "--rounds=3"),
+    Benchmark("compression", "compression_stages.py", ("--width=0.25", "--rounds=3"),
               ("--width=1.0", "--rounds=5"),
               about="bytes per Deep Compression stage, file and SavedModel sizes, serving"),
     Benchmark("serving", "serving.py", ("--width=0.25", "--rounds=3"),
@@ -81,7 +81,7 @@ BENCHMARKS = (
 
 # Runs a benchmark script as ``__main__`` after importing ``preimport`` (argv[1], comma-
 # separated) with benchmarks/ NOT on sys.path: a script there named like a package that a
-# dependency tries to import (``compression.py`` vs the ``compression`` package that jax
+# dependency tries to import (e.g. a ``compression.py`` vs the ``compression`` package jax
 # looks for) would otherwise be imported in its place, in the middle of TensorFlow's import.
 _BOOTSTRAP = """
 import importlib, os, runpy, sys
