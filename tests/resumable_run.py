@@ -6,14 +6,12 @@ on by ``enable_tf_random_generator``, and one for the data), which every iterati
 checkpoint saves, so a resumed run repeats an uninterrupted one bit for bit. At the end
 it writes ``weights.sha256``, the digest of every weight of the model.
 
-    python resumable_run.py RUN_DIR [--kill_after_batches=N | --kill_on_replace=N |
-                                     --kill_between_renames=N]
+    python resumable_run.py RUN_DIR [--kill_after_batches=N | --kill_on_replace=N]
 
 ``--kill_after_batches=N`` kills the process after its N-th training batch;
 ``--kill_on_replace=N`` kills it at its N-th ``os.replace`` call, i.e. in the middle of
-writing a checkpoint, history or state file; ``--kill_between_renames=N`` kills it at the
-N-th overwrite, after the old version was renamed aside and before the new one took its
-place. Rerunning the same command resumes.
+writing a checkpoint, history or state file (a file is replaced by that one rename).
+Rerunning the same command resumes.
 """
 import argparse
 import hashlib
@@ -36,20 +34,15 @@ def main():
     parser.add_argument("run_dir")
     parser.add_argument("--kill_after_batches", type=int)
     parser.add_argument("--kill_on_replace", type=int)
-    parser.add_argument("--kill_between_renames", type=int)
     args = parser.parse_args()
-    if args.kill_on_replace or args.kill_between_renames:
-        replace, calls, asides = os.replace, [0], [0]
+    if args.kill_on_replace:
+        replace, calls = os.replace, [0]
 
         def dying_replace(src, dst):
             calls[0] += 1
             if calls[0] == args.kill_on_replace:
                 os.kill(os.getpid(), signal.SIGKILL)
             replace(src, dst)
-            if ".old-" in os.path.basename(dst):
-                asides[0] += 1
-                if asides[0] == args.kill_between_renames:
-                    os.kill(os.getpid(), signal.SIGKILL)
 
         run_state.os.replace = dying_replace
 

@@ -75,19 +75,6 @@ def test_killed_runs_resume_to_the_same_result(tmp_path, uninterrupted):
     assert json.dumps(history, sort_keys=True) == json.dumps(expected_history, sort_keys=True)
 
 
-def test_a_kill_between_the_two_renames_of_an_overwrite_loses_nothing(tmp_path, uninterrupted):
-    # At the 4th overwrite (of history.jsonl or state.json) the old version is renamed
-    # aside and the new one not yet in place.
-    result = _run(tmp_path, "--kill_between_renames=4")
-    assert result.returncode == -9, result.stderr[-3000:]
-    aside = [name for name in os.listdir(tmp_path) if ".old-" in name]
-    assert len(aside) == 1 and not os.path.exists(tmp_path / aside[0].split(".old-")[0][1:])
-    result = _run(tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert not [name for name in os.listdir(tmp_path) if ".old-" in name or ".tmp-" in name]
-    assert _comparable(tmp_path) == uninterrupted
-
-
 def test_unwritable_out_dir_fails_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -151,7 +151,7 @@ def test_model_without_prunable_layer_returned_unchanged_with_warning(monkeypatc
 
 
 def test_bad_objects():
-    with pytest.raises(ValueError, match="prune_low_std can only prune"):
+    with pytest.raises(TypeError, match="takes a Keras layer or model"):
         tf_stdprune.prune_low_std("model")
     with pytest.raises(ValueError, match="no prunable"):
         tf_stdprune.prune_low_std(L.ReLU())

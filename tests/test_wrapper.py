@@ -304,13 +304,14 @@ def test_bad_input(bad, error, match):
         bad()
 
 
-def test_keras3_objects_rejected_with_fix():
+def test_keras3_objects_go_to_the_keras3_path_and_the_tf_keras_wrapper_refuses_them():
     keras3 = pytest.importorskip("keras")
     if not keras3.__version__.startswith("3."):
         pytest.skip("Keras 3 not installed")
+    from tf_stdprune import keras3_wrapper
+
+    assert isinstance(tf_stdprune.prune_low_std(keras3.layers.Dense(2)), keras3_wrapper.PruneLowStd)
     for obj in (keras3.layers.Dense(2), keras3.Sequential([keras3.layers.Dense(2)])):
-        with pytest.raises(TypeError, match="Keras 3 object"):
-            tf_stdprune.prune_low_std(obj)
         with pytest.raises(TypeError, match="Keras 3 object"):
             tf_stdprune.PruneLowStd(obj)
 
