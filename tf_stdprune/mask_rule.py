@@ -48,9 +48,12 @@ def keras3_ops():
     """The rule's functions from Keras 3's ``keras.ops`` (the backend the user chose)."""
     from keras import ops
 
-    names = ("abs", "cast", "cond", "isfinite", "logical_and", "max", "maximum", "ones_like",
+    names = ("abs", "cast", "isfinite", "logical_and", "max", "maximum", "ones_like",
              "sqrt", "square", "sum", "where", "zeros_like")
-    return types.SimpleNamespace(**{name: getattr(ops, name) for name in names})
+    # Both branches are cheap reductions: ``where`` evaluates them eagerly, where a
+    # backend ``cond`` (JAX's lax.cond) would trace and compile the branches on every call.
+    return types.SimpleNamespace(cond=lambda pred, true_fn, false_fn: ops.where(
+        pred, true_fn(), false_fn()), **{name: getattr(ops, name) for name in names})
 
 
 def masked_std(weights, mask, ops=TF_OPS):
