@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (issue 6), one short run on one GPU (under 8 minutes on an H200):
+# GPU check: one short run on one GPU (under 8 minutes on an H200):
 # installs the project, then times full-width VGG19-BN train steps with mixed_float16 + XLA
 # on random data, dense vs prune_low_magnitude vs prune_low_std, and prints JSON + a table
 # with step-time ratios and images/s.  Usage: bash benchmarks/gpu_check.sh [batch_size]

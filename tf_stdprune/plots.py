@@ -108,7 +108,7 @@ def _figure_2(history, baseline):
 
 
 def _figure_3(history, baseline):
-    rates = [r["compression_rate"] for r in history]  # None: unbounded, not drawn
+    rates = [r["compression_rate"] for r in history]  # None: unbounded, left out of the plot
     fig, ax = _accuracy_axes("Figure 3: compression rate vs accuracy",
                              "compression rate: all parameters / nonzero weights (x)")
     ax.plot(*_with_dense(rates, _series(history, "after", "val_top1"), baseline, "val_top1", 1.0),
