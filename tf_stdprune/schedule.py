@@ -24,30 +24,9 @@ The class depends on neither Keras nor tfmot: the tf_keras path calls it with te
 (``__call__``, tfmot's schedule protocol, and registers it as a tfmot `PruningSchedule`),
 the Keras 3 path asks `should_prune` and `quality` with Python integers.
 """
-import math
 import numbers
 
-
-# The largest float32: a larger q would overflow to inf in the float32 threshold q * sigma.
-MAX_QUALITY = 3.4028234663852886e38
-
-
-def check_quality(q, where):
-    """Returns ``q`` as a float; raises ValueError unless it is a number in [0, MAX_QUALITY]."""
-    if (not isinstance(q, numbers.Real) or isinstance(q, bool) or not math.isfinite(q) or q < 0
-            or q > MAX_QUALITY):
-        raise ValueError(
-            f"{where} must be a finite number >= 0 and <= {MAX_QUALITY:.4g} (the multiple of "
-            f"the layer's std below which weights are pruned), got {q!r}."
-        )
-    return float(q)
-
-
-def _check_step(value, where, minimum, fix):
-    """Returns ``value`` as an int; raises ValueError unless it is an integer >= minimum."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{where} must be an integer >= {minimum} ({fix}), got {value!r}.")
-    return int(value)
+from tf_stdprune.validate import MAX_QUALITY, check_int, check_quality  # noqa: F401
 
 
 class StdPruningSchedule:
@@ -75,11 +54,11 @@ class StdPruningSchedule:
             qualities = [check_quality(q, f"qualities[{i}]") for i, q in enumerate(qualities)]
             self._quality_fn = None
         self.qualities = qualities
-        self.steps_per_iteration = _check_step(
+        self.steps_per_iteration = check_int(
             steps_per_iteration, "steps_per_iteration", 1,
             "optimizer steps in one prune + retrain iteration, e.g. epochs * steps_per_epoch")
-        self.begin_step = _check_step(begin_step, "begin_step", 0, "the first step that prunes")
-        self.end_step = _check_step(end_step, "end_step", -1, "the last step that prunes, -1: never stop")
+        self.begin_step = check_int(begin_step, "begin_step", 0, "the first step that prunes")
+        self.end_step = check_int(end_step, "end_step", -1, "the last step that prunes, -1: never stop")
         if 0 <= self.end_step < self.begin_step:
             raise ValueError(f"end_step ({end_step}) must be -1 or >= begin_step ({begin_step}).")
 

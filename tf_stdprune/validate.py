@@ -8,6 +8,8 @@ import math
 import numbers
 
 MAX_BITS = 12  # weight-sharing bits: at most 2^12 shared values per tensor
+# The largest float32: a larger q would overflow to inf in the float32 threshold q * sigma.
+MAX_QUALITY = 3.4028234663852886e38
 
 
 def _is_real(value):
@@ -15,11 +17,12 @@ def _is_real(value):
 
 
 def check_quality(q, where):
-    """``q`` as a float; raises unless it is a finite number >= 0 (a multiple of a std)."""
-    if not _is_real(q) or not math.isfinite(q) or q < 0:
+    """``q`` as a float; raises unless it is a finite number in [0, MAX_QUALITY] (a
+    multiple of a std that the float32 threshold ``q * sigma`` can hold)."""
+    if not _is_real(q) or not math.isfinite(q) or q < 0 or q > MAX_QUALITY:
         raise ValueError(
-            f"{where} must be a finite number >= 0 (the multiple of the layer's std below "
-            f"which weights are pruned), got {q!r}."
+            f"{where} must be a finite number >= 0 and <= {MAX_QUALITY:.4g} (the multiple of "
+            f"the layer's std below which weights are pruned), got {q!r}."
         )
     return float(q)
 
