@@ -9,8 +9,10 @@ import tensorflow as tf
 
 import tf_stdprune
 from tf_stdprune._keras import keras
+from tf_stdprune.callbacks import UpdatePruningStep
 from tf_stdprune.recalibration import recalibrate_batchnorm
 from tf_stdprune.run_state import read_history
+from tf_stdprune.wrapper import optimizer_slots
 
 from conftest import tiny_cnn
 
@@ -220,3 +222,42 @@ def test_update_pruning_step_leaves_batch_logs_as_tensors(tiny_data):
     model.fit(*tiny_data, batch_size=16, epochs=1, verbose=0,
               callbacks=[tf_stdprune.UpdatePruningStep(), recorder])
     assert recorder.types and all(issubclass(t, tf.Tensor) for t in recorder.types)
+
+
+class CountedReads(UpdatePruningStep):
+    """Records the global step of every batch at which the flags are read."""
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.batches, self.read_at = 0, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+        super().on_train_batch_end(batch, logs)
+
+    def _mask_changed_layers(self):
+        self.read_at.append(self.batches)
+        super()._mask_changed_layers()
+
+
+def test_update_pruning_step_reads_the_flags_only_where_masks_can_change(tiny_data):
+    """Steps 1, 6, 11, 16 prune (every 5 steps); 8 batches an epoch: reads at the pruning
+    batches and at each epoch's first batch (steps 1 and 9), no other; and the pruned
+    weights and momentum slots still end exactly 0."""
+    model = tf_stdprune.prune_low_std(
+        tiny_cnn(), pruning_schedule=tf_stdprune.StdPruningSchedule([0.5, 1.0, 1.5, 2.0],
+                                                                   steps_per_iteration=5))
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = CountedReads()
+    model.fit(*tiny_data, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[callback])
+    assert callback.read_at == [1, 6, 9, 11, 16]
+    pruned_count = 0
+    for layer in model.layers:
+        for weight, mask, _ in getattr(layer, "pruning_vars", []):
+            pruned = mask.numpy() == 0
+            pruned_count += pruned.sum()
+            assert (weight.numpy()[pruned] == 0).all()
+            for slot in optimizer_slots(model.optimizer, weight):
+                assert (slot.numpy()[pruned] == 0).all()
+    assert pruned_count > 0

@@ -18,9 +18,16 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
     ``weights_masked`` flag was cleared, see `PruneLowStd`), the optimizer slots of its
     pruned tensors are multiplied by the mask and the weights re-masked: ``s = s * m``,
     ``w = w * m``, and the flag is set again. The pruning batch's own update used the old
-    momentum; after this nothing moves a pruned weight again. A batch costs one read of
-    all the flags. With ``steps_per_execution > 1`` it runs at the end of the execution
-    that contains the pruning step.
+    momentum; after this nothing moves a pruned weight again. With ``steps_per_execution
+    > 1`` it runs at the end of the execution that contains the pruning step.
+
+    The flags are read (one small synchronising call) only where masks can have changed:
+    at a batch whose steps include a step at which a layer's `StdPruningSchedule` prunes
+    (``should_prune``, one training call per step assumed), at the first batch of every
+    epoch (which also re-reads the steps, so a layer called twice per step is caught up
+    there), and at every batch for a layer whose schedule cannot say in advance (a tfmot
+    sparsity schedule). Other batches cost no read, so Keras's check of slow batch hooks
+    stays quiet.
 
     At the start of training it does the same for every `PruneLowStd` layer, whatever
     happened to the weights before ``fit`` (a direct assignment, tfmot's callback): each
@@ -36,15 +43,44 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self._std_layers = [l for l in self.prunable_layers if isinstance(l, PruneLowStd)]
+        self._last_batch = None  # also for custom loops, which may call no epoch hook
+        if not self._std_layers:
+            return
         for layer in self._std_layers:
             layer.mask_optimizer_slots(self.model.optimizer)
         flags = [l.weights_masked for l in self._std_layers]
-        self._read_flags = tf.function(lambda: tf.stack(flags))
+        steps = [l.pruning_step for l in self._std_layers]
+        self._read_state = tf.function(lambda: (tf.stack(flags), tf.stack(steps)))
+        self._steps = self._read_state()[1].numpy()  # traced here, not inside a batch
+        self._predictable = all(hasattr(l.pruning_schedule, "should_prune")
+                                for l in self._std_layers)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._last_batch = None
 
     def on_train_batch_end(self, batch, logs=None):
         if not self._std_layers:
             return
-        for layer, masked in zip(self._std_layers, self._read_flags().numpy()):
+        if self._last_batch is None or not self._predictable:
+            self._mask_changed_layers()
+        else:
+            taken = max(batch - self._last_batch, 1)  # > 1 with steps_per_execution
+            if self._may_have_pruned(taken):
+                self._mask_changed_layers()
+            else:
+                self._steps = self._steps + taken
+        self._last_batch = batch
+
+    def _may_have_pruned(self, taken):
+        """Whether a layer's schedule prunes at one of the next ``taken`` steps."""
+        return any(layer.pruning_schedule.should_prune(int(step) + k)
+                   for layer, step in zip(self._std_layers, self._steps)
+                   for k in range(1, taken + 1))
+
+    def _mask_changed_layers(self):
+        flags, steps = self._read_state()
+        self._steps = steps.numpy()
+        for layer, masked in zip(self._std_layers, flags.numpy()):
             if not masked:
                 layer.mask_optimizer_slots(self.model.optimizer)
 
