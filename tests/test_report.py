@@ -86,6 +86,15 @@ def test_report_matches_independent_count(pruned_and_stripped):
         assert layer.rate == 100 * layer.zeros / layer.total
 
 
+def test_printing_a_report_shows_the_totals_then_one_row_per_layer(pruned_and_stripped):
+    report = tf_stdprune.sparsity_report(pruned_and_stripped[1])
+    summary, table = str(report).split("\n\n")
+    assert summary == report.summary() and summary.startswith("Final Parameters:")
+    rows = table.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == [l.name for l in report.layers]
+    assert [int(row.split()[3]) for row in rows] == [l.zeros for l in report.layers]
+
+
 def test_wrapped_and_stripped_reports_equal(pruned_and_stripped):
     pruned, stripped = pruned_and_stripped
     wrapped = tf_stdprune.sparsity_report(pruned)
@@ -125,7 +134,8 @@ def test_tfmot_wrapped_model_and_shared_layer_counted_once():
 def test_seed_final_parameters_block_exact():
     report = SparsityReport(total_parameters=38969930, total_weights=38939712,
                             zero_weights=34244952, layers=[])
-    assert str(report) == "\n".join(line for line in SEED_BLOCK.splitlines() if line)
+    assert report.summary() == "\n".join(line for line in SEED_BLOCK.splitlines() if line)
+    assert str(report) == report.summary()  # no layers: no table
     assert f"{report.zero_weights_rate:.10f}" == "87.9435163773"
     assert f"{report.zero_parameters_rate:.10f}" == "87.8753233583"
     assert f"{report.compression_rate:.8f}" == "8.24764263"
@@ -166,6 +176,6 @@ def test_a_fully_pruned_model_writes_strict_json_and_says_all_weights_pruned():
     assert report.compression_rate == float("inf") and report.all_pruned
     data = json.loads(report.to_json(), parse_constant=refuse_constant)
     assert data["compression_rate"] is None and data["zero_weights_rate"] == 100.0
-    assert str(report).splitlines()[-1] == "Compression rate: all weights pruned"
+    assert report.summary().splitlines()[-1] == "Compression rate: all weights pruned"
     assert SparsityReport.from_dict(data) == report
     assert not SparsityReport(6, 6, 5, []).all_pruned

@@ -29,8 +29,6 @@ def _print_report(run_dir):
         return False
     print(report)
     print()
-    print(report.table())
-    print()
     return True
 
 

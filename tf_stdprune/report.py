@@ -95,6 +95,11 @@ class SparsityReport:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
 
     def __str__(self):
+        """`summary` then, after a blank line, the per-layer `table` (if there are layers)."""
+        return self.summary() + (f"\n\n{self.table()}" if self.layers else "")
+
+    def summary(self):
+        """The model totals in the reference experiment's "Final Parameters" format."""
         rate = ("all weights pruned" if self.all_pruned
                 else f"x{self.compression_rate:.8f} times")
         return (
