@@ -64,16 +64,7 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
       >>> pruned = prune_low_std(model, StdPruningSchedule([0.5, 1.0], 1000))
       >>> pruned.fit(x, y, epochs=2, callbacks=[UpdatePruningStep()])
     """
-    check_keras2(to_prune, "The object passed to prune_low_std")
-    is_model = isinstance(to_prune, keras.Model)
-    if kwargs and (is_model or isinstance(to_prune, list)):
-        raise TypeError(
-            f"prune_low_std got unexpected keyword argument(s) {sorted(kwargs)} for a "
-            f"{type(to_prune).__name__}; see help(prune_low_std) for the accepted ones."
-        )
-    if pruning_policy is not None and not is_model:
-        raise TypeError("pruning_policy applies to models only; pass the layers it allows "
-                        "to prune_low_std instead.")
+    is_model = _check_target(to_prune, pruning_policy, kwargs)
     settings = dict(pruning_schedule=check_schedule(pruning_schedule), std_mode=std_mode,
                     prune_batchnorm=check_flag(prune_batchnorm, "prune_batchnorm"),
                     block_size=check_block_arguments(block_size, block_pooling_type,
@@ -92,6 +83,22 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
         "prune_low_std can only prune a tf_keras Sequential or functional model, a "
         f"layer or a list of layers; got an object of type {type(to_prune).__name__}."
     )
+
+
+def _check_target(to_prune, pruning_policy, kwargs):
+    """Refuses a Keras 3 object, layer arguments for a model or list, and a policy for
+    anything but a model; returns whether ``to_prune`` is a model."""
+    check_keras2(to_prune, "The object passed to prune_low_std")
+    is_model = isinstance(to_prune, keras.Model)
+    if kwargs and (is_model or isinstance(to_prune, list)):
+        raise TypeError(
+            f"prune_low_std got unexpected keyword argument(s) {sorted(kwargs)} for a "
+            f"{type(to_prune).__name__}; see help(prune_low_std) for the accepted ones."
+        )
+    if pruning_policy is not None and not is_model:
+        raise TypeError("pruning_policy applies to models only; pass the layers it allows "
+                        "to prune_low_std instead.")
+    return is_model
 
 
 def _check_names(layer_quality, skip, to_prune):
