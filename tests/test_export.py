@@ -264,6 +264,26 @@ def test_sparse_compute_auto_uses_sparse_only_for_large_very_sparse_dense_layers
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_sparse_compute_takes_pointwise_convolutions_too_and_matches_keras(tmp_path):
+    """A 1x1 stride-1 Conv2D computes sparsely (COO on a 2x2 map at batch 1: 4 rows; CSR
+    on 3 maps of 5x5); a strided 1x1 and a 3x3 convolution keep the dense cache."""
+    model = zero_out(keras.Sequential([
+        keras.Input((None, None, 3)),
+        keras.layers.Conv2D(8, 1, activation="relu", name="pointwise"),
+        keras.layers.Conv2D(8, 1, strides=2, name="strided"),
+        keras.layers.Conv2D(8, 3, padding="same", name="conv3x3"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(4, name="head")]), 0.6)
+    path = export_sparse_saved_model(model, tmp_path / "m", sparse_compute=True)
+    marker = json.loads((tmp_path / "m" / MARKER).read_text())
+    assert marker["sparse_compute_layers"] == ["pointwise", "head"]
+    rng = np.random.default_rng(3)
+    for shape in ((1, 2, 2, 3), (3, 5, 5, 3)):
+        x = rng.normal(size=shape).astype("float32")
+        np.testing.assert_allclose(_serve(path, x), model(x, training=False).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_bad_input_gets_an_error_that_names_the_fix(tmp_path):
     with pytest.raises(ValueError, match="sparse_compute must be 'auto', True or False"):
         export_sparse_saved_model(tiny_model(), tmp_path / "a", sparse_compute="yes")

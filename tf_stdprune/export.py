@@ -17,9 +17,10 @@ stored as they are. Storage per prunable tensor: ``5 n`` bytes (``2 n + 4 K``
 quantized) against ``4 N`` dense. The result needs only TensorFlow:
 ``tf.saved_model.load(path).signatures["serving_default"]``.
 
-Sparse compute (``sparse_compute``): a `Dense` layer with a 2-D input may instead compute
-``y = act((W^T x^T)^T + b)`` with ``W^T`` decoded once into row-major COO index and value
-caches: batches of at most `SPARSE_MAX_BATCH` rows use ``tf.sparse.sparse_dense_matmul``
+Sparse compute (``sparse_compute``): a `Dense` layer with a 2-D input, or a `Conv2D` with
+a 1x1 kernel and stride 1 (``channels_last``, one group; its input reshaped to rows of
+``C_in`` values, ``B * H * W`` of them), may instead compute ``y = act((W^T x^T)^T + b)``
+with ``W^T`` (``C_out x C_in``) decoded once into row-major COO index and value caches: batches of at most `SPARSE_MAX_BATCH` rows use ``tf.sparse.sparse_dense_matmul``
 on it, larger ones ``tf.raw_ops.SparseMatrixMatMul`` on a CSR matrix built from it in the
 call (a CSR matrix is a variant tensor, which no saved variable can hold).
 
@@ -28,11 +29,12 @@ kernel (the classifier of full-width VGG19-BN) against the dense ``tf.matmul`` o
 With 96-98 % zeros COO beats dense at batch 1 to 4 and CSR beats it at batch 16 to 64,
 while COO loses at batch >= 16 and CSR at batch <= 4 (its per-call conversion costs
 more than the product saves); with 90 % zeros COO loses at every batch size and CSR
-wins only at the largest batches. ``"auto"`` therefore computes sparsely a Dense layer
+wins only at the largest batches. ``"auto"`` therefore computes sparsely an eligible layer
 with at least `SPARSE_MIN_ZEROS` zeros and `SPARSE_MIN_WEIGHTS` weights (smaller
 products are dominated by per-op overhead) and leaves every other layer dense; ``True``
-computes every eligible Dense layer sparsely; ``False`` none. Convolutions always use
-the dense cache.
+computes every eligible layer sparsely; ``False`` none. A 1x1 convolution multiplies
+``B * H * W`` rows, so it takes the CSR product except on a 2x2 or smaller map at batch
+1. Other convolutions always use the dense cache.
 
 Every export directory holds `MARKER`, a JSON file naming the format; ``overwrite=True``
 replaces only a directory that carries it (see `io.write_atomically`). Exporting never
@@ -75,6 +77,8 @@ class SparseTensor(tf.Module):
         super().__init__()
         flat = np.asarray(array, np.float32).ravel()
         self.shape = tuple(int(d) for d in array.shape)
+        # a kernel as the matrix it multiplies: [C_in, C_out] (a 1x1 conv's [1, 1, C_in, C_out])
+        self.matrix_shape = (int(np.prod(self.shape[:-1])), self.shape[-1])
         self.matmul = matmul
         positions = np.flatnonzero(flat)
         self.gaps = tf.Variable(coding.relative_gaps(positions, GAP_SPAN), trainable=False)
@@ -112,9 +116,9 @@ class SparseTensor(tf.Module):
         if not self.matmul:
             return [self.cache.assign(self.dense())]
         positions, values = self.positions_and_values()
-        rows, columns = positions // self.shape[1], positions % self.shape[1]
+        rows, columns = positions // self.matrix_shape[1], positions % self.matrix_shape[1]
         transposed = tf.sparse.reorder(tf.SparseTensor(
-            tf.cast(tf.stack([columns, rows], 1), tf.int64), values, self.shape[::-1]))
+            tf.cast(tf.stack([columns, rows], 1), tf.int64), values, self.matrix_shape[::-1]))
         return [self.transposed_indices.assign(transposed.indices),
                 self.transposed_values.assign(transposed.values)]
 
@@ -126,7 +130,7 @@ class SparseTensor(tf.Module):
         """The cached ``W^T`` as a `tf.SparseTensor` (valid after `decode`)."""
         return tf.SparseTensor(tf.reshape(self.transposed_indices.read_value(), [-1, 2]),
                                tf.reshape(self.transposed_values.read_value(), [-1]),
-                               self.shape[::-1])
+                               self.matrix_shape[::-1])
 
 
 def _empty_cache(dtype, empty_shape):
@@ -137,15 +141,25 @@ def _empty_cache(dtype, empty_shape):
 
 def uses_sparse_compute(layer, array, sparse_compute):
     """Whether the prunable tensor ``array`` of ``layer`` is computed sparsely (module
-    docstring): a float32 `Dense` kernel with a 2-D input, and with ``"auto"`` at least
-    `SPARSE_MIN_ZEROS` zeros and `SPARSE_MIN_WEIGHTS` weights."""
-    eligible = (type(layer) is keras.layers.Dense and layer.compute_dtype == "float32"
-                and array.ndim == 2 and _input_rank(layer) == 2)
+    docstring): the float32 kernel of a `Dense` layer with a 2-D input or of a pointwise
+    `Conv2D` (`is_pointwise_conv`), and with ``"auto"`` at least `SPARSE_MIN_ZEROS` zeros
+    and `SPARSE_MIN_WEIGHTS` weights."""
+    dense = type(layer) is keras.layers.Dense and array.ndim == 2 and _input_rank(layer) == 2
+    eligible = (layer.compute_dtype == "float32" and array is not None
+                and (dense or (is_pointwise_conv(layer) and array.ndim == 4)))
     if not eligible or sparse_compute is False:
         return False
     zeros = 1.0 - np.count_nonzero(array) / array.size
     return sparse_compute is True or (zeros >= SPARSE_MIN_ZEROS
                                       and array.size >= SPARSE_MIN_WEIGHTS)
+
+
+def is_pointwise_conv(layer):
+    """A `Conv2D` that is a matrix product per pixel: 1x1 kernel, stride 1, one group,
+    ``channels_last``."""
+    return (type(layer) is keras.layers.Conv2D and tuple(layer.kernel_size) == (1, 1)
+            and tuple(layer.strides) == (1, 1) and layer.groups == 1
+            and layer.data_format == "channels_last")
 
 
 def _input_rank(layer):
@@ -172,9 +186,14 @@ def sparse_matmul(transposed, x):
 
 @contextlib.contextmanager
 def sparse_dense_call(layer, tensor):
-    """Makes the `Dense` ``layer`` compute ``act(x @ W + b)`` with `sparse_matmul`."""
+    """Makes the `Dense` or pointwise `Conv2D` ``layer`` compute ``act(x @ W + b)`` with
+    `sparse_matmul`, a convolution's input taken as rows of ``C_in`` values."""
     def call(inputs):
-        y = sparse_matmul(tensor.read_transposed(), tf.convert_to_tensor(inputs))
+        inputs = tf.convert_to_tensor(inputs)
+        rows = tf.reshape(inputs, [-1, tensor.matrix_shape[0]])
+        y = sparse_matmul(tensor.read_transposed(), rows)
+        if inputs.shape.rank != 2:
+            y = tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [tensor.matrix_shape[1]]], 0))
         if layer.use_bias:
             y = tf.nn.bias_add(y, layer.bias)
         return layer.activation(y) if layer.activation is not None else y
