@@ -10,7 +10,14 @@ labels are int64 class indices. Training images are augmented before normalisati
 torchvision's ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` do: ``pad`` black
 pixels on every side, a random crop back to the original size, and (CIFAR-10 only; digits
 are not mirror-symmetric) a random left-right flip. Pipeline: cache (decoded images) ->
-shuffle (training) -> augment + normalise (parallel) -> batch -> prefetch (AUTOTUNE).
+permute (training) -> augment + normalise (parallel) -> batch -> prefetch (AUTOTUNE).
+
+All the training pipeline's randomness comes from one `tf.random.Generator`,
+``info.generator``: each pass over the data (each epoch) draws one shuffle seed and one
+augmentation seed from it, and every image's crop and flip use stateless ops seeded by
+that seed and the image's position in the pass. Saving and restoring the generator's
+state (e.g. ``restore_run(..., extras={"data_rng": info.generator})``) therefore repeats
+the exact same epochs after a resume.
 """
 import dataclasses
 import math
@@ -45,6 +52,7 @@ class DataInfo:
     batch_size: int
     mean: tuple
     std: tuple
+    generator: tf.random.Generator = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def steps_per_epoch(self):
@@ -52,35 +60,70 @@ class DataInfo:
         return math.ceil(self.train_examples / self.batch_size)
 
 
-def augment_image(image, pad=PAD, flip=True):
-    """Zero-pads ``pad`` pixels on each side, crops back to the input size at a random
-    offset, then flips left-right with probability 1/2 if ``flip``."""
+def augment_image(image, seed, pad=PAD, flip=True):
+    """Zero-pads ``pad`` pixels on each side, crops back to the input size at an offset
+    drawn from ``seed`` (int64 [2], stateless), then flips left-right with probability
+    1/2 if ``flip``."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     shape = tf.shape(image)
     image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-    image = tf.image.random_crop(image, shape)
-    return tf.image.random_flip_left_right(image) if flip else image
+    image = tf.image.stateless_random_crop(image, shape, crop_seed)
+    return tf.image.stateless_random_flip_left_right(image, flip_seed) if flip else image
 
 
 def pipeline(data, mean, std, batch_size, training, augment=False, flip=True,
-             shuffle_buffer=10_000, seed=None):
+             shuffle_buffer=10_000, generator=None):
     """Batched ``(x', y)`` from unbatched ``(image, label)``; see the module docstring.
 
-    ``image`` is uint8 in [0, 255] or float in [0, 1]. ``shuffle_buffer <= 1`` keeps the
-    order (useful to compare against the source).
+    ``image`` is uint8 in [0, 255] or float in [0, 1]. Training passes are full random
+    permutations of the (cached) data; ``shuffle_buffer <= 1`` keeps the order instead
+    (useful to compare against the source). ``generator``: the training
+    pipeline's `tf.random.Generator` (default: seeded from the operating system).
     """
     mean, std = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
 
-    def prepare(image, label):
+    def prepare(image, label, seed=None):
         image = tf.image.convert_image_dtype(image, tf.float32)  # uint8 / 255; floats as they are
-        if training and augment:
-            image = augment_image(image, PAD, flip)
+        if seed is not None:
+            image = augment_image(image, seed, PAD, flip)
         return (image - mean) / std, tf.cast(label, tf.int64)
 
     data = data.cache()
-    if training and shuffle_buffer > 1:
-        data = data.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    data = data.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    if not training:
+        return data.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(
+            tf.data.AUTOTUNE)
+    size = int(data.cardinality())
+    generator = generator or tf.random.Generator.from_non_deterministic_state()
+
+    shuffled = shuffle_buffer > 1
+
+    @tf.autograph.experimental.do_not_convert
+    def one_pass(_):
+        seeds = generator.make_seeds(2)  # [2, 2]: the order's and the augmentation's
+        examples = data.batch(size).get_single_element()  # the cached pass as two tensors
+        order = tf.range(size, dtype=tf.int64)
+        if shuffled:
+            order = tf.random.experimental.stateless_shuffle(order, seeds[:, 0])
+
+        def example(position, index):
+            image, label = (tf.gather(t, index) for t in examples)
+            return prepare(image, label, tf.stack([seeds[0, 1], position]) if augment else None)
+
+        positions = tf.data.Dataset.range(size)
+        return tf.data.Dataset.zip(positions, tf.data.Dataset.from_tensor_slices(order)).map(
+            example, num_parallel_calls=tf.data.AUTOTUNE)
+
+    # One element whose expansion draws the seeds: each new iterator (each epoch) draws anew.
+    passes = tf.data.Dataset.from_tensors(0).flat_map(one_pass)
+    passes = passes.apply(tf.data.experimental.assert_cardinality(size))
+    return passes.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _generator(seed):
+    """The training pipeline's generator: seeded by ``seed``, or by the system if None."""
+    if seed is None:
+        return tf.random.Generator.from_non_deterministic_state()
+    return tf.random.Generator.from_seed(seed)
 
 
 def _check_batch_size(batch_size):
@@ -138,6 +181,7 @@ def cifar10(data_dir=None, batch_size=128, augment=True, download=True,
     ``max_train_examples`` keeps only the first examples of the training split.
     """
     _check_batch_size(batch_size)
+    generator = _generator(seed)
     data_dir = os.path.expanduser(data_dir) if data_dir else None
     _ensure_prepared(tfds.builder("cifar10", data_dir=data_dir), download)
     (train, test), tfds_info = tfds.load(
@@ -147,10 +191,10 @@ def cifar10(data_dir=None, batch_size=128, augment=True, download=True,
         train = train.take(max_train_examples)
     info = DataInfo("cifar10", tfds_info.features["label"].num_classes, (32, 32, 3),
                     int(train.cardinality()), int(test.cardinality()), batch_size,
-                    CIFAR10_MEAN, CIFAR10_STD)
+                    CIFAR10_MEAN, CIFAR10_STD, generator)
     logging.info("cifar10: %d training and %d test images", info.train_examples, info.test_examples)
     train = pipeline(train, CIFAR10_MEAN, CIFAR10_STD, batch_size, training=True,
-                     augment=augment, shuffle_buffer=shuffle_buffer, seed=seed)
+                     augment=augment, shuffle_buffer=shuffle_buffer, generator=generator)
     test = pipeline(test, CIFAR10_MEAN, CIFAR10_STD, batch_size, training=False)
     return train, test, info
 
@@ -198,10 +242,10 @@ def digits(image_size=32, test_fraction=0.2, seed=0, batch_size=64, augment=Fals
         x_train, y_train = x_train[:max_train_examples], y_train[:max_train_examples]
     mean, std = (float(x_train.mean()),) * 3, (float(x_train.std()),) * 3
     info = DataInfo("digits", 10, x_train.shape[1:], len(x_train), len(x_test), batch_size,
-                    mean, std)
+                    mean, std, _generator(seed))
     train = pipeline(tf.data.Dataset.from_tensor_slices((x_train, y_train)), mean, std,
                      batch_size, training=True, augment=augment, flip=False,
-                     shuffle_buffer=len(x_train), seed=seed)
+                     shuffle_buffer=len(x_train), generator=info.generator)
     test = pipeline(tf.data.Dataset.from_tensor_slices((x_test, y_test)), mean, std,
                     batch_size, training=False)
     return train, test, info
