@@ -8,11 +8,12 @@ nonzeros is stored as variables
     values: float32 [n], or, when the tensor has at most 256 distinct nonzero values (a
             quantized model), ``codebook`` float32 [K] and ``indices`` uint8 [n].
 
-Decode once: the first call of the serving function rebuilds every tensor,
-``w = reshape(scatter(positions, values, [N]), shape)``, into a cache variable and sets
-a flag; every later call reads the caches, so it costs what a dense call costs plus one
-``tf.cond`` on the flag. The caches are saved empty (shape ``[0]``), so the files hold
-only the sparse form. The other variables (biases, BN beta and moving statistics) are
+Decode on load: ``tf.saved_model.load`` rebuilds every tensor,
+``w = reshape(scatter(positions, values, [N]), shape)``, into a cache variable, through
+the initializer of a resource (`CacheFiller`) that the loader runs once the variables
+are restored, as it does for lookup tables. Every call then reads the caches, so it
+costs what a dense call costs. The caches are saved empty (shape ``[0]``), so the files
+hold only the sparse form. The other variables (biases, BN beta and moving statistics) are
 stored as they are. Storage per prunable tensor: ``5 n`` bytes (``2 n + 4 K``
 quantized) against ``4 N`` dense. The result needs only TensorFlow:
 ``tf.saved_model.load(path).signatures["serving_default"]``.
@@ -67,7 +68,7 @@ SPARSE_MAX_BATCH = 4  # COO up to here, CSR above
 
 
 class SparseTensor(tf.Module):
-    """The variables of one sparse tensor, its rebuild and its decode-once caches.
+    """The variables of one sparse tensor, its rebuild and its caches (filled on load).
 
     ``matmul``: cache the transposed kernel in COO form (for `sparse_dense_call`)
     instead of the dense tensor.
@@ -112,7 +113,7 @@ class SparseTensor(tf.Module):
         return tf.reshape(flat, self.shape)
 
     def decode(self):
-        """The assignments that fill the caches (run once, by the serving function)."""
+        """The assignments that fill the caches (run once, when the export is loaded)."""
         if not self.matmul:
             return [self.cache.assign(self.dense())]
         positions, values = self.positions_and_values()
@@ -205,13 +206,31 @@ def sparse_dense_call(layer, tensor):
         object.__delattr__(layer, "call")
 
 
+class CacheFiller(tf.saved_model.experimental.TrackableResource):
+    """A resource whose initializer fills the caches of ``tensors`` (`SparseTensor`).
+
+    ``tf.saved_model.load`` runs the initializer of every resource it restores, after
+    the variables: that is the one decode. The resource itself is a placeholder boolean
+    variable handle that nothing reads.
+    """
+
+    def __init__(self, tensors):
+        self._tensors = list(tensors)
+        super().__init__()
+
+    def _create_resource(self):
+        return tf.raw_ops.VarHandleOp(dtype=tf.bool, shape=[], shared_name="")
+
+    def _initialize(self):
+        return tf.group([u for t in self._tensors for u in t.decode()])
+
+
 class _Serving(tf.Module):
     """Holds the variables to save; `serving_function` calls the (private copy of the)
     Keras model, which is kept out of the tracked state so that only these are saved."""
 
     def __init__(self, model, sparse, sparse_compute):
         super().__init__()
-        self.decoded = tf.Variable(False, trainable=False)
         replaced, self.tensors, substitutions = set(), [], []
         self.matmul = []
         for layer, attributes in prunable_layers(model) if sparse else []:
@@ -223,10 +242,11 @@ class _Serving(tf.Module):
             self.tensors += tensors
             replaced |= {get_tensor(layer, a).ref() for a in attributes}
         self.other_variables = [v for v in model.weights if v.ref() not in replaced]
+        self.filler = CacheFiller(self.tensors)  # runs when the export is loaded
         names = model.output_names
 
         def serve(*inputs):
-            with tf.control_dependencies([self._decode_once()]), contextlib.ExitStack() as stack:
+            with contextlib.ExitStack() as stack:
                 for layer, attributes, tensors in substitutions:
                     if tensors[0].matmul:
                         stack.enter_context(sparse_dense_call(layer, tensors[0]))
@@ -241,18 +261,6 @@ class _Serving(tf.Module):
         # Left for tf.saved_model.save to trace: under a multi-worker strategy it then reads
         # each distributed variable's primary copy instead of tracing collectives.
         self.serving_function = tf.function(serve, input_signature=specs, autograph=False)
-
-    def _decode_once(self):
-        """Fills every cache on the first call (caches first, then the flag)."""
-        if not self.tensors:
-            return tf.no_op()
-
-        def decode():
-            updates = [u for t in self.tensors for u in t.decode()]
-            with tf.control_dependencies(updates):
-                return tf.identity(self.decoded.assign(True).read_value())
-
-        return tf.cond(self.decoded, lambda: tf.constant(True), decode)
 
 
 def private_plain_copy(model):
