@@ -21,16 +21,15 @@ reports the kept q, zeros and compression, and training stops.
 q_step=...)``, which hooks it into `IterativePruning`.
 """
 import json
-import math
-import numbers
 import os
 
 from absl import logging
 from tf_stdprune._keras import keras
 from tf_stdprune.io import atomic_write, write_atomically
+from tf_stdprune.procedure import check_target_arguments
 from tf_stdprune.prune import all_layers
 from tf_stdprune.report import sparsity_report
-from tf_stdprune.run_state import HISTORY_FILE, read_history
+from tf_stdprune.run_directory import HISTORY_FILE, read_history
 from tf_stdprune.schedule import StdPruningSchedule
 from tf_stdprune.wrapper import PruneLowStd
 
@@ -60,15 +59,6 @@ def _state_variables(model):
     return list(model.variables) + _optimizer_variables(optimizer)
 
 
-def _check_number(value, name, fix, minimum_exclusive=False):
-    bad = (not isinstance(value, numbers.Real) or isinstance(value, bool)
-           or not math.isfinite(value) or value < 0 or (minimum_exclusive and value == 0))
-    if bad:
-        bound = "> 0" if minimum_exclusive else ">= 0"
-        raise ValueError(f"{name} must be a finite number {bound} ({fix}), got {value!r}.")
-    return float(value)
-
-
 class TargetAccuracy(keras.callbacks.Callback):
     """Raises q by ``q_step`` per iteration until the accuracy drop exceeds the budget.
 
@@ -90,10 +80,8 @@ class TargetAccuracy(keras.callbacks.Callback):
     def __init__(self, run_dir, target_accuracy_drop, q_step):
         super().__init__()
         self.run_dir = run_dir
-        self.target_accuracy_drop = _check_number(
-            target_accuracy_drop, "target_accuracy_drop", "points of top-1, e.g. 0.5")
-        self.q_step = _check_number(q_step, "q_step", "the increase of q per iteration, e.g. 0.1",
-                                    minimum_exclusive=True)
+        self.target_accuracy_drop, self.q_step = check_target_arguments(
+            target_accuracy_drop, q_step)
         self.rejected = None
 
     def on_train_begin(self, logs=None):
