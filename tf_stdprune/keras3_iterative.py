@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from tf_stdprune import procedure
+from tf_stdprune.batchnorm_statistics import average_batch_statistics
 from tf_stdprune.keras3_prune import (  # noqa: F401  (the callbacks iterative_callbacks builds)
     UpdatePruningStep, all_layers, prune_due, wrappers)
 from tf_stdprune.run_directory import (
@@ -150,28 +151,8 @@ def recalibrate_batchnorm(model, data, batches, batch_size=32):
     if not layers or batches < 1:
         return 0
     _sync(model)
-    momenta = [layer.momentum for layer in layers]
-    sums = [[np.zeros(l.moving_mean.shape, np.float64) for _ in range(2)] for l in layers]
-    count = 0
-    try:
-        for layer in layers:
-            layer.momentum = 0.0
-        for x in _x_batches(data, batch_size):
-            model(x, training=True)
-            for layer, (mean, variance) in zip(layers, sums):
-                mean += _numpy(layer.moving_mean)
-                variance += _numpy(layer.moving_variance)
-            count += 1
-            if count == batches:
-                break
-    finally:
-        for layer, momentum in zip(layers, momenta):
-            layer.momentum = momentum
-    for layer, (mean, variance) in zip(layers, sums):
-        if count:
-            layer.moving_mean.assign(mean / count)
-            layer.moving_variance.assign(variance / count)
-    return count
+    return average_batch_statistics(layers, lambda x: model(x, training=True),
+                                    _x_batches(data, batch_size), batches, _numpy)
 
 
 class IterativePruning(procedure.IterativePruningLogic, keras.callbacks.Callback):
