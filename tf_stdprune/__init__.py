@@ -16,7 +16,7 @@ Compression:  quantize_weights, strip_quantization, QuantizeWeights, linear_kmea
 """
 import importlib
 
-from tf_stdprune.dispatch import UpdatePruningStep, module_for
+from tf_stdprune.dispatch import UpdatePruningStep, module_for, procedure_callbacks
 from tf_stdprune.schedule import StdPruningSchedule
 
 
@@ -56,6 +56,11 @@ def quantize_weights(model, *args, **kwargs):
       >>> quantized = tf_stdprune.quantize_weights(tf_stdprune.strip_pruning(pruned))
     """
     return module_for(model, "quantize", "quantize_weights").quantize_weights(model, *args, **kwargs)
+
+
+# The procedure's callbacks, for either Keras (each becomes the model's Keras's in fit).
+IterativePruning = procedure_callbacks.IterativePruning
+IterationLearningRate = procedure_callbacks.IterationLearningRate
 
 
 def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, **kwargs):
@@ -112,8 +117,7 @@ _LAZY = {
     "plot_compression_stages": "compression_stages",
     "disk_size": "export", "export_dense_saved_model": "export",
     "export_sparse_saved_model": "export", "export_tflite": "tflite",
-    "IterativePruning": "iterative",
-    "IterationLearningRate": "callbacks", "PruningSummaries": "callbacks",
+    "PruningSummaries": "callbacks",
     "prune_scope": "prune", "PruneLowStd": "wrapper",
     "QuantizeWeights": "quantize", "linear_kmeans": "kmeans",
     "SparsityReport": "report", "sparsity_report": "report",
@@ -137,6 +141,7 @@ def __dir__():
     return sorted(set(__all__) | set(_SUBMODULES))
 
 
-__all__ = sorted(["StdPruningSchedule", "UpdatePruningStep", "iterative_callbacks",
+__all__ = sorted(["IterationLearningRate", "IterativePruning", "StdPruningSchedule",
+                  "UpdatePruningStep", "iterative_callbacks",
                   "prune_low_std", "quantize_weights", "recalibrate_batchnorm", "restore_run",
                   "strip_pruning", "strip_quantization", *_LAZY])

@@ -83,15 +83,18 @@ class DeferredCallback:
     An argument that is itself a `DeferredCallback` is replaced by its implementation for
     the same model, so that two deferred callbacks can share one object (target mode's
     judge is handed to `IterativePruning`). ``CHECK`` (``"module:name"``), if set, is
-    called with the arguments at construction, so that a bad argument raises at once.
+    called with the arguments at construction, so that a bad argument raises at once;
+    until ``fit`` hands over the model, attributes are read from what it returned (e.g.
+    ``IterationLearningRate(...).rate(epoch)``).
     """
 
     ROLE, NAME, CHECK = "callbacks", None, None
 
     def __init__(self, *args, **kwargs):
+        self._checked = None
         if self.CHECK is not None:
             module, name = self.CHECK.split(":")
-            getattr(importlib.import_module(module), name)(*args, **kwargs)
+            self._checked = getattr(importlib.import_module(module), name)(*args, **kwargs)
         self._args, self._kwargs = args, kwargs
         self._callback = None
 
@@ -121,7 +124,7 @@ class DeferredCallback:
         return self._callback.model if self._callback is not None else None
 
     def __getattr__(self, name):  # the rest of either Keras's callback protocol
-        callback = self.__dict__.get("_callback")
+        callback = self.__dict__.get("_callback") or self.__dict__.get("_checked")
         if callback is None or name.startswith("__"):
             raise AttributeError(name)
         return getattr(callback, name)
