@@ -1,8 +1,8 @@
 """A deterministic Keras 3 iterative run that can be killed with SIGKILL on purpose.
 
-    python iterative_run.py RUN_DIR [--kill_after_batches=N]
+    python iterative_run.py RUN_DIR [--kill_after_batches=N] [--iterations=I]
 
-Three iterations of one epoch on `helpers.tiny_data` (the model without Dropout). Rerunning
+``I`` (3 by default) iterations of one epoch on `helpers.tiny_data` (the model without Dropout). Rerunning
 the same command resumes from RUN_DIR. At the end it writes ``RUN_DIR/final.npz``
 (`helpers.state_arrays`) and ``RUN_DIR/modules.json``: the tf_keras, tfmot and tf_keras-only
 tf_stdprune modules the process loaded.
@@ -21,14 +21,13 @@ import numpy as np  # noqa: E402
 import tf_stdprune  # noqa: E402
 from keras3.helpers import BATCH, pruned_for_iterations, state_arrays, tiny_data  # noqa: E402
 
-ITERATIONS = 3
 TF_KERAS_MODULES = ("tf_keras", "tensorflow_model_optimization", "tf_stdprune._keras",
                     "tf_stdprune.wrapper", "tf_stdprune.prune", "tf_stdprune.callbacks",
                     "tf_stdprune.iterative", "tf_stdprune.run_state", "tf_stdprune.target",
                     "tf_stdprune.recalibration")
 
 
-def run(run_dir, kill_after_batches=None):
+def run(run_dir, kill_after_batches=None, iterations=3):
     """The run; returns the model. Kills this process after that many batches if given."""
     keras.utils.set_random_seed(0)
     x, y = tiny_data()
@@ -46,7 +45,7 @@ def run(run_dir, kill_after_batches=None):
 
         callbacks.append(keras.callbacks.LambdaCallback(on_train_batch_end=count))
     initial_epoch = tf_stdprune.restore_run(model, run_dir)
-    model.fit(x, y, batch_size=BATCH, epochs=ITERATIONS, initial_epoch=initial_epoch,
+    model.fit(x, y, batch_size=BATCH, epochs=iterations, initial_epoch=initial_epoch,
               shuffle=False, verbose=0, callbacks=callbacks)
     return model
 
@@ -55,8 +54,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
     parser.add_argument("--kill_after_batches", type=int)
+    parser.add_argument("--iterations", type=int, default=3)
     args = parser.parse_args()
-    model = run(args.run_dir, args.kill_after_batches)
+    model = run(args.run_dir, args.kill_after_batches, args.iterations)
     np.savez(os.path.join(args.run_dir, "final.npz"), *state_arrays(model))
     loaded = sorted(name for name in sys.modules
                     if name in TF_KERAS_MODULES or name.split(".")[0] in TF_KERAS_MODULES)

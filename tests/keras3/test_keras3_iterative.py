@@ -112,12 +112,27 @@ def test_a_run_resumed_after_two_iterations_repeats_the_uninterrupted_run_bit_fo
         without_wall_time(read_history(str(tmp_path / "whole")))
 
 
-@pytest.mark.slow
-def test_a_run_killed_in_the_middle_of_an_iteration_loses_no_finished_iteration(tmp_path):
-    run_dir = str(tmp_path / "run")
+def script_environment():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(HERE))] + sys.path))
     env.pop("TF_USE_LEGACY_KERAS", None)
+    return env
+
+
+def test_the_keras3_procedure_loads_neither_tf_keras_nor_tfmot(tmp_path):
+    run_dir = str(tmp_path / "run")
+    done = subprocess.run([sys.executable, SCRIPT, run_dir, "--iterations=1"],
+                          env=script_environment(), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert [r["iteration"] for r in read_history(run_dir)] == [1]
+    with open(os.path.join(run_dir, "modules.json")) as f:
+        assert json.load(f) == []
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_the_middle_of_an_iteration_loses_no_finished_iteration(tmp_path):
+    run_dir = str(tmp_path / "run")
+    env = script_environment()
     killed = subprocess.run([sys.executable, SCRIPT, run_dir, f"--kill_after_batches={STEPS + 2}"],
                             env=env, capture_output=True)
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
@@ -134,8 +149,6 @@ def test_a_run_killed_in_the_middle_of_an_iteration_loses_no_finished_iteration(
     with np.load(os.path.join(run_dir, "final.npz")) as saved:
         for index, value in enumerate(uninterrupted):
             np.testing.assert_array_equal(saved[f"arr_{index}"], value)
-    with open(os.path.join(run_dir, "modules.json")) as f:
-        assert json.load(f) == []  # the Keras 3 procedure loads no tf_keras module
 
 
 def test_restore_run_refuses_other_settings_naming_them_and_changes_nothing(tmp_path):
