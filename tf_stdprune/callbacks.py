@@ -84,11 +84,15 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
 
 
 class IterationLearningRate(IterationLearningRateLogic, keras.callbacks.Callback):
-    __doc__ = IterationLearningRateLogic.__doc__
+    """`procedure.IterationLearningRateLogic` on tf_keras: at each epoch's start ``lr(e) =
+    initial_lrs[min(i, len - 1)] * factor ** #{d in drops : d <= j}`` (``i = e // E``,
+    ``j = e % E``) is set on the optimizer."""
 
     def set_learning_rate(self, value):
         keras.backend.set_value(self.model.optimizer.learning_rate, value)
 
 
 class DropoutRescaling(DropoutRescalingLogic, keras.callbacks.Callback):
-    __doc__ = DropoutRescalingLogic.__doc__
+    """`procedure.DropoutRescalingLogic` on tf_keras: ``D_r = D_o * sqrt(C_ir / C_io)``
+    after each pruning (Han et al. 2015), the training function re-traced; the original
+    rates restored at the end of training."""

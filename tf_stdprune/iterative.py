@@ -6,6 +6,7 @@ tf_keras: masks recomputed through tfmot's pruning object, BatchNormalization re
 by `recalibration.recalibrate_batchnorm`, data given as arrays batched by ``tf.data``,
 checkpoints written as ``tf.train.Checkpoint`` (`run_state`), TensorBoard scalars in
 ``run_dir/tensorboard``, and under a multi-worker strategy only the chief writes files.
+`TargetAccuracy` is target mode's judge (`target`).
 """
 import os
 import sys
@@ -20,7 +21,7 @@ from tf_stdprune.procedure import warn_unreachable_drops  # noqa: F401
 from tf_stdprune.prune import all_layers
 from tf_stdprune.recalibration import BATCHNORM_LAYERS, recalibrate_batchnorm
 from tf_stdprune.run_state import non_finite_weights, save_iteration
-from tf_stdprune.target import TargetAccuracy  # noqa: F401
+from tf_stdprune.target import TargetAccuracyLogic
 from tf_stdprune.wrapper import PruneLowStd
 
 
@@ -90,6 +91,17 @@ class IterativePruning(procedure.IterativePruningLogic, keras.callbacks.Callback
 
     def close_writer(self):
         self.writer.close()
+
+
+class TargetAccuracy(TargetAccuracyLogic, keras.callbacks.Callback):
+    """Target mode's judge on tf_keras (`target.TargetAccuracyLogic`): q rises by
+    ``q_step`` per iteration until validation top-1 drops more than the budget."""
+
+    def find_wrappers(self):
+        return [l for l in all_layers(self.model) if isinstance(l, PruneLowStd)]
+
+    def is_chief(self):
+        return self.model.distribute_strategy.extended.should_checkpoint
 
 
 def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, **kwargs):

@@ -8,7 +8,7 @@ on Keras 3's ``Callback``, with what is particular to Keras 3: masks recomputed 
 masks, sigmas, BN statistics and the layers' seed-generator states) and of
 ``optimizer.variables`` (slots, iteration count, learning rate), so a run resumes exactly
 on every backend. The run directory is `run_directory`'s, as on tf_keras (no TensorBoard
-scalars on Keras 3). On JAX, ``fit`` keeps the state outside the variables during an
+scalars on Keras 3); target mode's judge is `TargetAccuracy`. On JAX, ``fit`` keeps the state outside the variables during an
 epoch: the callbacks write it back (``model.jax_state_sync()``) before reading variables.
 
 Nothing in this module imports tf_keras or tfmot.
@@ -26,6 +26,7 @@ from tf_stdprune.keras3_prune import (  # noqa: F401  (the callbacks iterative_c
     UpdatePruningStep, all_layers, prune_due, wrappers)
 from tf_stdprune.run_directory import (
     CheckpointFormat, RunDirectoryError, restore_directory, run_settings, save_iteration_with)
+from tf_stdprune.target import TargetAccuracyLogic
 
 VARIABLES_FILE = "variables.npz"
 
@@ -218,11 +219,23 @@ class DropoutRescaling(procedure.DropoutRescalingLogic, keras.callbacks.Callback
     after each pruning, the training function re-traced; the rates restored at the end."""
 
 
+class TargetAccuracy(TargetAccuracyLogic, keras.callbacks.Callback):
+    """Target mode's judge on Keras 3 (`target.TargetAccuracyLogic`): q rises by
+    ``q_step`` per iteration until validation top-1 drops more than the budget; a
+    rejected iteration gives the model and optimizer variables their kept values back."""
+
+    def on_train_begin(self, logs=None):
+        _sync(self.model)
+        super().on_train_begin(logs)
+
+    def find_wrappers(self):
+        return wrappers(self.model)
+
+    def is_chief(self):
+        return True
+
+
 def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, **kwargs):
-    """`procedure.iterative_callbacks` built with Keras 3's callbacks (this module's);
-    target mode (``target_accuracy_drop``) is not available on Keras 3 yet."""
-    if kwargs.get("target_accuracy_drop") is not None:
-        raise NotImplementedError("target_accuracy_drop (target mode) is not available for "
-                                  "Keras 3 models yet; use a tf_keras model for it.")
+    """`procedure.iterative_callbacks` built with Keras 3's callbacks (this module's)."""
     return procedure.iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs,
                                          classes=sys.modules[__name__], **kwargs)

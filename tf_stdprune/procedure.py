@@ -25,7 +25,7 @@ import time
 
 from absl import logging
 
-from tf_stdprune import plots
+from tf_stdprune import dispatch, plots
 from tf_stdprune.dropout import dropout_sources, rescale_dropout, restore_dropout
 from tf_stdprune.io import atomic_write, clean_temporaries
 from tf_stdprune.report import sparsity_report
@@ -67,7 +67,7 @@ class IterativePruningLogic:
         On by default: a model with BatchNormalization needs ``recalibration_data``.
       batch_size: batch size of data given as ``(x, y)`` arrays.
       figures: write the figures at the end of training.
-      acceptance: target mode's judge (`target.TargetAccuracy`): its
+      acceptance: target mode's judge (`target.TargetAccuracyLogic`): its
         ``accept(self, record)`` sees each finished iteration before it is checkpointed;
         an iteration it rejects is neither appended nor checkpointed here.
       checkpoint_extras: more objects saved with every checkpoint (tf_keras: trackables,
@@ -103,7 +103,7 @@ class IterativePruningLogic:
                  validation_data=None, recalibration_data=None, recalibration_batches=20,
                  batch_size=32, figures=True, checkpoint_extras=None, acceptance=None):
         super().__init__()
-        self.acceptance = acceptance  # target mode: a `target.TargetAccuracy`, or None
+        self.acceptance = acceptance  # target mode: a `target.TargetAccuracyLogic`, or None
         if not isinstance(epochs_per_iteration, numbers.Integral) or epochs_per_iteration < 1:
             raise ValueError(f"epochs_per_iteration must be an integer >= 1, got {epochs_per_iteration!r}.")
         if not isinstance(recalibration_batches, numbers.Integral) or recalibration_batches < 0:
@@ -443,7 +443,7 @@ def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, lr_drops=(3,
     and `IterativePruning(run_dir, E, **kwargs)`; then, unless ``rescale_dropout`` is
     false, `DropoutRescaling` (Han et al. 2015's ``D_r = D_o sqrt(C_ir / C_io)`` after
     each pruning). With ``target_accuracy_drop`` (points of validation top-1) the run is
-    in target mode (`target.TargetAccuracy`, tf_keras only): q rises by ``q_step`` per
+    in target mode (`target.TargetAccuracyLogic`): q rises by ``q_step`` per
     iteration until an iteration drops more than that below dense; that iteration is
     rejected, the last accepted state restored, and training stops. Drops that can never
     fire (at or beyond ``E``) are named in a warning (`warn_unreachable_drops`).
@@ -454,9 +454,7 @@ def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, lr_drops=(3,
     `dispatch.procedure_callbacks`, which become the right Keras's when ``fit`` hands
     them the model.
     """
-    if classes is None:
-        from tf_stdprune import dispatch  # noqa: PLC0415  (dispatch imports this module's users)
-        classes = dispatch.procedure_callbacks
+    classes = dispatch.procedure_callbacks if classes is None else classes
     if isinstance(epochs_per_iteration, numbers.Integral):
         warn_unreachable_drops(lr_drops, epochs_per_iteration)
     callbacks = [

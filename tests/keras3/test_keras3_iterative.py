@@ -228,10 +228,30 @@ def test_a_non_finite_weight_stops_the_run_before_anything_is_recorded(tmp_path)
     assert not os.path.exists(tmp_path / "run" / "state.json")
 
 
-def test_target_mode_is_refused_on_keras3_with_a_clear_message(tmp_path):
-    x, y = tiny_data()
-    model = pruned_for_iterations(dropout=False)
-    callbacks = tf_stdprune.iterative_callbacks(str(tmp_path), 1, 0.01, validation_data=(x, y),
-                                                target_accuracy_drop=1.0)
-    with pytest.raises(NotImplementedError, match="TargetAccuracy.*Keras 3|keras3"):
-        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=callbacks)
+def test_target_mode_keeps_the_last_iteration_within_the_budget_and_restores_it_exactly(
+        tmp_path):
+    x, _ = tiny_data()
+    y = (x[..., 0].mean(axis=(1, 2)) > 0).astype("int64") + (x[..., 1].mean(axis=(1, 2)) > 0)
+    model = pruned_for_iterations(qualities=(0.3,), dropout=False)
+    model.fit(x, y, batch_size=BATCH, epochs=15, shuffle=False, verbose=0)  # a dense model
+    model.optimizer.iterations.assign(0)  # the pruning run starts at step 0
+    run_dir = tmp_path / "run"
+    history = model.fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, verbose=0,
+                        callbacks=tf_stdprune.iterative_callbacks(
+                            str(run_dir), 1, 0.01, lr_drops=(), validation_data=(x, y),
+                            recalibration_data=(x, y), recalibration_batches=2,
+                            batch_size=BATCH, figures=False, target_accuracy_drop=5.0,
+                            q_step=10.0))
+    with open(run_dir / "target.json") as f:
+        summary = json.load(f)
+    assert (summary["kept_iteration"], summary["rejected_iteration"]) == (1, 2)
+    assert summary["kept_q"] == pytest.approx(0.3) and summary["rejected_q"] == pytest.approx(10.3)
+    assert len(history.epoch) == 2  # stopped after the rejected iteration
+    records = read_history(str(run_dir))
+    assert [r.get("rejected", False) for r in records] == [False, True]
+    assert records[1]["accuracy_drop"] > 5.0 >= records[0]["accuracy_drop"]
+    with np.load(run_dir / "checkpoints" / "iter-0001" / "variables.npz") as kept:
+        for index, value in enumerate(state_arrays(model)):
+            prefix, number = ("m", index) if index < len(model.variables) else \
+                ("o", index - len(model.variables))
+            np.testing.assert_array_equal(kept[f"{prefix}{number:05d}"], value)
