@@ -198,8 +198,9 @@ class IterativePruning(procedure.IterativePruningLogic, keras.callbacks.Callback
         return float(_numpy(self.model.optimizer.learning_rate))
 
     def non_finite_weights(self):
-        return [w.path for w in self.model.weights
-                if np.issubdtype(_numpy(w).dtype, np.floating) and not np.isfinite(_numpy(w)).all()]
+        values = [(w.path, _numpy(w)) for w in self.model.weights]
+        return [path for path, value in values
+                if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()]
 
     def save_checkpoint(self, iteration, epoch):
         save_iteration_with(VariablesCheckpoint(self.model), self.run_dir, iteration, epoch,
