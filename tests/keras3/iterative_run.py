@@ -23,7 +23,7 @@ from keras3.helpers import BATCH, pruned_for_iterations, state_arrays, tiny_data
 
 TF_KERAS_MODULES = ("tf_keras", "tensorflow_model_optimization", "tf_stdprune._keras",
                     "tf_stdprune.wrapper", "tf_stdprune.prune", "tf_stdprune.callbacks",
-                    "tf_stdprune.iterative", "tf_stdprune.run_state", "tf_stdprune.target",
+                    "tf_stdprune.iterative", "tf_stdprune.run_state",
                     "tf_stdprune.recalibration")
 
 
