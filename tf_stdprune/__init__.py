@@ -63,7 +63,7 @@ IterativePruning = procedure_callbacks.IterativePruning
 IterationLearningRate = procedure_callbacks.IterationLearningRate
 
 
-def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, **kwargs):
+def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, *args, **kwargs):
     """The callbacks of the reference experiment's iterative procedure (either Keras):
     learning-rate list and drops, pruning at each iteration's start, BN recalibration,
     dropout rescaling, history, checkpoints and figures in ``run_dir``; see
@@ -76,7 +76,8 @@ def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, **kwargs):
       ...            callbacks=tf_stdprune.iterative_callbacks("runs/a", E, [0.05, 0.01]))
     """
     procedure = importlib.import_module("tf_stdprune.procedure")
-    return procedure.iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, **kwargs)
+    return procedure.iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, *args,
+                                         **kwargs)
 
 
 def restore_run(model, run_dir, *args, **kwargs):

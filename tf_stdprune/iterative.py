@@ -104,7 +104,8 @@ class TargetAccuracy(TargetAccuracyLogic, keras.callbacks.Callback):
         return self.model.distribute_strategy.extended.should_checkpoint
 
 
-def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, **kwargs):
+def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, *args, **kwargs):
     """`procedure.iterative_callbacks` built with tf_keras's callbacks (this module's)."""
-    return procedure.iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs,
-                                         classes=sys.modules[__name__], **kwargs)
+    kwargs["classes"] = sys.modules[__name__]
+    return procedure.iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, *args,
+                                         **kwargs)
