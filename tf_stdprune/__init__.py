@@ -16,7 +16,7 @@ Compression:  quantize_weights, strip_quantization, QuantizeWeights, linear_kmea
 """
 import importlib
 
-from tf_stdprune.dispatch import UpdatePruningStep, module_for
+from tf_stdprune.dispatch import UpdatePruningStep, module_for, procedure_callbacks
 from tf_stdprune.schedule import StdPruningSchedule
 
 
@@ -58,6 +58,52 @@ def quantize_weights(model, *args, **kwargs):
     return module_for(model, "quantize", "quantize_weights").quantize_weights(model, *args, **kwargs)
 
 
+# The procedure's callbacks, for either Keras (each becomes the model's Keras's in fit).
+IterativePruning = procedure_callbacks.IterativePruning
+IterationLearningRate = procedure_callbacks.IterationLearningRate
+
+
+def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, *args, **kwargs):
+    """The callbacks of the reference experiment's iterative procedure (either Keras):
+    learning-rate list and drops, pruning at each iteration's start, BN recalibration,
+    dropout rescaling, history, checkpoints and figures in ``run_dir``; see
+    `tf_stdprune.procedure.iterative_callbacks` for the arguments. Each callback becomes
+    the model's Keras's when ``fit`` hands it the model.
+
+    Examples:
+      >>> initial_epoch = tf_stdprune.restore_run(pruned, "runs/a")
+      >>> pruned.fit(x, y, epochs=3 * E, initial_epoch=initial_epoch,
+      ...            callbacks=tf_stdprune.iterative_callbacks("runs/a", E, [0.05, 0.01]))
+    """
+    procedure = importlib.import_module("tf_stdprune.procedure")
+    return procedure.iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, *args,
+                                         **kwargs)
+
+
+def restore_run(model, run_dir, *args, **kwargs):
+    """Restores the last finished iteration of ``run_dir`` into the compiled ``model``
+    and returns the epoch to pass as ``fit(initial_epoch=...)`` (0 for a new run);
+    refuses a directory made with other settings. Routed to
+    `tf_stdprune.run_state.restore_run` (tf_keras) or
+    `tf_stdprune.keras3_iterative.restore_run` (Keras 3).
+
+    Examples:
+      >>> initial_epoch = tf_stdprune.restore_run(pruned, "runs/a", fall_back=True)
+    """
+    return module_for(model, "run", "restore_run").restore_run(model, run_dir, *args, **kwargs)
+
+
+def recalibrate_batchnorm(model, data, batches):
+    """Fresh BatchNormalization moving statistics: the mean of ``batches`` batches' own
+    statistics of ``data`` (either Keras; see `tf_stdprune.recalibration`).
+
+    Examples:
+      >>> tf_stdprune.recalibrate_batchnorm(pruned, batches_of_x, 20)
+    """
+    module = module_for(model, "recalibration", "recalibrate_batchnorm")
+    return module.recalibrate_batchnorm(model, data, batches)
+
+
 def strip_quantization(model):
     """A plain model holding the shared values (either Keras); ``model`` is unchanged."""
     return module_for(model, "quantize", "strip_quantization").strip_quantization(model)
@@ -72,13 +118,10 @@ _LAZY = {
     "plot_compression_stages": "compression_stages",
     "disk_size": "export", "export_dense_saved_model": "export",
     "export_sparse_saved_model": "export", "export_tflite": "tflite",
-    "IterativePruning": "iterative", "iterative_callbacks": "iterative",
-    "IterationLearningRate": "callbacks", "PruningSummaries": "callbacks",
+    "PruningSummaries": "callbacks",
     "prune_scope": "prune", "PruneLowStd": "wrapper",
     "QuantizeWeights": "quantize", "linear_kmeans": "kmeans",
-    "recalibrate_batchnorm": "recalibration",
     "SparsityReport": "report", "sparsity_report": "report",
-    "restore_run": "run_state",
     "sensitivity_analysis": "sensitivity", "suggest_layer_quality": "sensitivity",
     "SensitivityTable": "sensitivity",
 }
@@ -99,5 +142,7 @@ def __dir__():
     return sorted(set(__all__) | set(_SUBMODULES))
 
 
-__all__ = sorted(["StdPruningSchedule", "UpdatePruningStep", "prune_low_std",
-                  "quantize_weights", "strip_pruning", "strip_quantization", *_LAZY])
+__all__ = sorted(["IterationLearningRate", "IterativePruning", "StdPruningSchedule",
+                  "UpdatePruningStep", "iterative_callbacks",
+                  "prune_low_std", "quantize_weights", "recalibrate_batchnorm", "restore_run",
+                  "strip_pruning", "strip_quantization", *_LAZY])

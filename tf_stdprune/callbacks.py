@@ -1,11 +1,9 @@
-"""Keras callbacks that drive pruning inside ``model.fit``: pruning step, learning rate."""
-import numbers
-
+"""tf_keras callbacks that drive pruning inside ``model.fit``: pruning step, learning rate,
+dropout rescaling (the last two: `procedure`'s logic on tf_keras's ``Callback``)."""
 import tensorflow as tf
 
 from tf_stdprune._keras import keras, tfmot
-from tf_stdprune.dropout import dropout_sources, rescale_dropout, restore_dropout
-from tf_stdprune.validate import check_int, check_positive
+from tf_stdprune.procedure import DropoutRescalingLogic, IterationLearningRateLogic
 from tf_stdprune.wrapper import PruneLowStd
 
 PruningSummaries = tfmot.sparsity.keras.PruningSummaries
@@ -85,76 +83,16 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
                 layer.mask_optimizer_slots(self.model.optimizer)
 
 
-class IterationLearningRate(keras.callbacks.Callback):
-    """The reference experiment's learning rate: a per-iteration initial rate, dropped inside each iteration.
+class IterationLearningRate(IterationLearningRateLogic, keras.callbacks.Callback):
+    """`procedure.IterationLearningRateLogic` on tf_keras: at each epoch's start ``lr(e) =
+    initial_lrs[min(i, len - 1)] * factor ** #{d in drops : d <= j}`` (``i = e // E``,
+    ``j = e % E``) is set on the optimizer."""
 
-    For epoch ``e`` (0-based) with ``E`` epochs per iteration, ``i = e // E``, ``j = e % E``::
-
-        lr(e) = initial_lrs[min(i, len(initial_lrs) - 1)] * factor ** #{d in drops : d <= j}
-
-    so with drops ``(3, 10, 16)`` the rate falls 10x at the 4th, 11th and 17th epoch of
-    every iteration (epochs counted from 0). Set on the optimizer at each epoch's start.
-    """
-
-    def __init__(self, initial_lrs, epochs_per_iteration, drops=(3, 10, 16), factor=0.1):
-        super().__init__()
-        initial_lrs = _as_list(initial_lrs, "initial_lrs", "rates > 0, e.g. [0.01, 0.001]")
-        initial_lrs = [check_positive(lr, f"initial_lrs[{i}]", "a learning rate")
-                       for i, lr in enumerate(initial_lrs)]
-        epochs_per_iteration = check_int(epochs_per_iteration, "epochs_per_iteration", 1)
-        drops = [check_int(d, f"drops[{i}]", 0, "an epoch inside an iteration")
-                 for i, d in enumerate(_as_list(drops, "drops", "epochs, e.g. (3, 10, 16)", True))]
-        factor = check_positive(factor, "factor", "0.1: a 10x drop")
-        self.initial_lrs, self.drops, self.factor = initial_lrs, sorted(drops), factor
-        self.epochs_per_iteration = epochs_per_iteration
-
-    def on_train_begin(self, logs=None):
-        if isinstance(self.model.optimizer.get_config().get("learning_rate"), dict):  # a schedule
-            raise TypeError(
-                "IterationLearningRate sets the learning rate at every epoch, but the optimizer "
-                "has a LearningRateSchedule: compile with a float learning rate instead."
-            )
-
-    def rate(self, epoch):
-        iteration, epoch_in_iteration = divmod(epoch, self.epochs_per_iteration)
-        initial = self.initial_lrs[min(iteration, len(self.initial_lrs) - 1)]
-        return initial * self.factor ** sum(d <= epoch_in_iteration for d in self.drops)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        keras.backend.set_value(self.model.optimizer.learning_rate, self.rate(epoch))
+    def set_learning_rate(self, value):
+        keras.backend.set_value(self.model.optimizer.learning_rate, value)
 
 
-
-def _as_list(value, where, what, empty_ok=False):
-    """``value`` as a list (a single number becomes ``[value]``); raises unless it is a
-    sequence of numbers (non-empty unless ``empty_ok``)."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return [value]
-    try:
-        items = None if isinstance(value, (str, bytes, dict)) else list(value)
-    except TypeError:
-        items = None
-    if items is None or not (items or empty_ok):
-        raise ValueError(f"{where} must be a non-empty list of {what}, got {value!r}.")
-    return items
-
-
-class DropoutRescaling(keras.callbacks.Callback):
-    """Rescales the Dropout rates to the surviving connections at each epoch's start.
-
-    Placed after the callback that prunes (`IterativePruning` prunes at an iteration's
-    first epoch start), it sees each pruning before the retraining that follows it. When
-    a rate changes, the training function is re-traced so that the new rate is used.
-    At the end of training the original rates are restored (`dropout.restore_dropout`).
-    """
-
-    def on_train_begin(self, logs=None):
-        self.sources = dropout_sources(self.model)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if rescale_dropout(self.model, self.sources):
-            self.model.make_train_function(force=True)
-
-    def on_train_end(self, logs=None):
-        if restore_dropout(self.model):
-            self.model.make_train_function(force=True)  # a later fit traces D_o again
+class DropoutRescaling(DropoutRescalingLogic, keras.callbacks.Callback):
+    """`procedure.DropoutRescalingLogic` on tf_keras: ``D_r = D_o * sqrt(C_ir / C_io)``
+    after each pruning (Han et al. 2015), the training function re-traced; the original
+    rates restored at the end of training."""

@@ -9,15 +9,19 @@ call is routed by the object it receives; objects of the two worlds cannot be mi
 one call.
 """
 import importlib
+import types
 
 TF_KERAS, KERAS3 = "tf_keras", "keras3"
 
 # Per world, the module that implements each public function of the package.
 MODULES = {
     TF_KERAS: {"prune": "tf_stdprune.prune", "callbacks": "tf_stdprune.callbacks",
-               "quantize": "tf_stdprune.quantize"},
+               "quantize": "tf_stdprune.quantize", "procedure": "tf_stdprune.iterative",
+               "run": "tf_stdprune.run_state", "recalibration": "tf_stdprune.recalibration"},
     KERAS3: {"prune": "tf_stdprune.keras3_prune", "callbacks": "tf_stdprune.keras3_prune",
-             "quantize": "tf_stdprune.keras3_quantize"},
+             "quantize": "tf_stdprune.keras3_quantize",
+             "procedure": "tf_stdprune.keras3_iterative", "run": "tf_stdprune.keras3_iterative",
+             "recalibration": "tf_stdprune.keras3_iterative"},
 }
 
 
@@ -70,21 +74,46 @@ def _forwarding(name, used):
     return hook
 
 
-class UpdatePruningStep:
-    """The callback that drives pruning inside ``model.fit``, for either Keras.
+class DeferredCallback:
+    """A callback for either Keras: it becomes the implementation of the model's world
+    when ``fit`` hands it the model (``set_model``), and forwards every hook to it.
 
-    It becomes the tf_keras path's callback (tfmot's, plus optimizer-slot masking) or the
-    Keras 3 path's when ``fit`` hands it the model, and forwards every hook to it.
+    A subclass names the implementation: ``ROLE`` (a key of `MODULES`) and ``NAME`` (the
+    class in that world's module); the constructor's arguments are kept and given to it.
+    An argument that is itself a `DeferredCallback` is replaced by its implementation for
+    the same model, so that two deferred callbacks can share one object (target mode's
+    judge is handed to `IterativePruning`). ``CHECK`` (``"module:name"``), if set, is
+    called with the arguments at construction, so that a bad argument raises at once;
+    until ``fit`` hands over the model, attributes are read from what it returned (e.g.
+    ``IterationLearningRate(...).rate(epoch)``).
     """
 
-    def __init__(self):
+    ROLE, NAME, CHECK = "callbacks", None, None
+
+    def __init__(self, *args, **kwargs):
+        self._checked = None
+        if self.CHECK is not None:
+            module, name = self.CHECK.split(":")
+            self._checked = getattr(importlib.import_module(module), name)(*args, **kwargs)
+        self._args, self._kwargs = args, kwargs
         self._callback = None
 
-    def set_model(self, model):
-        implementation = module_for(model, "callbacks", "UpdatePruningStep").UpdatePruningStep
+    def implementation(self, model):
+        """The callback of ``model``'s world, built once per world with the arguments."""
+        module = module_for(model, self.ROLE, self.NAME)
+        implementation = getattr(module, self.NAME, None)
+        if implementation is None:
+            raise NotImplementedError(
+                f"{self.NAME} is not available for {world(model, self.NAME)} models yet "
+                f"({module.__name__} has none); use a tf_keras model for it.")
         if not isinstance(self._callback, implementation):
-            self._callback = implementation()
-        self._callback.set_model(model)
+            kwargs = {key: value.implementation(model) if isinstance(value, DeferredCallback)
+                      else value for key, value in self._kwargs.items()}
+            self._callback = implementation(*self._args, **kwargs)
+        return self._callback
+
+    def set_model(self, model):
+        self.implementation(model).set_model(model)
 
     def set_params(self, params):
         if self._callback is not None:
@@ -95,7 +124,7 @@ class UpdatePruningStep:
         return self._callback.model if self._callback is not None else None
 
     def __getattr__(self, name):  # the rest of either Keras's callback protocol
-        callback = self.__dict__.get("_callback")
+        callback = self.__dict__.get("_callback") or self.__dict__.get("_checked")
         if callback is None or name.startswith("__"):
             raise AttributeError(name)
         return getattr(callback, name)
@@ -103,10 +132,43 @@ class UpdatePruningStep:
 
 for _stage in ("train", "test", "predict"):
     for _event in ("begin", "end"):
-        setattr(UpdatePruningStep, f"on_{_stage}_{_event}",
+        setattr(DeferredCallback, f"on_{_stage}_{_event}",
                 _forwarding(f"on_{_stage}_{_event}", _stage == "train"))
-        setattr(UpdatePruningStep, f"on_{_stage}_batch_{_event}",
+        setattr(DeferredCallback, f"on_{_stage}_batch_{_event}",
                 _forwarding(f"on_{_stage}_batch_{_event}", _stage == "train"))
 for _event in ("begin", "end"):
-    setattr(UpdatePruningStep, f"on_epoch_{_event}", _forwarding(f"on_epoch_{_event}", True))
-    setattr(UpdatePruningStep, f"on_batch_{_event}", _forwarding(f"on_batch_{_event}", False))
+    setattr(DeferredCallback, f"on_epoch_{_event}", _forwarding(f"on_epoch_{_event}", True))
+    setattr(DeferredCallback, f"on_batch_{_event}", _forwarding(f"on_batch_{_event}", False))
+
+
+class UpdatePruningStep(DeferredCallback):
+    """The callback that drives pruning inside ``model.fit``, for either Keras.
+
+    It becomes the tf_keras path's callback (tfmot's, plus optimizer-slot masking) or the
+    Keras 3 path's when ``fit`` hands it the model, and forwards every hook to it.
+    """
+
+    NAME = "UpdatePruningStep"
+
+
+def _procedure_callback(name, doc, check=None):
+    return type(name, (DeferredCallback,), {
+        "ROLE": "procedure", "NAME": name, "CHECK": check, "__doc__": doc,
+        "__module__": __name__})
+
+
+# The callbacks of `procedure.iterative_callbacks`, for either Keras (see each world's
+# module: `iterative` for tf_keras, `keras3_iterative` for Keras 3).
+procedure_callbacks = types.SimpleNamespace(
+    UpdatePruningStep=UpdatePruningStep,
+    IterationLearningRate=_procedure_callback(
+        "IterationLearningRate", "The per-iteration learning rate, for either Keras.",
+        "tf_stdprune.procedure:IterationLearningRateLogic"),
+    IterativePruning=_procedure_callback(
+        "IterativePruning", "The iterative procedure's callback, for either Keras.",
+        "tf_stdprune.procedure:IterativePruningLogic"),
+    DropoutRescaling=_procedure_callback(
+        "DropoutRescaling", "Dropout rescaling after pruning, for either Keras."),
+    TargetAccuracy=_procedure_callback(
+        "TargetAccuracy", "Target mode's judge, for either Keras."),
+)

@@ -143,6 +143,24 @@ def strip_pruning(model):
     return keras.models.clone_model(model, clone_function=unwrap, recursive=True)
 
 
+def prune_due(pruning_wrappers, step, optimizer=None):
+    """Prunes each wrapper whose schedule prunes at ``step`` and that has not pruned at
+    that step yet: its masks shrink with the step's ``q`` (`PruneLowStd.update_masks`),
+    its optimizer slots are masked, and the step is recorded on it (``pruned_step``), so
+    that a mask update made before the step's batch (`keras3_iterative.IterativePruning`
+    prunes at an iteration's start) is not repeated by `UpdatePruningStep`. Returns the
+    last ``q`` used, or None if none pruned.
+    """
+    quality = None
+    for wrapper in pruning_wrappers:
+        schedule = wrapper.pruning_schedule
+        if schedule.should_prune(step) and getattr(wrapper, "pruned_step", None) != step:
+            quality = float(schedule.quality(schedule.iteration(step)))
+            wrapper.update_masks(quality, optimizer)
+            wrapper.pruned_step = step
+    return quality
+
+
 class UpdatePruningStep(keras.callbacks.Callback):
     """Prunes every `PruneLowStd` of the model at the steps its schedule names.
 
@@ -168,6 +186,7 @@ class UpdatePruningStep(keras.callbacks.Callback):
         self._per_call = int(getattr(self.model, "steps_per_execution", 1) or 1)
         for wrapper in self._wrappers:
             wrapper.apply_masks(optimizer)
+            wrapper.pruned_step = None  # a new fit may count its steps anew
             schedule = wrapper.pruning_schedule
             if self._per_call > 1 and (schedule.steps_per_iteration % self._per_call
                                        or schedule.begin_step % self._per_call):
@@ -179,16 +198,12 @@ class UpdatePruningStep(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         step = self._taken + 1  # tfmot's numbering: the k-th training call is step k
-        due = [w for w in self._wrappers if w.pruning_schedule.should_prune(step)]
-        if not due:
+        if not any(w.pruning_schedule.should_prune(step) for w in self._wrappers):
             return
         sync = getattr(self.model, "jax_state_sync", None)
         if sync is not None:
             sync()
-        for wrapper in due:
-            schedule = wrapper.pruning_schedule
-            quality = schedule.quality(schedule.iteration(step))
-            wrapper.update_masks(quality, self.model.optimizer)
+        prune_due(self._wrappers, step, self.model.optimizer)
 
     def on_train_batch_end(self, batch, logs=None):
         self._taken += self._per_call

@@ -2,8 +2,8 @@
 
 Pruning changes every activation downstream, so the moving mean/variance a BN layer
 learned before are stale and inference accuracy collapses even when training-mode
-accuracy is fine. Recalibration runs ``K`` forward passes in training mode, no weight
-update, and sets for every BN layer
+accuracy is fine. Recalibration (`batchnorm_statistics`) runs ``K`` forward passes in
+training mode, no weight update, and sets for every BN layer
 
     moving_mean     = (1/K) sum_k mean_k
     moving_variance = (1/K) sum_k var_k
@@ -14,10 +14,10 @@ itself feeds its moving average: with ``n`` values per channel in the batch, the
 (4-D inputs) uses ``sum (x - mean_k)^2 / (n - 1)``, other inputs ``/ n``. A BN layer with
 ``trainable=False`` runs in inference mode and keeps its statistics.
 """
-import numpy as np
 import tensorflow as tf
 
 from tf_stdprune._keras import keras
+from tf_stdprune.batchnorm_statistics import average_batch_statistics
 from tf_stdprune.prune import all_layers, strip_pruning
 
 BATCHNORM_LAYERS = (keras.layers.BatchNormalization, keras.layers.experimental.SyncBatchNormalization)
@@ -41,26 +41,7 @@ def recalibrate_batchnorm(model, data, batches):
     layers = [l for l in all_layers(forward_model) if isinstance(l, BATCHNORM_LAYERS)]
     if not layers or batches < 1:
         return 0
-    momenta = [layer.momentum for layer in layers]
-    sums = [[np.zeros(l.moving_mean.shape, np.float64) for _ in range(2)] for l in layers]
     forward = tf.function(lambda x: forward_model(x, training=True))
-    count = 0
-    try:
-        for layer in layers:
-            layer.momentum = 0.0
-        for batch in data.take(batches) if isinstance(data, tf.data.Dataset) else data:
-            forward(batch[0] if isinstance(batch, (tuple, list)) else batch)
-            for layer, (mean, variance) in zip(layers, sums):
-                mean += layer.moving_mean.numpy()
-                variance += layer.moving_variance.numpy()
-            count += 1
-            if count == batches:
-                break
-    finally:
-        for layer, momentum in zip(layers, momenta):
-            layer.momentum = momentum
-    for layer, (mean, variance) in zip(layers, sums):
-        if count:
-            layer.moving_mean.assign(mean / count)
-            layer.moving_variance.assign(variance / count)
-    return count
+    x_batches = (batch[0] if isinstance(batch, (tuple, list)) else batch
+                 for batch in (data.take(batches) if isinstance(data, tf.data.Dataset) else data))
+    return average_batch_statistics(layers, forward, x_batches, batches, lambda v: v.numpy())

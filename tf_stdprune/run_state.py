@@ -1,364 +1,25 @@
-"""A run directory that survives crashes, has one owner, and resumes only the run it holds.
+"""The run directory of a tf_keras model: checkpoints as ``tf.train.Checkpoint``.
 
-Layout of ``run_dir``::
-
-    run.json               the settings that define the run (`run_settings`), written at
-                           the first start; a later start with other settings is refused
-    lock                   {"pid", "host", "started"} of the process that owns the run
-    history.jsonl          one JSON line per finished iteration
-    checkpoints/iter-NNNN/ tf.train.Checkpoint of model (weights, masks, sigmas, steps),
-                           optimizer (slots, iteration count) and random generator
-                           states (layers' generators), plus meta.json {"iteration",
-                           "epoch", "random"}; the newest two are kept
-    state.json             {"iteration", "epoch", "checkpoint"}, written LAST
-
-Every file is written with `tf_stdprune.io.write_atomically`, so a reader sees either the
-old or the new version, never half of one. ``state.json`` names only a checkpoint that
-was completely written, so a run killed at any moment resumes from the last finished
-iteration; `restore_run` first puts back or deletes what a killed write left behind
-(`tf_stdprune.io.clean_temporaries`).
+The directory itself (settings, lock, history, checkpoint rotation, ``state.json``, fall
+back) is `tf_stdprune.run_directory`'s, shared by both Keras worlds; its names are
+available here too. A checkpoint of a tf_keras model, ``checkpoints/iter-NNNN/ckpt``, is
+a `tf.train.Checkpoint` of the model (weights, masks, sigmas, steps), the optimizer
+(slots, iteration count), the layers' random generators (`layer_generators`) and the
+caller's ``extras``.
 """
-import atexit
 import contextlib
-import datetime
-import hashlib
-import json
 import os
-import random
-import re
-import shutil
-import socket
-import tempfile
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from tf_stdprune.io import atomic_write, clean_temporaries, write_atomically
-
-STATE_FILE = "state.json"
-HISTORY_FILE = "history.jsonl"
-RUN_FILE = "run.json"
-LOCK_FILE = "lock"
-CHECKPOINTS = "checkpoints"
-KEPT_CHECKPOINTS = 2
-# Settings that a later start may extend: a list may grow at its end, a count may grow.
-EXTENSIBLE_LISTS = ("schedule.qualities", "qualities", "initial_lrs")
-EXTENSIBLE_COUNTS = ("iterations",)
-
-
-class RunDirectoryError(ValueError):
-    """A run directory that cannot be resumed as it is (damaged, locked or another run)."""
-
-
-class NonFiniteError(FloatingPointError):
-    """Training produced NaN or infinite weights or losses."""
-
-
-def check_writable(run_dir):
-    """Raises a clear error now, not after hours of training, if ``run_dir`` is unusable."""
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        atomic_write(os.path.join(run_dir, ".write-test"), "ok")
-        os.remove(os.path.join(run_dir, ".write-test"))
-    except OSError as error:
-        raise OSError(
-            f"Cannot write to the run directory {run_dir!r} ({error.strerror}). "
-            "Choose a writable --out_dir with free space."
-        ) from error
-
-
-# ----------------------------------------------------------------------------- settings
-
-def _unwrapped_layers(model):
-    """Every layer, nested models' layers included, wrappers replaced by what they wrap."""
-    for layer in getattr(model, "layers", []):
-        inner = getattr(layer, "layer", None)
-        if inner is not None and hasattr(layer, "pruning_schedule"):
-            yield layer, inner
-        else:
-            yield layer, layer
-            if hasattr(layer, "layers"):
-                yield from _unwrapped_layers(layer)
-
-
-def _plain(value):
-    """``value`` as JSON-comparable data (numpy scalars to floats, tuples to lists)."""
-    def default(v):
-        return v.tolist() if hasattr(v, "tolist") else str(v)
-
-    return json.loads(json.dumps(value, default=default))
-
-
-def _schedule_config(wrapper):
-    try:
-        return _plain(wrapper.pruning_schedule.get_config())
-    except (ValueError, NotImplementedError):  # e.g. callable qualities
-        return {"class_name": type(wrapper.pruning_schedule).__name__, "config": "not serializable"}
-
-
-def _one_or_per_layer(values):
-    """A single value if every layer has it, else ``{layer: value}``."""
-    distinct = {json.dumps(v, sort_keys=True) for v in values.values()}
-    return next(iter(values.values())) if len(distinct) == 1 else values
-
-
-def run_settings(model, epochs_per_iteration=None, **extra):
-    """The settings that define a pruning run of ``model``, as JSON-ready data.
-
-    * ``architecture``: sha256 of the unwrapped layers' class names and weight shapes,
-      in order (layer names are left out: Keras numbers automatic names by how many
-      layers the process built before); ``parameters``: their total count;
-    * ``schedule``: the pruning schedule's ``get_config()``; ``std_mode``; and
-      ``layer_quality``: ``{layer: quality_multiplier}`` of the layers whose multiplier
-      is not 1 (one value per setting when all wrappers agree, else one per layer);
-    * ``optimizer``: its class and its config without the learning rate (set per epoch);
-    * ``epochs_per_iteration`` when given, and every keyword in ``extra``.
-
-    Only generic attributes are read (``type(layer).__name__``, weight shapes and the
-    wrapper attributes ``pruning_schedule``, ``std_mode``, ``quality_multiplier``), so
-    any wrapper that carries them is described the same way.
-    """
-    digest, parameters = hashlib.sha256(), 0
-    schedules, std_modes, qualities = {}, {}, {}
-    for wrapper, layer in _unwrapped_layers(model):
-        shapes = [[int(d) for d in w.shape] for w in layer.weights]
-        digest.update(json.dumps([type(layer).__name__, shapes]).encode())
-        parameters += sum(int(np.prod(s)) for s in shapes)
-        if wrapper is not layer:
-            schedules[layer.name] = _schedule_config(wrapper)
-            std_modes[layer.name] = getattr(wrapper, "std_mode", None)
-            if float(getattr(wrapper, "quality_multiplier", 1.0)) != 1.0:
-                qualities[layer.name] = float(wrapper.quality_multiplier)
-    settings = {"architecture": digest.hexdigest(), "parameters": parameters}
-    if schedules:
-        settings.update(schedule=_one_or_per_layer(schedules),
-                        std_mode=_one_or_per_layer(std_modes), layer_quality=qualities)
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None:
-        config = {k: v for k, v in optimizer.get_config().items()
-                  if k not in ("learning_rate", "lr", "jit_compile", "name")}
-        settings["optimizer"] = _plain({"class_name": type(optimizer).__name__, "config": config})
-    if epochs_per_iteration is not None:
-        settings["epochs_per_iteration"] = int(epochs_per_iteration)
-    settings.update(_plain(extra))
-    return settings
-
-
-def _flatten(settings, prefix=""):
-    flat = {}
-    for key, value in settings.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and key in ("schedule", "config", "optimizer"):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _allowed_change(name, old, new):
-    """True when ``new`` only extends ``old`` (a longer list, a larger count)."""
-    short = name.replace("schedule.config.", "schedule.")
-    if short in EXTENSIBLE_LISTS and isinstance(old, list) and isinstance(new, list):
-        return new[:len(old)] == old
-    return (short in EXTENSIBLE_COUNTS and isinstance(old, int) and isinstance(new, int)
-            and new >= old)
-
-
-def setting_differences(old, new):
-    """``["name: old -> new", ...]`` for every setting of ``new`` that ``old`` holds
-    differently, except allowed extensions. Settings only one side has are ignored."""
-    old, new = _flatten(old), _flatten(new)
-    return [f"{name}: {json.dumps(old[name])} (run directory) vs {json.dumps(value)} (now)"
-            for name, value in new.items()
-            if name in old and old[name] != value and not _allowed_change(name, old[name], value)]
-
-
-def check_run_settings(run_dir, settings, write=True):
-    """Refuses to continue ``run_dir`` with settings other than those it was started with.
-
-    Compares ``settings`` with ``run_dir/run.json``; raises ONE `RunDirectoryError` (a
-    ``ValueError``) naming each differing setting, before anything is written. Allowed:
-    a schedule's ``qualities`` (or a ``qualities`` / ``initial_lrs`` list) that keeps the
-    earlier values and appends more, and a larger ``iterations``. With ``write``, the
-    file is (re)written with the union of both, the new values winning.
-    """
-    path = os.path.join(run_dir, RUN_FILE)
-    old = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except (ValueError, OSError) as error:
-            raise RunDirectoryError(
-                f"{path} is unreadable ({error}). It records the settings of the run; restore "
-                "it from a backup, or start the run anew in another directory.") from error
-    differences = setting_differences(old, settings)
-    if differences:
-        raise RunDirectoryError(
-            f"{run_dir} holds a run made with other settings, so it cannot be continued:\n  "
-            + "\n  ".join(differences)
-            + "\nUse the run's original settings to continue it (more iterations appended to "
-            "the same qualities are allowed), or choose a new directory for a new run.")
-    merged = dict(old, **settings)
-    if write and merged != old:
-        atomic_write(path, json.dumps(merged, indent=2, sort_keys=True))
-
-
-# ----------------------------------------------------------------------------- lock
-
-_HELD = {}
-
-
-def _pid_alive(pid):
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return False  # not a process id: an unreadable lock
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _read_lock(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (ValueError, OSError):
-        return None
-
-
-def acquire_lock(run_dir):
-    """Makes this process the one owner of ``run_dir`` (``run_dir/lock``, O_EXCL).
-
-    Returns True when it took the lock now, False when it held it already. A lock left
-    by a process that is gone (same host, pid not running) is taken over with a
-    warning; a live owner raises `RunDirectoryError` naming its pid and host. The lock
-    is released by `release_lock` or when the process exits.
-    """
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.realpath(os.path.join(run_dir, LOCK_FILE))
-    if path in _HELD:
-        return False
-    host = socket.gethostname()
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            owner = _read_lock(path)
-            stale = owner is None or (owner.get("host") == host
-                                      and not _pid_alive(owner.get("pid")))
-            if not stale:
-                raise RunDirectoryError(
-                    f"{run_dir} is in use by process {owner.get('pid')} on host "
-                    f"{owner.get('host')!r} (since {owner.get('started')}). Wait for it to "
-                    f"finish, or stop it; if that process is gone, delete {path}.") from None
-            logging.warning("Taking over %s: its owner %s is no longer running.", path,
-                            owner or "(unreadable lock file)")
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": host,
-                       "started": datetime.datetime.now(datetime.timezone.utc).isoformat()}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if not _HELD:
-            atexit.register(release_all_locks)
-        _HELD[path] = os.getpid()
-        return True
-    raise RunDirectoryError(f"Could not take the lock {path}: other processes keep taking it.")
-
-
-def release_lock(run_dir):
-    """Gives up this process's ownership of ``run_dir`` (nothing if it has none)."""
-    path = os.path.realpath(os.path.join(run_dir, LOCK_FILE))
-    if _HELD.pop(path, None) is None:
-        return
-    owner = _read_lock(path)
-    if owner is not None and owner.get("pid") == os.getpid():
-        os.remove(path)
-
-
-def release_all_locks():
-    for path in list(_HELD):
-        release_lock(os.path.dirname(path))
-
-
-# ----------------------------------------------------------------------------- history
-
-RECORD_KEYS = ("iteration", "q", "zero_weights_rate", "zero_parameters_rate",
-               "compression_rate", "before", "after")
-
-
-def is_record(record):
-    """True for a complete iteration record of ``history.jsonl``."""
-    return (isinstance(record, dict) and all(k in record for k in RECORD_KEYS)
-            and isinstance(record["before"], dict) and isinstance(record["after"], dict))
-
-
-def parse_history(run_dir, valid=is_record):
-    """``(records, bad)``: the history's lines that parse as JSON and pass ``valid``
-    (complete records, `is_record`), and ``[(line number, first 80 characters)]`` of the
-    lines that do not."""
-    path = os.path.join(run_dir, HISTORY_FILE)
-    records, bad = [], []
-    if not os.path.exists(path):
-        return records, bad
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            if valid(record):
-                records.append(record)
-            else:
-                bad.append((number, line.decode("utf-8", "replace").strip()[:80]))
-    return records, bad
-
-
-def read_history(run_dir):
-    """The finished iterations' records (a list of dicts).
-
-    A line that is not an iteration record raises `RunDirectoryError` naming the file and
-    line.
-    """
-    records, bad = parse_history(
-        run_dir, valid=lambda record: isinstance(record, dict) and "iteration" in record)
-    if bad:
-        number, text = bad[0]
-        raise RunDirectoryError(f"{os.path.join(run_dir, HISTORY_FILE)}, line {number}, is "
-                                f"not an iteration record: {text!r}.")
-    return records
-
-
-def _write_history(run_dir, history):
-    atomic_write(os.path.join(run_dir, HISTORY_FILE),
-                 "".join(json.dumps(record) + "\n" for record in history))
-
-
-# ----------------------------------------------------------------------------- random state
-
-def _python_random_state():
-    return {"numpy": _plain(np.random.get_state(legacy=False)),
-            "python": _plain(random.getstate())}
-
-
-def _set_python_random_state(state):
-    if not state:
-        return
-    numpy_state = state["numpy"]
-    numpy_state["state"]["key"] = np.asarray(numpy_state["state"]["key"], np.uint32)
-    np.random.set_state(numpy_state)
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+from tf_stdprune.io import atomic_write  # noqa: F401  (part of this module's names)
+from tf_stdprune.run_directory import (  # noqa: F401  (this module's names, for its users)
+    CHECKPOINTS, EXTENSIBLE_COUNTS, EXTENSIBLE_LISTS, HISTORY_FILE, KEPT_CHECKPOINTS,
+    LOCK_FILE, RUN_FILE, STATE_FILE, CheckpointFormat, NonFiniteError, RunDirectoryError,
+    acquire_lock, check_run_settings, check_writable, is_record, parse_history, read_history,
+    release_all_locks, release_lock, restore_directory, run_settings, save_iteration_with,
+    setting_differences, unwrapped_layers)
 
 
 def layer_generators(model):
@@ -370,7 +31,7 @@ def layer_generators(model):
     the model's weights, so they are created here and checkpointed explicitly.
     """
     generators = {}
-    for index, (_, layer) in enumerate(_unwrapped_layers(model)):
+    for index, (_, layer) in enumerate(unwrapped_layers(model)):
         source = getattr(layer, "_random_generator", None)
         stateful = getattr(source, "RNG_STATEFUL", None)
         if stateful is not None and getattr(source, "_rng_type", None) == stateful:
@@ -383,12 +44,49 @@ def layer_generators(model):
     return generators
 
 
-def _checkpoint(model, extras=None):
-    return tf.train.Checkpoint(model=model, optimizer=model.optimizer,
-                               **layer_generators(model), **(extras or {}))
+def _build_optimizer(model):
+    optimizer = model.optimizer
+    if hasattr(optimizer, "build"):
+        optimizer.build(model.trainable_variables)
+    else:
+        optimizer._create_all_weights(model.trainable_variables)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+class TFCheckpoint(CheckpointFormat):
+    """``directory/ckpt``: a `tf.train.Checkpoint` of model, optimizer, the layers'
+    random generators and ``extras`` (more trackables, e.g. ``{"data": iterator}``)."""
+
+    errors = (tf.errors.OpError,)
+
+    def __init__(self, model, extras=None):
+        self.model, self.extras = model, extras
+
+    def _checkpoint(self):
+        return tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer,
+                                   **layer_generators(self.model), **(self.extras or {}))
+
+    def write(self, directory):
+        self._checkpoint().write(os.path.join(directory, "ckpt"))
+
+    def check(self, directory):
+        """Reads every tensor once, which checks the index and the data files' checksums."""
+        reader = tf.train.load_checkpoint(os.path.join(directory, "ckpt"))
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+
+    def read(self, directory):
+        """Restores it, the optimizer built first so that its slots are restored exactly."""
+        _build_optimizer(self.model)
+        try:
+            self._checkpoint().read(os.path.join(directory, "ckpt")) \
+                .assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as error:
+            raise RunDirectoryError(
+                f"The checkpoint {directory} does not fit this model and optimizer "
+                f"({str(error).splitlines()[0][:300]}). Build and compile the model as for "
+                "the run's first start (same layers, same optimizer class), or use a new "
+                "directory.") from error
+
 
 def save_iteration(model, run_dir, iteration, epoch, history, chief=True, extras=None):
     """Checkpoints model, optimizer and random states after ``iteration``, atomically.
@@ -396,151 +94,11 @@ def save_iteration(model, run_dir, iteration, epoch, history, chief=True, extras
     Random states: the layers' generators (`layer_generators`), numpy's and Python's
     global states (in ``meta.json``), and ``extras``: more trackables, e.g.
     ``{"data_rng": generator}`` of a data pipeline or ``{"data": iterator}``; give the
-    same to `restore_run`. Writes ``checkpoints/iter-NNNN`` (with ``meta.json``), then
-    ``history.jsonl``, then ``state.json`` (the commit point), then deletes all but the
-    newest `KEPT_CHECKPOINTS` checkpoints. Under a multi-worker strategy every worker
-    must call it, since writing a checkpoint runs collectives; a worker that is not the
-    ``chief`` writes to a scratch directory that is then deleted, and records nothing.
+    same to `restore_run`. See `run_directory.save_iteration_with` for the order of the
+    writes. Under a multi-worker strategy every worker must call it, since writing a
+    checkpoint runs collectives.
     """
-    checkpoint = _checkpoint(model, extras)
-    meta = json.dumps({"iteration": iteration, "epoch": epoch, "random": _python_random_state()})
-    if not chief:
-        scratch = tempfile.mkdtemp(prefix="tf-stdprune-worker-")
-        try:
-            checkpoint.write(os.path.join(scratch, "ckpt"))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return
-
-    def save(path):
-        os.makedirs(path)
-        checkpoint.write(os.path.join(path, "ckpt"))
-        atomic_write(os.path.join(path, "meta.json"), meta)
-
-    name = f"iter-{iteration:04d}"
-    directory = os.path.join(run_dir, CHECKPOINTS)
-    write_atomically(os.path.join(directory, name), save)
-    _write_history(run_dir, history)
-    atomic_write(os.path.join(run_dir, STATE_FILE), json.dumps(
-        {"iteration": iteration, "epoch": epoch, "checkpoint": f"{CHECKPOINTS}/{name}"}))
-    kept = sorted(n for n in os.listdir(directory) if re.fullmatch(r"iter-\d+", n)
-                  and int(n[5:]) <= iteration)[-KEPT_CHECKPOINTS:]
-    for other in os.listdir(directory):
-        if other not in kept and re.fullmatch(r"iter-\d+", other):
-            _delete_tree(os.path.join(directory, other))
-
-
-def _delete_tree(path):
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _check_checkpoint(run_dir, relative):
-    """``(meta, prefix)`` of an intact checkpoint; raises `RunDirectoryError` otherwise.
-
-    Every tensor is read once, which checks the index and the data files' checksums.
-    """
-    directory = os.path.join(run_dir, relative)
-    try:
-        with open(os.path.join(directory, "meta.json")) as f:
-            meta = json.load(f)
-        prefix = os.path.join(directory, "ckpt")
-        reader = tf.train.load_checkpoint(prefix)
-        for name in reader.get_variable_to_shape_map():
-            reader.get_tensor(name)
-    except (OSError, ValueError, KeyError, IndexError, RuntimeError, tf.errors.OpError) as error:
-        reason = getattr(error, "message", None) or str(error)
-        raise RunDirectoryError(
-            f"the checkpoint {directory} is damaged ({reason.splitlines()[0][:200]})") from error
-    return meta, prefix
-
-
-def _read_state(run_dir):
-    path = os.path.join(run_dir, STATE_FILE)
-    try:
-        with open(path) as f:
-            state = json.load(f)
-        if not isinstance(state, dict) or not {"iteration", "epoch", "checkpoint"} <= set(state):
-            raise ValueError("fields missing")
-        return state
-    except (OSError, ValueError) as error:
-        raise RunDirectoryError(f"{path} is damaged ({error})") from error
-
-
-def _checkpoint_candidates(run_dir):
-    """Checkpoint directories of ``run_dir``, newest first, as relative paths."""
-    directory = os.path.join(run_dir, CHECKPOINTS)
-    names = [n for n in os.listdir(directory) if re.fullmatch(r"iter-\d+", n)] \
-        if os.path.isdir(directory) else []
-    return [f"{CHECKPOINTS}/{n}" for n in sorted(names, reverse=True)]
-
-
-def _history_prefix(run_dir):
-    """The valid records before the first bad line, and the error of that line (or None)."""
-    try:
-        return read_history(run_dir), None
-    except RunDirectoryError as error:
-        good = []
-        with open(os.path.join(run_dir, HISTORY_FILE), "rb") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    break
-                if not isinstance(record, dict) or "iteration" not in record:
-                    break
-                good.append(record)
-        return good, error
-
-
-def _choose_checkpoint(run_dir):
-    """``(state, meta, prefix, problems)``: the checkpoint ``state.json`` names if it and
-    the history are intact (``problems`` empty), else the newest intact fallback."""
-    problems, state = [], None
-    history, history_error = _history_prefix(run_dir)
-    if history_error is not None:
-        problems.append(str(history_error).rstrip("."))
-    try:
-        state = _read_state(run_dir)
-    except RunDirectoryError as error:
-        problems.append(str(error))
-    finished = {r["iteration"] for r in history}
-    for relative in ([state["checkpoint"]] if state else []) + _checkpoint_candidates(run_dir):
-        if (state and relative != state["checkpoint"]
-                and _iteration_of(relative) >= state["iteration"]):
-            continue  # newer than the commit point: not finished
-        try:
-            meta, prefix = _check_checkpoint(run_dir, relative)
-        except RunDirectoryError as error:
-            if str(error) not in problems:
-                problems.append(str(error))
-            continue
-        if not set(range(1, meta["iteration"] + 1)) <= finished:
-            if relative == (state or {}).get("checkpoint"):
-                problems.append(f"{os.path.join(run_dir, HISTORY_FILE)} lacks iterations up to "
-                                f"{meta['iteration']}")
-            continue
-        return meta, prefix, problems
-    return None, None, problems
-
-
-def _history_lines(run_dir):
-    path = os.path.join(run_dir, HISTORY_FILE)
-    if not os.path.exists(path):
-        return 0
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
-
-
-def _iteration_of(relative):
-    return int(relative.rsplit("-", 1)[1])
-
-
-def _build_optimizer(model):
-    optimizer = model.optimizer
-    if hasattr(optimizer, "build"):
-        optimizer.build(model.trainable_variables)
-    else:
-        optimizer._create_all_weights(model.trainable_variables)
+    save_iteration_with(TFCheckpoint(model, extras), run_dir, iteration, epoch, history, chief)
 
 
 def restore_run(model, run_dir, fall_back=False, extras=None):
@@ -560,55 +118,10 @@ def restore_run(model, run_dir, fall_back=False, extras=None):
     if model.optimizer is None:
         raise ValueError("Compile the model before restore_run(model, run_dir): its optimizer "
                          "state is restored too.")
-    if not os.path.isdir(run_dir):
-        return 0
     strategy = getattr(model, "distribute_strategy", None)
     chief = strategy is None or strategy.extended.should_checkpoint
-    took = chief and acquire_lock(run_dir)
-    try:
-        check_run_settings(run_dir, run_settings(model), write=False)
-        return _restore(model, run_dir, fall_back, extras, chief)
-    except BaseException:
-        if took:
-            release_lock(run_dir)
-        raise
-
-
-def _restore(model, run_dir, fall_back, extras, chief):
-    if chief:
-        clean_temporaries(run_dir)
-        clean_temporaries(os.path.join(run_dir, CHECKPOINTS))
-    if not os.path.exists(os.path.join(run_dir, STATE_FILE)) and not _history_lines(run_dir):
-        return 0  # no iteration finished: a new run (a checkpoint without state.json is partial)
-    meta, prefix, problems = _choose_checkpoint(run_dir)
-    if problems and (meta is None or not fall_back):
-        how = (f"restore_run(model, run_dir, fall_back=True) resumes from the intact "
-               f"iteration {meta['iteration']} ({os.path.dirname(prefix)}) and drops what came "
-               "after it" if meta is not None else
-               "no intact checkpoint is left: start the run anew in a new directory")
-        raise RunDirectoryError(f"{run_dir} cannot be resumed as it is: "
-                                + "; ".join(problems) + f". To go on: {how}.")
-    if problems:
-        logging.warning("%s: %s. Falling back to iteration %d.", run_dir, "; ".join(problems),
-                        meta["iteration"])
-    _build_optimizer(model)
-    try:
-        _checkpoint(model, extras).read(prefix).assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as error:
-        raise RunDirectoryError(
-            f"The checkpoint {os.path.dirname(prefix)} does not fit this model and optimizer "
-            f"({str(error).splitlines()[0][:300]}). Build and compile the model as for the "
-            "run's first start (same layers, same optimizer class), or use a new directory."
-        ) from error
-    _set_python_random_state(meta.get("random"))
-    if chief:
-        history = [r for r in _history_prefix(run_dir)[0] if r["iteration"] <= meta["iteration"]]
-        _write_history(run_dir, history)
-        if problems:
-            atomic_write(os.path.join(run_dir, STATE_FILE), json.dumps(
-                {"iteration": meta["iteration"], "epoch": meta["epoch"],
-                 "checkpoint": os.path.relpath(os.path.dirname(prefix), run_dir)}))
-    return meta["epoch"]
+    return restore_directory(TFCheckpoint(model, extras), run_dir, run_settings(model),
+                             fall_back, chief)
 
 
 def non_finite_weights(model):

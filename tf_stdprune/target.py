@@ -17,22 +17,21 @@ if none was accepted), no checkpoint is written for it, ``history.jsonl`` keeps 
 accepted records and the rejected one marked ``"rejected": true``, ``target.json``
 reports the kept q, zeros and compression, and training stops.
 
-`TargetAccuracy` is used through ``iterative_callbacks(..., target_accuracy_drop=...,
-q_step=...)``, which hooks it into `IterativePruning`.
+The judge is used through ``iterative_callbacks(..., target_accuracy_drop=...,
+q_step=...)``, which hooks it into `IterativePruning`. `TargetAccuracyLogic` is its
+logic, for either Keras (this module imports no Keras); each world's callback
+(`iterative.TargetAccuracy`, `keras3_iterative.TargetAccuracy`) adds how to find the
+pruning wrappers and whether this process writes files.
 """
 import json
-import math
-import numbers
 import os
 
 from absl import logging
-from tf_stdprune._keras import keras
 from tf_stdprune.io import atomic_write, write_atomically
-from tf_stdprune.prune import all_layers
+from tf_stdprune.procedure import check_target_arguments
 from tf_stdprune.report import sparsity_report
-from tf_stdprune.run_state import HISTORY_FILE, read_history
+from tf_stdprune.run_directory import HISTORY_FILE, read_history
 from tf_stdprune.schedule import StdPruningSchedule
-from tf_stdprune.wrapper import PruneLowStd
 
 TARGET_FILE = "target.json"
 TARGET_FIGURE = "target_accuracy_vs_zero_parameters.png"
@@ -55,21 +54,12 @@ def _optimizer_variables(optimizer):
 
 def _state_variables(model):
     optimizer = model.optimizer
-    if hasattr(optimizer, "build"):
+    if hasattr(optimizer, "build") and not getattr(optimizer, "built", False):
         optimizer.build(model.trainable_variables)
     return list(model.variables) + _optimizer_variables(optimizer)
 
 
-def _check_number(value, name, fix, minimum_exclusive=False):
-    bad = (not isinstance(value, numbers.Real) or isinstance(value, bool)
-           or not math.isfinite(value) or value < 0 or (minimum_exclusive and value == 0))
-    if bad:
-        bound = "> 0" if minimum_exclusive else ">= 0"
-        raise ValueError(f"{name} must be a finite number {bound} ({fix}), got {value!r}.")
-    return float(value)
-
-
-class TargetAccuracy(keras.callbacks.Callback):
+class TargetAccuracyLogic:
     """Raises q by ``q_step`` per iteration until the accuracy drop exceeds the budget.
 
     Args:
@@ -85,22 +75,22 @@ class TargetAccuracy(keras.callbacks.Callback):
     after the last accepted iteration is kept in memory (one copy of the model's and
     the optimizer's variables). `IterativePruning` calls `accept` with each finished
     iteration's record before it checkpoints it.
+
+    A world's subclass supplies ``find_wrappers()`` (the pruning wrappers of the model)
+    and ``is_chief()`` (whether this process writes files).
     """
 
     def __init__(self, run_dir, target_accuracy_drop, q_step):
         super().__init__()
         self.run_dir = run_dir
-        self.target_accuracy_drop = _check_number(
-            target_accuracy_drop, "target_accuracy_drop", "points of top-1, e.g. 0.5")
-        self.q_step = _check_number(q_step, "q_step", "the increase of q per iteration, e.g. 0.1",
-                                    minimum_exclusive=True)
+        self.target_accuracy_drop, self.q_step = check_target_arguments(
+            target_accuracy_drop, q_step)
         self.rejected = None
 
     def on_train_begin(self, logs=None):
         total_steps = self.params["epochs"] * self.params["steps"]
-        for layer in all_layers(self.model):
-            if isinstance(layer, PruneLowStd):
-                self._raise_schedule(layer, total_steps)
+        for layer in self.find_wrappers():
+            self._raise_schedule(layer, total_steps)
         if self.model.train_function is not None:
             self.model.make_train_function(force=True)  # traced with the old schedule
         self.variables = _state_variables(self.model)
@@ -189,8 +179,7 @@ class TargetAccuracy(keras.callbacks.Callback):
         }
 
     def on_train_end(self, logs=None):
-        if not self.model.distribute_strategy.extended.should_checkpoint \
-                or not os.path.exists(os.path.join(self.run_dir, "baseline.json")):
+        if not self.is_chief() or not os.path.exists(os.path.join(self.run_dir, "baseline.json")):
             return
         summary = self.summary()
         atomic_write(os.path.join(self.run_dir, TARGET_FILE), json.dumps(summary, indent=2))

@@ -46,6 +46,14 @@ def check_positive(value, where, fix=""):
     return float(value)
 
 
+def check_nonnegative(value, where, fix=""):
+    """``value`` as a float; raises unless it is a finite number >= 0."""
+    if not _is_real(value) or not math.isfinite(value) or value < 0:
+        meaning = f" ({fix})" if fix else ""
+        raise ValueError(f"{where} must be a finite number >= 0{meaning}, got {value!r}.")
+    return float(value)
+
+
 def check_bits(bits, where, allow_none=True):
     """``bits`` as an int in ``[1, MAX_BITS]`` (``2^bits`` shared values), or None when
     ``allow_none`` (the tensor is left unquantized)."""

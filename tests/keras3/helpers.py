@@ -1,5 +1,8 @@
 """Keras 3 test helpers: the backend under test and a tiny model (no tf_keras here)."""
 import keras
+import numpy as np
+
+import tf_stdprune
 
 BACKEND = keras.backend.backend()
 
@@ -17,3 +20,34 @@ def tiny_cnn(num_classes=3, l2=0.0):
         keras.layers.Dropout(0.2),
         keras.layers.Dense(num_classes, kernel_regularizer=reg, name="dense"),
     ])
+
+
+BATCH = 16
+
+
+def tiny_data(samples=64):
+    """``(x, y)``: Gaussian images and labels in {0, 1, 2} (the parent conftest's data)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(samples, 8, 8, 3)).astype("float32")
+    return x, rng.integers(0, 3, size=samples)
+
+
+def pruned_for_iterations(qualities=(0.5, 1.0, 1.5), epochs=1, steps=4, dropout=True):
+    """`tiny_cnn` (without its Dropout if ``dropout`` is false) pruned with one q per
+    iteration of ``epochs`` epochs of ``steps`` steps, compiled with SGD + momentum."""
+    model = tiny_cnn()
+    if not dropout:
+        model = keras.Sequential([keras.Input((8, 8, 3))] + [
+            layer for layer in model.layers if not isinstance(layer, keras.layers.Dropout)])
+    schedule = tf_stdprune.StdPruningSchedule(list(qualities), steps_per_iteration=epochs * steps)
+    pruned = tf_stdprune.prune_low_std(model, pruning_schedule=schedule)
+    pruned.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   metrics=["accuracy"])
+    return pruned
+
+
+def state_arrays(model):
+    """Every value a run's checkpoint holds: model variables, then optimizer variables."""
+    return [np.asarray(keras.ops.convert_to_numpy(v))
+            for v in list(model.variables) + list(model.optimizer.variables)]
