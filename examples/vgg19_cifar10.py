@@ -1,6 +1,6 @@
 """The reference experiment end to end: VGG19-BN, a dense baseline, then iterative std pruning.
 
-    python examples/vgg19_cifar10.py --preset=quick          # digits, offline, ~5 min on 2 CPUs
+    python examples/vgg19_cifar10.py --preset=quick          # digits, offline, minutes on a CPU
     python examples/vgg19_cifar10.py --preset=paper --data_dir=~/tensorflow_datasets
     python examples/vgg19_cifar10.py --preset=paper --strategy=mirrored --mixed_precision --jit_compile
     python examples/vgg19_cifar10.py --layer_quality=auto    # per-layer q from a sensitivity scan

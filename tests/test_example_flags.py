@@ -222,3 +222,39 @@ def test_the_script_starts_without_tensorflows_log_lines(tmp_path):
     assert process.returncode != 0 and "every q must be a finite number >= 0" in output
     assert [line for line in output.splitlines() if any(n in line for n in NOISE)] == []
     assert os.listdir(tmp_path) == []
+
+
+def test_the_procedure_flags_reach_iterative_callbacks(monkeypatch):
+    given = {}
+
+    class Model:
+        def fit(self, data, **kwargs):
+            given["fit"] = kwargs
+
+    def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, lr_drops, **kwargs):
+        given["callbacks"] = dict(kwargs, run_dir=run_dir, lr_drops=lr_drops)
+        return ["callbacks"]
+
+    monkeypatch.setattr(example.tf_stdprune, "iterative_callbacks", iterative_callbacks)
+    cfg = _config(*TINY, "--target_drop=0.5", "--q_step=0.2", "--norescale_dropout",
+                  "--noresume")
+    example.prune_iteratively(cfg, Model(), ("train", "test"), "run_dir")
+    assert {k: given["callbacks"][k] for k in ("target_accuracy_drop", "q_step",
+                                               "rescale_dropout", "validation_data")} == {
+        "target_accuracy_drop": 0.5, "q_step": 0.2, "rescale_dropout": False,
+        "validation_data": "test"}
+    assert given["fit"]["epochs"] == 2 and given["fit"]["callbacks"] == ["callbacks"]
+    defaults = _config(*TINY, "--noresume")
+    example.prune_iteratively(defaults, Model(), ("train", "test"), "run_dir")
+    assert (given["callbacks"]["target_accuracy_drop"], given["callbacks"]["rescale_dropout"]) \
+        == (None, True)
+
+
+def test_the_summary_reports_target_modes_kept_and_rejected_q(tmp_path):
+    assert example.target_rows(str(tmp_path)) == []
+    (tmp_path / "target.json").write_text(json.dumps({
+        "kept_iteration": 3, "kept_q": 1.2000000000000002, "rejected_iteration": 4,
+        "rejected_q": 1.3, "rejected_accuracy_drop": 0.8123}))
+    assert example.target_rows(str(tmp_path)) == [
+        ("target mode: kept iteration", "3"), ("target mode: kept q", "1.2"),
+        ("target mode: rejected q (drop, points)", "1.3 (0.81)")]
