@@ -281,6 +281,7 @@ def quiet_start():
     try:
         yield
     finally:
+        sys.stderr.flush()  # what was written in the body goes to os.devnull too
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
