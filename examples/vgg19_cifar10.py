@@ -1,165 +1,84 @@
 """The reference experiment end to end: VGG19-BN, a dense baseline, then iterative std pruning.
 
-    python examples/vgg19_cifar10.py --preset=quick          # digits, offline, ~4 min on 2 CPUs
+    python examples/vgg19_cifar10.py --preset=quick          # digits, offline, minutes on a CPU
     python examples/vgg19_cifar10.py --preset=paper --data_dir=~/tensorflow_datasets
     python examples/vgg19_cifar10.py --preset=paper --strategy=mirrored --mixed_precision --jit_compile
+    python examples/vgg19_cifar10.py --layer_quality=auto    # per-layer q from a sensitivity scan
+    python examples/vgg19_cifar10.py --target_drop=0.5 --q_step=0.1 --iterations=10
 
-Presets fill the defaults; every flag given on the command line overrides its preset.
-Every flag is checked before anything trains. Running the same command again resumes: the
-dense baseline is reloaded and pruning goes on from the last finished iteration. The
-settings that define the run are kept in --out_dir/run.json; resuming with other ones is
-refused, except more --iterations (with --qualities and --initial_lrs extended at their
-end). One process at a time owns --out_dir (its ``lock`` file). Outputs in --out_dir:
+Every setting is a field of `vgg19_config.Config`: a preset fills them, every flag given on
+the command line replaces its field. Every flag is checked before anything trains. Running
+the same command again resumes: the dense baseline is reloaded and pruning goes on from the
+last finished iteration. The settings that define the run are kept in --out_dir/run.json;
+resuming with other ones is refused, except more --iterations (with --qualities and
+--initial_lrs extended at their end). One process at a time owns --out_dir (its ``lock``
+file). Outputs in --out_dir:
 
     run.json, lock                                the run's settings; its owner while it runs
     baseline/weights.h5, baseline/metrics.json    the dense model and its test metrics
     baseline/wall_time.json                       (and its training time)
+    sensitivity/                                  with --sensitivity or --layer_quality=auto:
+                                                  sensitivity.json, .md (table, suggested
+                                                  layer_quality), .png (conv / dense panels)
     run/                                          history.jsonl, checkpoints, report.json,
-                                                  figures/, tensorboard/ (the iterations)
+                                                  figures/, tensorboard/ (the iterations),
+                                                  target.json (target mode)
     final/model.keras, final/model.h5, final/saved_model/    the stripped pruned model
     final/sparse_saved_model/, final/model.tfspz  with --export_sparse / --compress (quick:
                                                   on), after --quantize_bits weight sharing
+    final/model.tflite, final/model_int8.tflite   with --tflite (quick: on)
     summary.md                                    dense vs pruned top-1, zeros, compression,
                                                   sizes on disk, wall time (summed over
-                                                  all the processes of the run)
+                                                  all the processes of the run), and every
+                                                  exported form's size, latency and top-1
+
+Target mode (--target_drop) starts at the first of --qualities and raises q by --q_step per
+iteration, for at most --iterations, until top-1 on the test data drops more than
+--target_drop points below dense; that iteration is undone. --layer_quality=auto multiplies
+each iteration's q, per layer, by the largest q that layer alone tolerates in the sensitivity
+analysis (no retraining) within --sensitivity_max_drop points.
+
+Run as a script, TensorFlow's start-up log lines are kept off the terminal
+(`vgg19_config.quiet_start`); set TF_CPP_MIN_LOG_LEVEL=0 to see them.
 """
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
-from absl import app, flags, logging
-import tensorflow as tf
+import vgg19_config
+from vgg19_config import PRESETS, RUN_SETTINGS, Config, config, validate  # noqa: F401
 
-import tf_stdprune
-from tf_stdprune import compressed_file, data, export, models, run_state
-from tf_stdprune._keras import keras
-from tf_stdprune.io import atomic_write, clean_temporaries, write_atomically
-from tf_stdprune.iterative import warn_unreachable_drops
-from tf_stdprune.run_state import check_writable
+from absl import app, flags
 
-# The reference experiment gives no quality parameters: "paper" raises q by 0.1 per iteration up to 1.6
-# (about 89 % of a Gaussian layer below 1.6 sigma; the reference experiment ended at 87.9 % zeros).
-PRESETS = {
-    "paper": dict(
-        dataset="cifar10", width=1.0, batch_size=128, augment=True,
-        baseline_epochs=160, baseline_lr=0.05, baseline_lr_drops=[80, 120],
-        iterations=20, epochs_per_iteration=20, lr_drops=[3, 10, 16],
-        initial_lrs=[0.05] + [0.01] * 9 + [0.001, 0.001],
-        qualities=[round(0.1 * i, 1) for i in range(1, 17)],
-        std_mode="initial", recalibration_batches=50, out_dir="runs/paper",
-        quantize_bits=None, export_sparse=False, compress=False),
-    # quick: measured on this machine (README): dense 98.9 %, 96.5 % zeros after q = 1.7,
-    # 99.2 % after 5-bit weight sharing, file x62.8, about 4 minutes in all.
-    "quick": dict(
-        dataset="digits", width=0.25, batch_size=64, augment=False,
-        baseline_epochs=8, baseline_lr=0.01, baseline_lr_drops=[6],
-        iterations=4, epochs_per_iteration=3, lr_drops=[2],
-        initial_lrs=[0.01], qualities=[0.8, 1.2, 1.5, 1.7],
-        std_mode="initial", recalibration_batches=10, out_dir="runs/quick",
-        quantize_bits=5, export_sparse=True, compress=True),
-}
-LIST_TYPES = {"initial_lrs": float, "qualities": float, "lr_drops": int, "baseline_lr_drops": int}
+with vgg19_config.quiet_start() if __name__ == "__main__" else contextlib.nullcontext():
+    import numpy as np
+    import tensorflow as tf
+
+    import tf_stdprune
+    from tf_stdprune import compressed_file, data, export, models, run_state
+    from tf_stdprune._keras import keras
+    from tf_stdprune.io import atomic_write, clean_temporaries, write_atomically
+    from tf_stdprune.run_state import check_writable
+    from tf_stdprune.sensitivity import DEFAULT_QUALITIES, SensitivityRow, SensitivityTable
+    if __name__ == "__main__":
+        tf.config.list_physical_devices()  # the device probing logs its lines here
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "quick", list(PRESETS), "Defaults of the flags below.")
-flags.DEFINE_enum("dataset", None, ["cifar10", "digits"], "cifar10 (tfds) or digits (offline).")
-flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory holding cifar10/.")
-flags.DEFINE_integer("max_train_examples", None, "Use only the first N training examples.",
-                     lower_bound=1)
-flags.DEFINE_bool("augment", None, "Pad-4 random crops (+ flips on CIFAR-10) for training.")
-flags.DEFINE_float("width", None, "Width multiplier of VGG19-BN (1.0: 38,969,930 parameters).")
-flags.DEFINE_integer("batch_size", None, "Global batch size (split over replicas).",
-                     lower_bound=1)
-flags.DEFINE_integer("baseline_epochs", None, "Epochs of the dense baseline.", lower_bound=1)
-flags.DEFINE_float("baseline_lr", None, "Initial learning rate of the dense baseline.")
-flags.DEFINE_list("baseline_lr_drops", None, "Baseline epochs where the rate drops 10x.")
-flags.DEFINE_integer("iterations", None, "Prune + retrain iterations.", lower_bound=1)
-flags.DEFINE_integer("epochs_per_iteration", None, "Retraining epochs per iteration.",
-                     lower_bound=1)
-flags.DEFINE_list("initial_lrs", None, "Initial learning rate of each iteration (last repeats).")
-flags.DEFINE_list("lr_drops", None, "Epochs inside an iteration where the rate drops 10x.")
-flags.DEFINE_list("qualities", None, "Quality parameter q of each iteration (last repeats).")
-flags.DEFINE_enum("std_mode", None, ["initial", "surviving", "all"], "Which sigma q multiplies.")
-flags.DEFINE_integer("recalibration_batches", None, "BN recalibration batches (0: off).",
-                     lower_bound=0)
-flags.DEFINE_string("out_dir", None, "Output directory.")
-flags.DEFINE_bool("resume", True, "Continue the run found in --out_dir.")
-flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, augmentation, split).")
-flags.DEFINE_bool("mixed_precision", False, "mixed_float16 on GPU, mixed_bfloat16 on CPU.")
-flags.DEFINE_bool("jit_compile", False, "Compile the train and test steps with XLA.")
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"],
-                  "tf.distribute strategy (multi_worker reads TF_CONFIG).")
-flags.DEFINE_integer("cpu_replicas", None, "Split the CPU into N logical devices (to try "
-                     "--strategy=mirrored without GPUs).", lower_bound=1)
-flags.DEFINE_integer("quantize_bits", None, "Weight sharing with 2^b centroids after pruning "
-                     "(0: none).", lower_bound=0, upper_bound=12)
-flags.DEFINE_integer("quantize_epochs", 2, "Centroid fine-tuning epochs after weight sharing.",
-                     lower_bound=0)
-flags.DEFINE_float("quantize_lr", 1e-5, "Adam learning rate of the centroid fine-tuning.",
-                   lower_bound=0)
-flags.DEFINE_bool("export_sparse", None, "Also export a sparse SavedModel.")
-flags.DEFINE_bool("compress", None, "Also write the Huffman-coded model file.")
-
-
-def config():
-    """The preset's values, overridden by every flag given explicitly; lists parsed."""
-    cfg = dict(PRESETS[FLAGS.preset], data_dir=FLAGS.data_dir, seed=FLAGS.seed,
-               max_train_examples=FLAGS.max_train_examples,
-               quantize_epochs=FLAGS.quantize_epochs, quantize_lr=FLAGS.quantize_lr)
-    for name in PRESETS[FLAGS.preset]:
-        if FLAGS[name].present:
-            cfg[name] = FLAGS[name].value
-    for name, kind in LIST_TYPES.items():
-        try:
-            cfg[name] = [kind(v) for v in cfg[name]]
-        except ValueError as error:
-            raise app.UsageError(f"--{name}: {error}") from error
-    cfg["out_dir"] = os.path.expanduser(cfg["out_dir"])
-    cfg["quantize_bits"] = cfg["quantize_bits"] or None
-    return cfg
-
-
-# The settings that define a run in --out_dir: resuming with another value is refused.
-RUN_SETTINGS = ("dataset", "max_train_examples", "augment", "width", "batch_size", "seed",
-                "baseline_epochs", "baseline_lr", "baseline_lr_drops", "iterations",
-                "epochs_per_iteration", "lr_drops", "initial_lrs", "qualities", "std_mode",
-                "recalibration_batches")
-
-
-def validate(cfg):
-    """Raises `app.UsageError` naming the flag, the value and the fix for every value that
-    would fail later (e.g. after the dense baseline trained); warns of LR drops that can
-    never fire."""
-    def positive(name, values):
-        bad = [v for v in values if not (math.isfinite(v) and v > 0)]
-        if bad or not values:
-            raise app.UsageError(f"--{name}={','.join(map(str, values))}: every value must be a "
-                                 "finite number > 0.")
-
-    positive("initial_lrs", cfg["initial_lrs"])
-    positive("baseline_lr", [cfg["baseline_lr"]])
-    positive("width", [cfg["width"]])
-    if not cfg["qualities"] or any(not (math.isfinite(q) and q >= 0) for q in cfg["qualities"]):
-        raise app.UsageError(f"--qualities={','.join(map(str, cfg['qualities']))}: every q must be "
-                             "a finite number >= 0 (the threshold is q * sigma).")
-    for name in ("lr_drops", "baseline_lr_drops"):
-        if any(d < 0 for d in cfg[name]):
-            raise app.UsageError(f"--{name}={','.join(map(str, cfg[name]))}: drops are epochs >= 0.")
-    warn_unreachable_drops(cfg["lr_drops"], cfg["epochs_per_iteration"])
-    unreachable = [d for d in cfg["baseline_lr_drops"] if d >= cfg["baseline_epochs"]]
-    if unreachable:
-        logging.warning("--baseline_lr_drops %s never take effect: the baseline trains %d epochs.",
-                        unreachable, cfg["baseline_epochs"])
+vgg19_config.define_flags(FLAGS)
+flags.adopt_module_key_flags(vgg19_config)  # --helpshort lists them
 
 
 def claim_out_dir(cfg, chief):
     """Takes --out_dir's lock, refuses a resume with other settings, and puts back or
     deletes what a killed write left; every check comes before the baseline trains."""
-    out_dir = cfg["out_dir"]
-    settings = {name: cfg[name] for name in RUN_SETTINGS}
+    out_dir = cfg.out_dir
+    settings = cfg.run_settings()
     if not chief:
         run_state.check_run_settings(out_dir, settings, write=False)
         return
@@ -171,7 +90,8 @@ def claim_out_dir(cfg, chief):
         if took:
             run_state.release_lock(out_dir)
         raise app.UsageError(f"{error}") from error
-    for directory in (out_dir, os.path.join(out_dir, "baseline"), os.path.join(out_dir, "final")):
+    for directory in (out_dir, *(os.path.join(out_dir, d)
+                                 for d in ("baseline", "final", "sensitivity"))):
         clean_temporaries(directory)
     run_state.check_run_settings(out_dir, settings)
 
@@ -213,6 +133,15 @@ def load_data(cfg):
                         max_train_examples=cfg["max_train_examples"], seed=cfg["seed"])
 
 
+def load_data(cfg):
+    """``(train, test, info)`` of ``cfg.dataset``."""
+    if cfg.dataset == "digits":
+        return data.digits(batch_size=cfg.batch_size, augment=cfg.augment, seed=cfg.seed,
+                           max_train_examples=cfg.max_train_examples)
+    return data.cifar10(cfg.data_dir, batch_size=cfg.batch_size, augment=cfg.augment,
+                        max_train_examples=cfg.max_train_examples, seed=cfg.seed)
+
+
 def compile_model(model, jit_compile, optimizer=None):
     """``optimizer`` (default SGD with momentum 0.9, the rate set per epoch by the
     callbacks), cross-entropy, top-1/top-5."""
@@ -229,23 +158,35 @@ def evaluate(model, test):
     return {k: float(v) for k, v in model.evaluate(test, verbose=0, return_dict=True).items()}
 
 
-def dense_baseline(cfg, strategy, train, test, info, jit_compile, resume, build_model, write_dir):
-    """The trained dense model and its test metrics, reloaded from ``baseline/`` if there."""
-    weights, metrics_path = (os.path.join(cfg["out_dir"], "baseline", name)
-                             for name in ("weights.h5", "metrics.json"))
+def build_dense(cfg, strategy, info, build_model):
+    """The compiled, untrained dense model; refuses --layer_quality names it lacks."""
     with strategy.scope():
-        model = compile_model(build_model(info.num_classes, width=cfg["width"],
-                                          input_shape=info.image_shape), jit_compile)
-    if resume and os.path.exists(metrics_path):  # metrics.json is written after weights.h5
+        model = compile_model(build_model(info.num_classes, width=cfg.width,
+                                          input_shape=info.image_shape), cfg.jit_compile)
+    if isinstance(cfg.layer_quality, dict):
+        unknown = sorted(set(cfg.layer_quality) - {layer.name for layer in model.layers})
+        if unknown:
+            raise app.UsageError(
+                f"--layer_quality names {unknown}, which are not layers of the model; choose "
+                f"among {[l.name for l in model.layers if l.weights]} (or give 'auto').")
+    return model
+
+
+def dense_baseline(cfg, model, train_test, write_dir):
+    """Trains ``model`` (or reloads it from ``baseline/``); returns its test metrics."""
+    train, test = train_test
+    weights, metrics_path = (os.path.join(cfg.out_dir, "baseline", name)
+                             for name in ("weights.h5", "metrics.json"))
+    if cfg.resume and os.path.exists(metrics_path):  # metrics.json is written after weights.h5
         model.load_weights(weights)
         with open(metrics_path) as f:
-            return model, json.load(f)
+            return json.load(f)
     started = time.time()
-    history = model.fit(train, epochs=cfg["baseline_epochs"], verbose=2, callbacks=[
-        tf_stdprune.IterationLearningRate([cfg["baseline_lr"]], cfg["baseline_epochs"],
-                                          cfg["baseline_lr_drops"])])
+    history = model.fit(train, epochs=cfg.baseline_epochs, verbose=2, callbacks=[
+        tf_stdprune.IterationLearningRate([cfg.baseline_lr], cfg.baseline_epochs,
+                                          list(cfg.baseline_lr_drops))])
     # Evaluated as the pruned model will be: BN statistics re-estimated first.
-    tf_stdprune.recalibrate_batchnorm(model, train, cfg["recalibration_batches"])
+    tf_stdprune.recalibrate_batchnorm(model, train, cfg.recalibration_batches)
     metrics = evaluate(model, test)
     check_finite(model, dict(metrics, train_loss=history.history["loss"][-1]))
     out_dir = os.path.join(write_dir, "baseline")
@@ -254,7 +195,7 @@ def dense_baseline(cfg, strategy, train, test, info, jit_compile, resume, build_
     atomic_write(os.path.join(out_dir, "wall_time.json"),
                  json.dumps({"wall_time_s": time.time() - started}))
     atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
-    return model, metrics
+    return metrics
 
 
 def check_finite(model, metrics):
@@ -278,53 +219,206 @@ def baseline_seconds(out_dir):
         return 0.0
 
 
-def pruned_model(dense, cfg, strategy, steps_per_epoch, jit_compile):
+def sensitivity_table(cfg, dense, test):
+    """`tf_stdprune.sensitivity_analysis` of the dense model on the test data, or, when
+    resuming, the table an earlier process of the run wrote (if it tried the same q)."""
+    qualities = sorted(cfg.sensitivity_qualities or DEFAULT_QUALITIES)
+    path = os.path.join(cfg.out_dir, "sensitivity", "sensitivity.json")
+    if cfg.resume and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        table = SensitivityTable([SensitivityRow(**row) for row in saved["rows"]],
+                                 saved["baseline"], saved["metric"])
+        if sorted({row.q for row in table.rows}) == qualities:
+            return table
+    return tf_stdprune.sensitivity_analysis(dense, test, qualities=qualities)
+
+
+def sensitivity_markdown(table, suggestion, max_drop):
+    """The table (one row per layer and q) and the suggested ``layer_quality``."""
+    rows = "".join(f"| {r.layer} | {r.kind} | {r.q:g} | {100 * r.zero_fraction:.2f} | "
+                   f"{100 * r.accuracy:.2f} | {table.drop(r):.2f} |\n" for r in table.rows)
+    factors = "".join(f"| {name} | {factor:g} |\n" for name, factor in suggestion.items())
+    return (f"# Sensitivity: each layer pruned alone at q, no retraining\n\n"
+            f"Dense {table.metric}: {100 * table.baseline:.2f} %.\n\n"
+            f"| layer | kind | q | zeros (%) | {table.metric} (%) | drop (points) |\n"
+            f"|---|---|---|---|---|---|\n{rows}\n"
+            f"## layer_quality for --layer_quality=auto (drop <= {max_drop:g} points)\n\n"
+            f"| layer | factor |\n|---|---|\n{factors}")
+
+
+def layer_quality(cfg, dense, test, write_dir):
+    """``cfg.layer_quality`` resolved: with --sensitivity or 'auto' the analysis runs and
+    is written to ``sensitivity/``; 'auto' becomes its `suggest_layer_quality`."""
+    if not (cfg.sensitivity or cfg.layer_quality == "auto"):
+        return cfg.layer_quality
+    table = sensitivity_table(cfg, dense, test)
+    suggestion = tf_stdprune.suggest_layer_quality(table, cfg.sensitivity_max_drop)
+    print(table)
+    out_dir = os.path.join(write_dir, "sensitivity")
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write(os.path.join(out_dir, "sensitivity.json"),
+                 json.dumps(dict(table.to_dict(), layer_quality=suggestion,
+                                 max_drop=cfg.sensitivity_max_drop), indent=2))
+    atomic_write(os.path.join(out_dir, "sensitivity.md"),
+                 sensitivity_markdown(table, suggestion, cfg.sensitivity_max_drop))
+    table.plot(os.path.join(out_dir, "sensitivity.png"))
+    return suggestion if cfg.layer_quality == "auto" else cfg.layer_quality
+
+
+def pruned_model(cfg, dense, strategy, steps_per_epoch):
     """``prune_low_std(dense)`` with the iterations' schedule, compiled in ``strategy``."""
     with strategy.scope():
         schedule = tf_stdprune.StdPruningSchedule(
-            cfg["qualities"], steps_per_iteration=cfg["epochs_per_iteration"] * steps_per_epoch)
+            list(cfg.qualities), steps_per_iteration=cfg.epochs_per_iteration * steps_per_epoch)
         return compile_model(tf_stdprune.prune_low_std(
-            dense, pruning_schedule=schedule, std_mode=cfg["std_mode"]), jit_compile)
+            dense, pruning_schedule=schedule, std_mode=cfg.std_mode,
+            layer_quality=cfg.layer_quality), cfg.jit_compile)
 
 
-def save_final(model, out_dir, export_sparse=False, compress=False):
+def prune_iteratively(cfg, pruned, train_test, run_dir):
+    """The iterations as one ``fit`` (resumed from ``run_dir``'s last checkpoint)."""
+    train, test = train_test
+    initial_epoch = tf_stdprune.restore_run(pruned, run_dir) if cfg.resume else 0
+    pruned.fit(train, epochs=cfg.iterations * cfg.epochs_per_iteration,
+               initial_epoch=initial_epoch, verbose=2,
+               callbacks=tf_stdprune.iterative_callbacks(
+                   run_dir, cfg.epochs_per_iteration, list(cfg.initial_lrs), list(cfg.lr_drops),
+                   rescale_dropout=cfg.rescale_dropout, target_accuracy_drop=cfg.target_drop,
+                   q_step=cfg.q_step, validation_data=test, recalibration_data=train,
+                   recalibration_batches=cfg.recalibration_batches))
+
+
+def save_final(model, out_dir, cfg, train):
     """The stripped model as ``.keras``, ``.h5`` and a serving SavedModel (plus the sparse
-    SavedModel and the Huffman-coded file if asked); returns ``{name: disk_size}``."""
+    SavedModel, the Huffman-coded file and the TFLite flatbuffers, float32 and int8
+    calibrated on a few training batches, if asked); returns ``{name: disk_size}``."""
     os.makedirs(out_dir, exist_ok=True)
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     write_atomically(path("model.keras"), model.save)
     write_atomically(path("model.h5"), model.save)
     export.export_dense_saved_model(model, path("saved_model"), overwrite=True)
     names = ["model.keras", "model.h5", "saved_model"]
-    if export_sparse:
+    if cfg.export_sparse:
         export.export_sparse_saved_model(model, path("sparse_saved_model"), overwrite=True)
         names.append("sparse_saved_model")
-    if compress:
+    if cfg.compress:
         compressed_file.compress(model, path("model.tfspz"), overwrite=True)
         names.append("model.tfspz")
+    if cfg.tflite:
+        tf_stdprune.export_tflite(model, path("model.tflite"), sparse=True, overwrite=True)
+        tf_stdprune.export_tflite(model, path("model_int8.tflite"), sparse=True, int8=True,
+                                  representative_data=train.take(4), overwrite=True)
+        names += ["model.tflite", "model_int8.tflite"]
     return {name: export.disk_size(path(name)) for name in names}
 
 
-def share_weights(final, cfg, strategy, train, test, jit_compile):
+def share_weights(final, cfg, strategy, train_test):
     """Trained quantization: k-means weight sharing (2^b centroids, zeros kept), then
     ``quantize_epochs`` of centroid fine-tuning with Adam at ``quantize_lr``.
     Returns the plain model with the shared values baked in, and the top-1 after each stage.
     Why Adam: see `tf_stdprune.quantize` (a centroid's gradient sums over its members).
     """
+    train, test = train_test
     with strategy.scope():
-        shared = compile_model(tf_stdprune.quantize_weights(final, bits=cfg["quantize_bits"]),
-                               jit_compile, keras.optimizers.Adam(cfg["quantize_lr"]))
+        shared = compile_model(tf_stdprune.quantize_weights(final, bits=cfg.quantize_bits),
+                               cfg.jit_compile, keras.optimizers.Adam(cfg.quantize_lr))
     accuracy = {"after clustering": evaluate(shared, test)["top1"]}
-    if cfg["quantize_epochs"]:
-        shared.fit(train, epochs=cfg["quantize_epochs"], verbose=2)
+    if cfg.quantize_epochs:
+        shared.fit(train, epochs=cfg.quantize_epochs, verbose=2)
         accuracy["after centroid fine-tuning"] = evaluate(shared, test)["top1"]
     with strategy.scope():
-        return compile_model(tf_stdprune.strip_quantization(shared), jit_compile), accuracy
+        return compile_model(tf_stdprune.strip_quantization(shared), cfg.jit_compile), accuracy
 
 
-def summary_markdown(cfg, dense, final, report, sizes, seconds, stages=()):
-    rows = [("dense top-1 (%)", f"{100 * dense['top1']:.2f}"),
-            ("pruned top-1 (%)", f"{100 * final['top1']:.2f}"),
+# The exported forms compared in summary.md: (name, file in final/).
+FORMS = (("dense SavedModel", "saved_model"), ("sparse SavedModel", "sparse_saved_model"),
+         ("TFLite", "model.tflite"), ("TFLite int8", "model_int8.tflite"),
+         ("compressed file (decompressed, then run as the Keras model)", "model.tfspz"))
+LATENCY_CALLS = 10  # calls at batch 1 whose median is reported
+EVAL_BATCH = 256
+
+
+def tflite_predictor(path):
+    """``images -> logits`` through ``tf.lite.Interpreter`` (re-allocated on a new shape)."""
+    interpreter = tf.lite.Interpreter(model_path=path)
+    source = interpreter.get_input_details()[0]["index"]
+    target = interpreter.get_output_details()[0]["index"]
+    shape = []
+
+    def predict(x):
+        if list(x.shape) != shape:
+            interpreter.resize_tensor_input(source, list(x.shape))
+            interpreter.allocate_tensors()
+            shape[:] = list(x.shape)
+        interpreter.set_tensor(source, x)
+        interpreter.invoke()
+        return interpreter.get_tensor(target)
+    return predict
+
+
+def predictor(path):
+    """``images -> logits`` (numpy) running the exported form at ``path``; the
+    compressed file is decompressed and run as the Keras model it holds."""
+    if path.endswith(".tflite"):
+        return tflite_predictor(path)
+    if path.endswith(".tfspz"):
+        model = tf_stdprune.decompress(path)
+        call = tf.function(lambda x: model(x, training=False))
+        return lambda x: call(tf.constant(x)).numpy()
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    (name,) = serve.structured_input_signature[1]
+    return lambda x: next(iter(serve(**{name: tf.constant(x)}).values())).numpy()
+
+
+def measure(predict, x, y):
+    """``(median latency in ms of LATENCY_CALLS calls at batch 1, top-1 in % on (x, y))``."""
+    predict(x[:1])  # builds, traces or allocates
+    seconds = []
+    for _ in range(LATENCY_CALLS):
+        started = time.perf_counter()
+        predict(x[:1])
+        seconds.append(time.perf_counter() - started)
+    logits = np.concatenate([predict(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)])
+    return 1000 * statistics.median(seconds), 100 * float(np.mean(np.argmax(logits, 1) == y))
+
+
+def forms_markdown(final_dir, test):
+    """summary.md's table: size, latency at batch 1 and top-1 of every exported form."""
+    x, y = (np.concatenate(part) for part in zip(*test.as_numpy_iterator()))
+    x = x.astype(np.float32)
+    rows = []
+    for name, file in FORMS:
+        path = os.path.join(final_dir, file)
+        if os.path.exists(path):
+            latency, top1 = measure(predictor(path), x, y)
+            rows.append(f"| {name} | final/{file} | {export.disk_size(path)['bytes']} | "
+                        f"{latency:.2f} | {top1:.2f} |\n")
+    return (f"\n## Exported forms (latency: median of {LATENCY_CALLS} calls at batch 1; top-1 "
+            f"on the {len(y)} test images)\n\n| form | file | size (bytes) | latency (ms) | "
+            "top-1 (%) |\n|---|---|---|---|---|\n" + "".join(rows))
+
+
+def target_rows(run_dir):
+    """Target mode's outcome (``run/target.json``) as summary rows; none if absent."""
+    path = os.path.join(run_dir, "target.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        target = json.load(f)
+    rows = [("target mode: kept iteration", str(target["kept_iteration"])),
+            ("target mode: kept q", "none (dense)" if target["kept_q"] is None
+             else f"{target['kept_q']:.4g}")]
+    if target["rejected_iteration"] is not None:
+        rows.append(("target mode: rejected q (drop, points)",
+                     f"{target['rejected_q']:.4g} ({target['rejected_accuracy_drop']:.2f})"))
+    return rows
+
+
+def summary_markdown(cfg, metrics, report, sizes, extra_rows=()):
+    """summary.md's main table; ``metrics`` = ``{"dense": ..., "final": ...}``."""
+    rows = [("dense top-1 (%)", f"{100 * metrics['dense']['top1']:.2f}"),
+            ("pruned top-1 (%)", f"{100 * metrics['final']['top1']:.2f}"),
             ("total parameters", str(report.total_parameters)),
             ("total weights", str(report.total_weights)),
             ("zero weights", str(report.zero_weights)),
@@ -332,18 +426,51 @@ def summary_markdown(cfg, dense, final, report, sizes, seconds, stages=()):
             ("zero parameters rate (%)", f"{report.zero_parameters_rate:.4f}"),
             ("compression rate", "all weights pruned" if report.to_dict()["compression_rate"] is None
              else f"x{report.compression_rate:.4f}")]
-    rows += [(f"top-1 {stage} (%)", f"{100 * top1:.2f}") for stage, top1 in stages]
+    rows += list(extra_rows)
     rows += [(f"size of final/{name} (bytes, gzip bytes)", f"{size['bytes']}, {size['gzip_bytes']}")
              for name, size in sizes.items()]
-    rows.append(("wall time (s)", f"{seconds:.0f}"))
-    return (f"# {cfg['dataset']}: VGG19-BN width {cfg['width']}, {cfg['iterations']} iterations "
-            f"x {cfg['epochs_per_iteration']} epochs, q {cfg['qualities']}, std_mode "
-            f"{cfg['std_mode']}\n\n| measure | value |\n|---|---|\n"
+    q = (f"q from {cfg.qualities[0]} by {cfg.q_step} while top-1 drops <= {cfg.target_drop} "
+         "points" if cfg.target_drop is not None else f"q {list(cfg.qualities)}")
+    return (f"# {cfg.dataset}: VGG19-BN width {cfg.width}, {cfg.iterations} iterations "
+            f"x {cfg.epochs_per_iteration} epochs, {q}, std_mode {cfg.std_mode}\n\n"
+            "| measure | value |\n|---|---|\n"
             + "".join(f"| {name} | {value} |\n" for name, value in rows))
 
 
-def run(cfg, strategy, jit_compile=False, resume=True, build_model=models.vgg19_bn):
-    """Baseline, iterative pruning, stripped model, summary; returns (pruned model, text).
+def finish(cfg, pruned, strategy, data_and_dir):
+    """Strips, shares weights, saves every form; returns (summary text, final dir)."""
+    (train, test), write_dir, dense_metrics = data_and_dir
+    started = time.time()  # the iterations' and the baseline's times are in their records
+    with strategy.scope():
+        final = compile_model(tf_stdprune.strip_pruning(pruned), cfg.jit_compile)
+    final_metrics = evaluate(final, test)
+    report = tf_stdprune.sparsity_report(final)
+    print(report, report.table(), sep="\n\n")
+    stages = {}
+    if cfg.quantize_bits is not None:
+        final, stages = share_weights(final, cfg, strategy, (train, test))
+    final_dir = os.path.join(write_dir, "final")
+    sizes = save_final(final, final_dir, cfg, train)
+    chief = strategy.extended.should_checkpoint
+    if cfg.compress and chief:
+        storage = tf_stdprune.compression_report(os.path.join(final_dir, "model.tfspz"))
+        print(storage.table())
+        tf_stdprune.plot_compression_stages(
+            storage, os.path.join(final_dir, "compression_stages.png"))
+    run_dir = os.path.join(cfg.out_dir, "run")
+    extra = target_rows(run_dir) + [(f"top-1 {stage} (%)", f"{100 * top1:.2f}")
+                                    for stage, top1 in stages.items()]
+    forms = forms_markdown(final_dir, test) if chief else ""
+    seconds = (baseline_seconds(cfg.out_dir) + time.time() - started
+               + sum(r["wall_time_s"] for r in run_state.read_history(run_dir)))
+    extra.append(("wall time (s)", f"{seconds:.0f}"))
+    return summary_markdown(cfg, {"dense": dense_metrics, "final": final_metrics}, report,
+                            sizes, extra) + forms
+
+
+def run(cfg, strategy, build_model=models.vgg19_bn):
+    """Baseline, (sensitivity,) iterative pruning, stripped model and its exported forms,
+    summary; returns (pruned model, summary text).
 
     ``build_model(num_classes, width=, input_shape=)`` makes the dense model.
     """
@@ -351,48 +478,25 @@ def run(cfg, strategy, jit_compile=False, resume=True, build_model=models.vgg19_
     # resumes from --out_dir (a shared filesystem), but only the chief writes there.
     chief = strategy.extended.should_checkpoint
     claim_out_dir(cfg, chief)
-    write_dir = cfg["out_dir"] if chief else tempfile.mkdtemp(prefix="vgg19-worker-")
+    write_dir = cfg.out_dir if chief else tempfile.mkdtemp(prefix="vgg19-worker-")
     check_writable(write_dir)
-    keras.utils.set_random_seed(cfg["seed"])
+    keras.utils.set_random_seed(cfg.seed)
     train, test, info = load_data(cfg)
-    dense, dense_metrics = dense_baseline(cfg, strategy, train, test, info, jit_compile, resume,
-                                          build_model, write_dir)
+    try:
+        dense = build_dense(cfg, strategy, info, build_model)
+    except app.UsageError:
+        run_state.release_lock(cfg.out_dir)
+        raise
+    dense_metrics = dense_baseline(cfg, dense, (train, test), write_dir)
     print(f"dense baseline: top-1 {100 * dense_metrics['top1']:.2f} %")
-
-    run_dir = os.path.join(cfg["out_dir"], "run")
-    pruned = pruned_model(dense, cfg, strategy, info.steps_per_epoch, jit_compile)
-    initial_epoch = tf_stdprune.restore_run(pruned, run_dir) if resume else 0
-    pruned.fit(train, epochs=cfg["iterations"] * cfg["epochs_per_iteration"],
-               initial_epoch=initial_epoch, verbose=2,
-               callbacks=tf_stdprune.iterative_callbacks(
-                   run_dir, cfg["epochs_per_iteration"], cfg["initial_lrs"], cfg["lr_drops"],
-                   validation_data=test, recalibration_data=train,
-                   recalibration_batches=cfg["recalibration_batches"]))
-
-    started = time.time()  # the iterations' and the baseline's times are in their records
-    with strategy.scope():
-        final = compile_model(tf_stdprune.strip_pruning(pruned), jit_compile)
-    final_metrics = evaluate(final, test)
-    report = tf_stdprune.sparsity_report(final)
-    print(report, report.table(), sep="\n\n")
-    stages = {}
-    if cfg["quantize_bits"] is not None:
-        final, stages = share_weights(final, cfg, strategy, train, test, jit_compile)
-    sizes = save_final(final, os.path.join(write_dir, "final"), cfg["export_sparse"],
-                       cfg["compress"])
-    if cfg["compress"] and chief:
-        storage = tf_stdprune.compression_report(os.path.join(write_dir, "final", "model.tfspz"))
-        print(storage.table())
-        tf_stdprune.plot_compression_stages(
-            storage, os.path.join(write_dir, "final", "compression_stages.png"))
-    seconds = (baseline_seconds(cfg["out_dir"]) + time.time() - started
-               + sum(r["wall_time_s"] for r in run_state.read_history(run_dir)))
-    text = summary_markdown(cfg, dense_metrics, final_metrics, report, sizes, seconds,
-                            stages.items())
+    resolved = dataclasses.replace(cfg, layer_quality=layer_quality(cfg, dense, test, write_dir))
+    pruned = pruned_model(resolved, dense, strategy, info.steps_per_epoch)
+    prune_iteratively(cfg, pruned, (train, test), os.path.join(cfg.out_dir, "run"))
+    text = finish(cfg, pruned, strategy, ((train, test), write_dir, dense_metrics))
     if chief:
         atomic_write(os.path.join(write_dir, "summary.md"), text)
         print(text)
-        run_state.release_lock(cfg["out_dir"])
+        run_state.release_lock(cfg.out_dir)
     else:
         shutil.rmtree(write_dir)
     return pruned, text
@@ -401,17 +505,17 @@ def run(cfg, strategy, jit_compile=False, resume=True, build_model=models.vgg19_
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    cfg = config()
+    cfg = config(FLAGS)
     validate(cfg)
-    if not FLAGS.resume and os.path.exists(os.path.join(cfg["out_dir"], "baseline")):
-        raise app.UsageError(f"--out_dir {cfg['out_dir']} holds a previous run: pass --resume "
+    if not cfg.resume and os.path.exists(os.path.join(cfg.out_dir, "baseline")):
+        raise app.UsageError(f"--out_dir {cfg.out_dir} holds a previous run: pass --resume "
                              "to continue it, or choose another --out_dir.")
-    if FLAGS.cpu_replicas:
-        split_cpu(FLAGS.cpu_replicas)
-    if FLAGS.mixed_precision:
+    if cfg.cpu_replicas:
+        split_cpu(cfg.cpu_replicas)
+    if cfg.mixed_precision:
         print("mixed precision policy:", set_mixed_precision())
     try:
-        run(cfg, make_strategy(FLAGS.strategy), FLAGS.jit_compile, FLAGS.resume)
+        run(cfg, make_strategy(cfg.strategy))
     except data.DatasetUnavailableError as error:
         raise SystemExit(f"error: {error}") from None
 

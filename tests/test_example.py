@@ -28,6 +28,10 @@ TINY = ["--preset=quick", "--width=0.05", "--iterations=2", "--epochs_per_iterat
         "--baseline_epochs=1", "--max_train_examples=128", "--batch_size=32",
         "--qualities=0.5,1.0", "--recalibration_batches=2", "--export_sparse", "--compress",
         "--quantize_bits=4", "--quantize_epochs=1"]
+# The end-to-end run below adds the sensitivity analysis and its per-layer q (a drop budget
+# every layer meets, so each layer's factor is the largest tried q, 2).
+RUN = [*TINY, "--layer_quality=auto", "--sensitivity_qualities=0,1,2",
+       "--sensitivity_max_drop=100"]
 
 
 @contextlib.contextmanager
@@ -42,7 +46,7 @@ def _flags(*argv):
 
 
 def _main(out_dir):
-    with _flags(f"--out_dir={out_dir}", *TINY), \
+    with _flags(f"--out_dir={out_dir}", *RUN), \
             contextlib.redirect_stdout(io.StringIO()) as stdout:
         example.main(["vgg19_cifar10.py"])
     return stdout.getvalue()
@@ -70,7 +74,9 @@ def test_outputs_written(finished):
     for path in ("baseline/weights.h5", "baseline/metrics.json", "run/history.jsonl",
                  "run/report.json", "final/model.keras", "final/model.h5",
                  "final/saved_model/saved_model.pb", "final/sparse_saved_model/saved_model.pb",
-                 "final/model.tfspz", "summary.md"):
+                 "final/model.tfspz", "final/model.tflite", "final/model_int8.tflite",
+                 "sensitivity/sensitivity.json", "sensitivity/sensitivity.md",
+                 "sensitivity/sensitivity.png", "summary.md"):
         assert (out_dir / path).exists(), path
     assert not [p for p in os.listdir(out_dir / "final") if p.startswith(".tmp")]
     history = read_history(str(out_dir / "run"))
@@ -91,7 +97,8 @@ def test_summary_agrees_with_saved_model(finished):
         assert float(summary["compression rate"].lstrip("x")) == pytest.approx(
             report.compression_rate, abs=1e-4)
     assert read_history(str(out_dir / "run"))[-1]["zero_weights"] == report.zero_weights
-    for name in ("model.keras", "model.h5", "saved_model", "sparse_saved_model", "model.tfspz"):
+    for name in ("model.keras", "model.h5", "saved_model", "sparse_saved_model", "model.tfspz",
+                 "model.tflite", "model_int8.tflite"):
         path = out_dir / "final" / name
         files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
         size, _ = summary[f"size of final/{name} (bytes, gzip bytes)"].split(", ")
@@ -198,11 +205,15 @@ def _config(*argv):
 
 def test_quick_preset_runs_every_compression_stage_and_flags_turn_them_off():
     quick = _config("--preset=quick")
-    assert (quick["quantize_bits"], quick["export_sparse"], quick["compress"]) == (5, True, True)
-    off = _config("--preset=quick", "--quantize_bits=0", "--noexport_sparse", "--nocompress")
-    assert (off["quantize_bits"], off["export_sparse"], off["compress"]) == (None, False, False)
+    assert (quick.quantize_bits, quick.export_sparse, quick.compress, quick.tflite) == (
+        5, True, True, True)
+    off = _config("--preset=quick", "--quantize_bits=0", "--noexport_sparse", "--nocompress",
+                  "--notflite")
+    assert (off.quantize_bits, off.export_sparse, off.compress, off.tflite) == (
+        None, False, False, False)
     paper = _config("--preset=paper", "--quantize_bits=8")
-    assert (paper["quantize_bits"], paper["export_sparse"], paper["compress"]) == (8, False, False)
+    assert (paper.quantize_bits, paper.export_sparse, paper.compress, paper.tflite) == (
+        8, False, False, False)
 
 
 def _files(out_dir):
@@ -212,7 +223,7 @@ def _files(out_dir):
 def test_resume_with_another_seed_is_refused_before_anything_changes(finished):
     out_dir, _ = finished
     before = _files(out_dir)
-    with _flags(f"--out_dir={out_dir}", *TINY, "--seed=1"), \
+    with _flags(f"--out_dir={out_dir}", *RUN, "--seed=1"), \
             pytest.raises(app.UsageError, match=r"seed: 0 \(run directory\) vs 1 \(now\)"):
         example.main(["vgg19_cifar10.py"])
     assert _files(out_dir) == before
@@ -226,3 +237,70 @@ def test_a_resumed_run_sums_the_wall_time_of_every_process(finished):
     _main(out_dir)  # every iteration is finished: this process only writes the final outputs
     assert read_history(str(out_dir / "run")) == history
     assert float(_summary(out_dir)["wall time (s)"]) >= round(earlier)
+
+
+FORM_FILES = {"saved_model", "sparse_saved_model", "model.tflite", "model_int8.tflite",
+              "model.tfspz"}
+
+
+def _forms(out_dir):
+    """``{file: (form, bytes, latency ms, top-1 %)}`` from summary.md's forms table."""
+    rows = re.findall(r"^\| ([^|]+) \| final/(\S+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$",
+                      (out_dir / "summary.md").read_text(), re.M)
+    return {file: (name, int(size), float(ms), float(top1)) for name, file, size, ms, top1 in rows}
+
+
+def _interpreter_top1(path, x, y):
+    """Top-1 (%) of a TFLite file, one image per invoke (the independent reference)."""
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    source = interpreter.get_input_details()[0]["index"]
+    target = interpreter.get_output_details()[0]["index"]
+    hits = 0
+    for image, label in zip(x, y):
+        interpreter.set_tensor(source, image[None].astype(np.float32))
+        interpreter.invoke()
+        hits += int(np.argmax(interpreter.get_tensor(target)[0]) == label)
+    return 100 * hits / len(y)
+
+
+def test_the_forms_table_gives_every_exported_form_its_size_latency_and_top1(finished):
+    out_dir, _ = finished
+    forms = _forms(out_dir)
+    assert set(forms) == FORM_FILES
+    assert "decompressed, then run as the Keras model" in forms["model.tfspz"][0]
+    for file, (_, size, latency, _) in forms.items():
+        path = out_dir / "final" / file
+        files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+        assert size == sum(f.stat().st_size for f in files), file
+        assert latency > 0, file
+    x_test, y_test = _normalised_digits_test_set()
+    keras_top1 = 100 * np.mean(np.argmax(keras.models.load_model(
+        out_dir / "final" / "model.keras").predict(x_test, verbose=0), axis=1) == y_test)
+    for file in ("saved_model", "sparse_saved_model", "model.tfspz"):  # the same weights
+        assert forms[file][3] == pytest.approx(keras_top1, abs=0.006), file
+    for file in ("model.tflite", "model_int8.tflite"):
+        assert forms[file][3] == pytest.approx(
+            _interpreter_top1(out_dir / "final" / file, x_test, y_test), abs=0.006), file
+    assert forms["model.tflite"][3] == pytest.approx(keras_top1, abs=1.0)
+
+
+def test_layer_quality_auto_writes_the_analysis_and_prunes_with_its_suggestion(finished):
+    out_dir, stdout = finished
+    saved = json.loads((out_dir / "sensitivity" / "sensitivity.json").read_text())
+    layers = list(dict.fromkeys(row["layer"] for row in saved["rows"]))
+    assert len(layers) == 16 + 3  # VGG19's conv and Dense layers, BatchNormalization left out
+    assert {row["kind"] for row in saved["rows"]} == {"conv", "dense"}
+    assert sorted({row["q"] for row in saved["rows"]}) == [0.0, 1.0, 2.0]
+    for row in saved["rows"]:
+        if row["q"] == 0:  # q = 0 prunes nothing: the model's own accuracy
+            assert row["zero_fraction"] == 0.0
+            assert row["accuracy"] == pytest.approx(saved["baseline"], abs=1e-6)
+    # Every drop is within the budget of 100 points: each layer keeps the largest q tried.
+    assert saved["layer_quality"] == {name: 2.0 for name in layers}
+    recorded = json.loads((out_dir / "run" / "run.json").read_text())["layer_quality"]
+    assert recorded == saved["layer_quality"]  # what prune_low_std was given
+    table = (out_dir / "sensitivity" / "sensitivity.md").read_text()
+    assert all(f"| {name} | 2 |" in table for name in layers)
+    assert (out_dir / "sensitivity" / "sensitivity.png").stat().st_size > 10_000
+    assert "Sensitivity (top1, dense" in stdout
