@@ -126,14 +126,6 @@ def set_mixed_precision():
 
 
 def load_data(cfg):
-    if cfg["dataset"] == "digits":
-        return data.digits(batch_size=cfg["batch_size"], augment=cfg["augment"], seed=cfg["seed"],
-                           max_train_examples=cfg["max_train_examples"])
-    return data.cifar10(cfg["data_dir"], batch_size=cfg["batch_size"], augment=cfg["augment"],
-                        max_train_examples=cfg["max_train_examples"], seed=cfg["seed"])
-
-
-def load_data(cfg):
     """``(train, test, info)`` of ``cfg.dataset``."""
     if cfg.dataset == "digits":
         return data.digits(batch_size=cfg.batch_size, augment=cfg.augment, seed=cfg.seed,
@@ -276,17 +268,20 @@ def pruned_model(cfg, dense, strategy, steps_per_epoch):
             layer_quality=cfg.layer_quality), cfg.jit_compile)
 
 
-def prune_iteratively(cfg, pruned, train_test, run_dir):
-    """The iterations as one ``fit`` (resumed from ``run_dir``'s last checkpoint)."""
-    train, test = train_test
-    initial_epoch = tf_stdprune.restore_run(pruned, run_dir) if cfg.resume else 0
+def prune_iteratively(cfg, pruned, data_and_info, run_dir):
+    """The iterations as one ``fit`` (resumed from ``run_dir``'s last checkpoint). Every
+    checkpoint also holds the data pipeline's generator (``info.generator``): a resumed
+    run sees the same batches and crops as an uninterrupted one."""
+    train, test, info = data_and_info
+    extras = {"data_rng": info.generator}
+    initial_epoch = tf_stdprune.restore_run(pruned, run_dir, extras=extras) if cfg.resume else 0
     pruned.fit(train, epochs=cfg.iterations * cfg.epochs_per_iteration,
                initial_epoch=initial_epoch, verbose=2,
                callbacks=tf_stdprune.iterative_callbacks(
                    run_dir, cfg.epochs_per_iteration, list(cfg.initial_lrs), list(cfg.lr_drops),
                    rescale_dropout=cfg.rescale_dropout, target_accuracy_drop=cfg.target_drop,
                    q_step=cfg.q_step, validation_data=test, recalibration_data=train,
-                   recalibration_batches=cfg.recalibration_batches))
+                   recalibration_batches=cfg.recalibration_batches, checkpoint_extras=extras))
 
 
 def save_final(model, out_dir, cfg, train):
@@ -445,7 +440,7 @@ def finish(cfg, pruned, strategy, data_and_dir):
         final = compile_model(tf_stdprune.strip_pruning(pruned), cfg.jit_compile)
     final_metrics = evaluate(final, test)
     report = tf_stdprune.sparsity_report(final)
-    print(report, report.table(), sep="\n\n")
+    print(report)
     stages = {}
     if cfg.quantize_bits is not None:
         final, stages = share_weights(final, cfg, strategy, (train, test))
@@ -481,6 +476,8 @@ def run(cfg, strategy, build_model=models.vgg19_bn):
     write_dir = cfg.out_dir if chief else tempfile.mkdtemp(prefix="vgg19-worker-")
     check_writable(write_dir)
     keras.utils.set_random_seed(cfg.seed)
+    # Dropout draws from tf.random.Generator objects, which the checkpoints save.
+    keras.backend.experimental.enable_tf_random_generator()
     train, test, info = load_data(cfg)
     try:
         dense = build_dense(cfg, strategy, info, build_model)
@@ -491,7 +488,7 @@ def run(cfg, strategy, build_model=models.vgg19_bn):
     print(f"dense baseline: top-1 {100 * dense_metrics['top1']:.2f} %")
     resolved = dataclasses.replace(cfg, layer_quality=layer_quality(cfg, dense, test, write_dir))
     pruned = pruned_model(resolved, dense, strategy, info.steps_per_epoch)
-    prune_iteratively(cfg, pruned, (train, test), os.path.join(cfg.out_dir, "run"))
+    prune_iteratively(cfg, pruned, (train, test, info), os.path.join(cfg.out_dir, "run"))
     text = finish(cfg, pruned, strategy, ((train, test), write_dir, dense_metrics))
     if chief:
         atomic_write(os.path.join(write_dir, "summary.md"), text)
@@ -510,6 +507,8 @@ def main(argv):
     if not cfg.resume and os.path.exists(os.path.join(cfg.out_dir, "baseline")):
         raise app.UsageError(f"--out_dir {cfg.out_dir} holds a previous run: pass --resume "
                              "to continue it, or choose another --out_dir.")
+    # Bit-identical reruns and resumes: TensorFlow picks deterministic kernels.
+    tf.config.experimental.enable_op_determinism()
     if cfg.cpu_replicas:
         split_cpu(cfg.cpu_replicas)
     if cfg.mixed_precision:

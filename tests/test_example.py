@@ -304,3 +304,41 @@ def test_layer_quality_auto_writes_the_analysis_and_prunes_with_its_suggestion(f
     assert all(f"| {name} | 2 |" in table for name in layers)
     assert (out_dir / "sensitivity" / "sensitivity.png").stat().st_size > 10_000
     assert "Sensitivity (top1, dense" in stdout
+
+
+RESUMABLE = ["--preset=quick", "--width=0.05", "--epochs_per_iteration=1", "--baseline_epochs=1",
+             "--max_train_examples=128", "--batch_size=32", "--qualities=0.5,1.0",
+             "--recalibration_batches=2", "--augment", "--noexport_sparse", "--nocompress",
+             "--notflite", "--quantize_bits=0"]
+
+
+def _final_weights(out_dir):
+    return keras.models.load_model(out_dir / "final" / "model.h5", compile=False).get_weights()
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_one_iteration_and_resumed_repeats_the_uninterrupted_run(tmp_path):
+    """Augmentation, per-epoch reshuffling and Dropout on: one process runs iteration 1,
+    a second resumes for iteration 2 (the data generator and the layers' generators come
+    back from the checkpoint). History, summary and final weights equal those of one
+    uninterrupted process bit for bit (wall times aside)."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for out_dir, iterations in ((whole, [2]), (split, [1, 2])):
+        for count in iterations:
+            keras.backend.clear_session()  # layer names as in a new process
+            with _flags(f"--out_dir={out_dir}", *RESUMABLE, f"--iterations={count}"), \
+                    contextlib.redirect_stdout(io.StringIO()):
+                example.main(["vgg19_cifar10.py"])
+    histories = [read_history(str(d / "run")) for d in (whole, split)]
+    for history in histories:
+        for record in history:
+            record.pop("wall_time_s")
+    assert [r["iteration"] for r in histories[0]] == [1, 2]
+    assert json.dumps(histories[0], sort_keys=True) == json.dumps(histories[1], sort_keys=True)
+    # Every figure of the summary; not the wall time, nor file sizes (gzip headers and
+    # SavedModel graphs carry timestamps and names of the process that wrote them).
+    summaries = [{k: v for k, v in _summary(d).items()
+                  if k != "wall time (s)" and not k.startswith("size of")} for d in (whole, split)]
+    assert len(summaries[0]) >= 8 and summaries[0] == summaries[1]
+    for a, b in zip(_final_weights(whole), _final_weights(split)):
+        np.testing.assert_array_equal(a, b)
