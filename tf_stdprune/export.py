@@ -22,20 +22,14 @@ def private_plain_copy(model):
     check_keras2(model, "The model passed to the export")
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a tf_keras Model, got {type(model).__name__}.")
-    if not model.built or not model.inputs:
-        raise ValueError(
-            f"model {model.name!r} is not built or has no defined inputs; build it with an "
-            "input shape (e.g. keras.Input(shape)) before exporting.")
-    try:
-        with prune_scope(), keras.utils.custom_object_scope({"QuantizeWeights": QuantizeWeights}):
-            copy = keras.models.clone_model(model)
-    except (NotImplementedError, ValueError, TypeError) as error:
-        raise ValueError(
-            f"model {model.name!r} cannot be copied for export ({error}). Export a Sequential "
-            "or functional model whose layers can be rebuilt from their config (register "
-            "custom layers with keras.utils.register_keras_serializable).") from error
-    copy.set_weights(model.get_weights())
+    copy = serving.private_copy(model, _clone, bool(model.inputs),
+                                "keras.utils.register_keras_serializable")
     return plain_model(copy)
+
+
+def _clone(model):
+    with prune_scope(), keras.utils.custom_object_scope({"QuantizeWeights": QuantizeWeights}):
+        return keras.models.clone_model(model)
 
 
 def export_sparse_saved_model(model, path, overwrite=False, sparse_compute=False):

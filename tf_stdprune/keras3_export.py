@@ -45,18 +45,8 @@ def private_plain_copy(model):
     if world_of(model) != KERAS3 or not isinstance(model, keras.Model):
         raise TypeError(f"model must be a Keras 3 Model, got {type(model).__name__} "
                         f"(from {type(model).__module__}).")
-    if not model.built or not _inputs(model):
-        raise ValueError(
-            f"model {model.name!r} is not built or has no defined inputs; build it with an "
-            "input shape (keras.Input(shape) as its first layer) before exporting.")
-    try:
-        copy = keras.models.clone_model(model)
-    except (NotImplementedError, ValueError, TypeError) as error:
-        raise ValueError(
-            f"model {model.name!r} cannot be copied for export ({error}). Export a Sequential "
-            "or functional model whose layers can be rebuilt from their config (register "
-            "custom layers with keras.saving.register_keras_serializable).") from error
-    copy.set_weights(model.get_weights())
+    copy = serving.private_copy(model, keras.models.clone_model, bool(_inputs(model)),
+                                "keras.saving.register_keras_serializable")
     return plain_model(copy)
 
 

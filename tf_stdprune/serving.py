@@ -292,6 +292,26 @@ class Serving(tf.Module):
         self.serving_function = tf.function(serve, input_signature=specs, autograph=False)
 
 
+def private_copy(model, clone, has_inputs, register):
+    """``clone(model)`` (the Keras world's ``clone_model``) holding ``model``'s values in
+    its own variables. Raises `ValueError` with the fix if ``model`` is not built
+    (``has_inputs``: whether it has defined inputs) or cannot be cloned; ``register``
+    names that world's function to register a custom layer."""
+    if not model.built or not has_inputs:
+        raise ValueError(
+            f"model {model.name!r} is not built or has no defined inputs; build it with an "
+            "input shape (keras.Input(shape) as its first layer) before exporting.")
+    try:
+        copy = clone(model)
+    except (NotImplementedError, ValueError, TypeError) as error:
+        raise ValueError(
+            f"model {model.name!r} cannot be copied for export ({error}). Export a Sequential "
+            "or functional model whose layers can be rebuilt from their config (register "
+            f"custom layers with {register}).") from error
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def check_pruned(model, what="export_sparse_saved_model"):
     """Raises unless some prunable tensor of the plain ``model`` holds a zero."""
     tensors = [np.asarray(get_tensor(l, a)) for l, attrs in prunable_layers(model) for a in attrs]

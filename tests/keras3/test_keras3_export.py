@@ -210,6 +210,12 @@ def test_another_backend_gets_a_clear_error_and_nothing_is_written(tmp_path):
             export(final, tmp_path / "out")
         assert BACKEND in str(error.value) and "format='tf_saved_model'" in str(error.value)
     assert os.listdir(tmp_path) == []
+    # the alternative the message names works: Keras 3's own dense SavedModel
+    final.export(str(tmp_path / "keras_export"), format="tf_saved_model")
+    loaded = tf.saved_model.load(str(tmp_path / "keras_export"))
+    x = images()
+    np.testing.assert_allclose(np.asarray(loaded.serve(tf.constant(x))),
+                               keras.ops.convert_to_numpy(final(x)), atol=1e-5)
 
 
 def test_the_keras3_export_loads_neither_tf_keras_nor_tfmot():
