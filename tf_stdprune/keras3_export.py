@@ -10,9 +10,12 @@ tensor substitution of `keras3_wrapper`. Nothing here imports tf_keras or tfmot.
 Keras 3's own ``model.export(path)`` also works on a pruned model, wrapped or stripped:
 it writes a dense SavedModel whose ``serve`` endpoint computes what the model computes.
 """
-import keras
+import contextlib
 
-from tf_stdprune import serving
+import keras
+import tensorflow as tf
+
+from tf_stdprune import registry, serving
 from tf_stdprune.dispatch import KERAS3, world_of
 from tf_stdprune.keras3_quantize import plain_model
 from tf_stdprune.keras3_wrapper import substituted
@@ -50,7 +53,21 @@ def private_plain_copy(model):
     return plain_model(copy)
 
 
-_WORLD = serving.World(private_plain_copy, substituted)
+@contextlib.contextmanager
+def substituted_as_read(layer, paths, tensors):
+    """`keras3_wrapper.substituted` with each tensor cast to the dtype Keras 3 reads the
+    variable it replaces in: the layer's compute dtype (a mixed precision kernel is cast
+    on read), except for BatchNormalization, whose variables are read in their own dtype
+    (float32)."""
+    keep = registry.keras_class_name(layer) == "BatchNormalization"
+    variables = [registry.get_tensor(layer, path) for path in paths]
+    cast = [tf.cast(t, v.dtype if keep else layer.compute_dtype)
+            for t, v in zip(tensors, variables)]
+    with substituted(layer, paths, cast):
+        yield
+
+
+_WORLD = serving.World(private_plain_copy, substituted_as_read)
 
 
 def export_sparse_saved_model(model, path, overwrite=False, sparse_compute=False):

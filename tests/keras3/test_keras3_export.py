@@ -225,3 +225,17 @@ def test_the_keras3_export_loads_neither_tf_keras_nor_tfmot():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env=dict(env, PYTHONPATH=os.getcwd()))
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@on_tensorflow
+def test_a_mixed_precision_model_exports_with_its_kernels_read_in_float16(tmp_path):
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        final = tf_stdprune.strip_pruning(pruned())
+    finally:
+        keras.config.set_dtype_policy("float32")
+    x = images()
+    path = tf_stdprune.export_sparse_saved_model(final, tmp_path / "sparse")
+    served = serve(path, x)
+    assert served.dtype == np.float16
+    np.testing.assert_array_equal(served, keras.ops.convert_to_numpy(final(x)))
