@@ -149,7 +149,7 @@ _LAZY = {
     "decompress": "compressed_file", "read_weights": "compressed_file",
     "CompressionReport": "compression_stages", "compression_report": "compression_stages",
     "plot_compression_stages": "compression_stages",
-    "disk_size": "serving", "export_tflite": "tflite",
+    "disk_size": "serving", "export_tflite": "tflite",  # disk_size: any path
     "PruningSummaries": "callbacks",
     "prune_scope": "prune", "PruneLowStd": "wrapper",
     "QuantizeWeights": "quantize", "linear_kmeans": "kmeans",
