@@ -109,6 +109,39 @@ def strip_quantization(model):
     return module_for(model, "quantize", "strip_quantization").strip_quantization(model)
 
 
+def export_sparse_saved_model(model, path, overwrite=False, sparse_compute=False):
+    """Writes ``model`` (stripped, or with pruning/quantization wrappers) as a SavedModel
+    whose prunable tensors are stored sparsely and decoded once when it is loaded (see
+    `tf_stdprune.serving`); returns the absolute path. tf_keras models, and Keras 3
+    models on the TensorFlow backend (another backend raises before writing anything).
+
+    ``sparse_compute``: ``"auto"``, ``True`` or ``False``: whether eligible Dense and
+    pointwise Conv2D layers multiply by the sparse kernel. Written to a temporary
+    directory next to ``path``, then renamed. Raises `FileExistsError` if ``path`` is a
+    file or a non-empty directory, unless ``overwrite``; ``overwrite`` replaces only an
+    earlier export (a directory holding ``tf_stdprune_export.json``) and never the
+    working directory, its parents, the home directory or the root. ``model`` is not
+    changed.
+
+    Examples:
+      >>> tf_stdprune.export_sparse_saved_model(tf_stdprune.strip_pruning(pruned), "out/sparse")
+      >>> serve = tf.saved_model.load("out/sparse").signatures["serving_default"]
+    """
+    module = module_for(model, "export", "export_sparse_saved_model")
+    return module.export_sparse_saved_model(model, path, overwrite, sparse_compute)
+
+
+def export_dense_saved_model(model, path, overwrite=False):
+    """The baseline of `export_sparse_saved_model`: the same serving function and
+    signature with every tensor dense (either Keras; Keras 3 on TensorFlow only).
+
+    Examples:
+      >>> tf_stdprune.export_dense_saved_model(final, "out/dense")
+    """
+    module = module_for(model, "export", "export_dense_saved_model")
+    return module.export_dense_saved_model(model, path, overwrite)
+
+
 # Names that only the tf_keras path has (so far): loaded, with tf_keras and tfmot, on
 # first use.
 _LAZY = {
@@ -116,8 +149,7 @@ _LAZY = {
     "decompress": "compressed_file", "read_weights": "compressed_file",
     "CompressionReport": "compression_stages", "compression_report": "compression_stages",
     "plot_compression_stages": "compression_stages",
-    "disk_size": "export", "export_dense_saved_model": "export",
-    "export_sparse_saved_model": "export", "export_tflite": "tflite",
+    "disk_size": "serving", "export_tflite": "tflite",  # disk_size: any path
     "PruningSummaries": "callbacks",
     "prune_scope": "prune", "PruneLowStd": "wrapper",
     "QuantizeWeights": "quantize", "linear_kmeans": "kmeans",
@@ -144,5 +176,6 @@ def __dir__():
 
 __all__ = sorted(["IterationLearningRate", "IterativePruning", "StdPruningSchedule",
                   "UpdatePruningStep", "iterative_callbacks",
+                  "export_dense_saved_model", "export_sparse_saved_model",
                   "prune_low_std", "quantize_weights", "recalibrate_batchnorm", "restore_run",
                   "strip_pruning", "strip_quantization", *_LAZY])

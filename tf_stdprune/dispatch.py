@@ -17,11 +17,13 @@ TF_KERAS, KERAS3 = "tf_keras", "keras3"
 MODULES = {
     TF_KERAS: {"prune": "tf_stdprune.prune", "callbacks": "tf_stdprune.callbacks",
                "quantize": "tf_stdprune.quantize", "procedure": "tf_stdprune.iterative",
-               "run": "tf_stdprune.run_state", "recalibration": "tf_stdprune.recalibration"},
+               "run": "tf_stdprune.run_state", "recalibration": "tf_stdprune.recalibration",
+               "export": "tf_stdprune.export"},
     KERAS3: {"prune": "tf_stdprune.keras3_prune", "callbacks": "tf_stdprune.keras3_prune",
              "quantize": "tf_stdprune.keras3_quantize",
              "procedure": "tf_stdprune.keras3_iterative", "run": "tf_stdprune.keras3_iterative",
-             "recalibration": "tf_stdprune.keras3_iterative"},
+             "recalibration": "tf_stdprune.keras3_iterative",
+             "export": "tf_stdprune.keras3_export"},
 }
 
 
