@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models and data so the whole suite runs in minutes on 2 CPUs."""
+import contextlib
 import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -29,9 +30,34 @@ def tiny_cnn(num_classes=3, input_shape=(8, 8, 3), l2=0.0):
     ])
 
 
-@pytest.fixture
-def tiny_data():
+def tiny_arrays():
+    """64 random 8x8x3 images and labels in {0, 1, 2} (seeded: the same every call)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
     y = rng.integers(0, 3, size=64)
     return x, y
+
+
+def fresh_run_inputs(tmp_path_factory):
+    """For a module-scoped run: a cleared, seeded session, `tiny_arrays` and a new run dir."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    return (*tiny_arrays(), str(tmp_path_factory.mktemp("run")))
+
+
+@pytest.fixture
+def tiny_data():
+    return tiny_arrays()
+
+
+@contextlib.contextmanager
+def example_flags(*argv):
+    """The example script's absl flags parsed from ``argv``, reset on exit."""
+    from absl import flags
+
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["vgg19_cifar10.py", *argv])
+    try:
+        yield
+    finally:
+        flags.FLAGS.unparse_flags()

@@ -14,7 +14,7 @@ from tf_stdprune.recalibration import recalibrate_batchnorm
 from tf_stdprune.run_state import read_history
 from tf_stdprune.wrapper import optimizer_slots
 
-from conftest import tiny_cnn
+from conftest import fresh_run_inputs, tiny_cnn
 
 EPOCHS, BATCH = 2, 16
 
@@ -90,12 +90,7 @@ def scalars(log_dir):
 @pytest.fixture(scope="module")
 def array_run(tmp_path_factory):
     """Two iterations on (x, y) arrays, metrics=["accuracy"], evaluation on a tuple."""
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
-    y = rng.integers(0, 3, size=64)
-    run_dir = str(tmp_path_factory.mktemp("run"))
+    x, y, run_dir = fresh_run_inputs(tmp_path_factory)
     model = pruned_tiny(len(x) // BATCH)
     dense = model.evaluate(x[:32], y[:32], batch_size=32, verbose=0, return_dict=True)
     model.fit(x, y, batch_size=BATCH, epochs=2 * EPOCHS, shuffle=False, verbose=0,

@@ -63,8 +63,8 @@ def _rows(stdout):
 def test_garbage_history_lines_are_named_and_the_rest_reported(tmp_path, capsys):
     synthetic_run.write(str(tmp_path))
     _damage_history(str(tmp_path))
-    assert cli.main(["report", str(tmp_path)]) == 1
-    captured = capsys.readouterr()
+    code, captured = _report(capsys, tmp_path)
+    assert code == 1
     assert "Final Parameters:" in captured.out
     assert _rows(captured.out) == [["1", "0.5"], ["3", "1.5"], ["4", "0"]]
     assert "history.jsonl, line 2: not an iteration record: '{garbage'" in captured.err
@@ -73,11 +73,21 @@ def test_garbage_history_lines_are_named_and_the_rest_reported(tmp_path, capsys)
         assert os.path.getsize(tmp_path / "figures" / name) > 8_000
 
 
+def _report(capsys, run_dir, *options):
+    """The exit code of ``report RUN_DIR OPTIONS`` and its captured output."""
+    return cli.main(["report", str(run_dir), *options]), capsys.readouterr()
+
+
+def _report_with(capsys, run_dir, name, text):
+    """`_report` of a synthetic run whose file ``name`` holds ``text``."""
+    synthetic_run.write(str(run_dir))
+    (run_dir / name).write_text(text)
+    return _report(capsys, run_dir)
+
+
 def test_an_unwritable_figures_directory_writes_no_figures_but_prints_the_report(tmp_path, capsys):
-    synthetic_run.write(str(tmp_path))
-    (tmp_path / "figures").write_text("a file where the figures would go")
-    assert cli.main(["report", str(tmp_path)]) == 1
-    captured = capsys.readouterr()
+    code, captured = _report_with(capsys, tmp_path, "figures", "a file where the figures would go")
+    assert code == 1
     assert "Final Parameters:" in captured.out and len(_rows(captured.out)) == 4
     assert "wrote no figures" in captured.err and "--figures_dir" in captured.err
     assert (tmp_path / "figures").read_text() == "a file where the figures would go"
@@ -100,8 +110,6 @@ def test_a_read_only_run_directory_is_reported_without_figures(tmp_path, capsys)
 
 
 def test_an_unreadable_report_json_is_named_and_the_history_still_printed(tmp_path, capsys):
-    synthetic_run.write(str(tmp_path))
-    (tmp_path / "report.json").write_text("{not json")
-    assert cli.main(["report", str(tmp_path)]) == 1
-    captured = capsys.readouterr()
+    code, captured = _report_with(capsys, tmp_path, "report.json", "{not json")
+    assert code == 1
     assert "report.json: unreadable" in captured.err and len(_rows(captured.out)) == 4

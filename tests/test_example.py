@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import app
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -19,6 +19,8 @@ import tensorflow as tf
 from tf_stdprune import data, sparsity_report
 from tf_stdprune._keras import keras
 from tf_stdprune.run_state import read_history
+
+from conftest import example_flags
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples")
 sys.path.insert(0, EXAMPLES)
@@ -34,19 +36,8 @@ RUN = [*TINY, "--layer_quality=auto", "--sensitivity_qualities=0,1,2",
        "--sensitivity_max_drop=100"]
 
 
-@contextlib.contextmanager
-def _flags(*argv):
-    """The example's absl flags parsed from ``argv``, reset on exit."""
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["vgg19_cifar10.py", *argv])
-    try:
-        yield
-    finally:
-        flags.FLAGS.unparse_flags()
-
-
 def _main(out_dir):
-    with _flags(f"--out_dir={out_dir}", *RUN), \
+    with example_flags(f"--out_dir={out_dir}", *RUN), \
             contextlib.redirect_stdout(io.StringIO()) as stdout:
         example.main(["vgg19_cifar10.py"])
     return stdout.getvalue()
@@ -199,7 +190,7 @@ def test_mirrored_strategy_keeps_masks_identical_on_both_replicas(tmp_path):
 
 
 def _config(*argv):
-    with _flags(*argv):
+    with example_flags(*argv):
         return example.config()
 
 
@@ -223,7 +214,7 @@ def _files(out_dir):
 def test_resume_with_another_seed_is_refused_before_anything_changes(finished):
     out_dir, _ = finished
     before = _files(out_dir)
-    with _flags(f"--out_dir={out_dir}", *RUN, "--seed=1"), \
+    with example_flags(f"--out_dir={out_dir}", *RUN, "--seed=1"), \
             pytest.raises(app.UsageError, match=r"seed: 0 \(run directory\) vs 1 \(now\)"):
         example.main(["vgg19_cifar10.py"])
     assert _files(out_dir) == before
@@ -326,7 +317,7 @@ def test_a_run_stopped_after_one_iteration_and_resumed_repeats_the_uninterrupted
     for out_dir, iterations in ((whole, [2]), (split, [1, 2])):
         for count in iterations:
             keras.backend.clear_session()  # layer names as in a new process
-            with _flags(f"--out_dir={out_dir}", *RESUMABLE, f"--iterations={count}"), \
+            with example_flags(f"--out_dir={out_dir}", *RESUMABLE, f"--iterations={count}"), \
                     contextlib.redirect_stdout(io.StringIO()):
                 example.main(["vgg19_cifar10.py"])
     histories = [read_history(str(d / "run")) for d in (whole, split)]

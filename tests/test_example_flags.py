@@ -1,15 +1,15 @@
 """The example checks every flag, and refuses to resume --out_dir with other settings,
 before the dense baseline trains (nothing here trains or loads data)."""
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import subprocess
 import sys
+import types
 import typing
 
-from absl import app, flags
+from absl import app
 import pytest
 
 from tf_stdprune import run_state
@@ -17,20 +17,11 @@ from tf_stdprune import run_state
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples")
 sys.path.insert(0, EXAMPLES)
 import vgg19_cifar10 as example  # noqa: E402
+from conftest import example_flags  # noqa: E402
 
 TINY = ["--preset=quick", "--width=0.05", "--iterations=2", "--epochs_per_iteration=1",
         "--baseline_epochs=1", "--max_train_examples=128", "--batch_size=32",
         "--qualities=0.5,1.0", "--recalibration_batches=2"]
-
-
-@contextlib.contextmanager
-def parsed(*argv):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["vgg19_cifar10.py", *argv])
-    try:
-        yield
-    finally:
-        flags.FLAGS.unparse_flags()
 
 
 @pytest.fixture
@@ -63,14 +54,14 @@ def no_data(monkeypatch):
     ("--q_step=0", "--q_step=0.0: every value must be a finite number > 0"),
 ])
 def test_a_bad_flag_fails_before_anything_trains(tmp_path, no_data, flag, named):
-    with parsed(*TINY, f"--out_dir={tmp_path}", flag), pytest.raises(app.UsageError) as error:
+    with example_flags(*TINY, f"--out_dir={tmp_path}", flag), pytest.raises(app.UsageError) as error:
         example.main(["vgg19_cifar10.py"])
     assert named in str(error.value)
     assert os.listdir(tmp_path) == []
 
 
 def test_learning_rate_drops_that_never_fire_are_named(tmp_path, caplog):
-    with parsed(*TINY, f"--out_dir={tmp_path}", "--lr_drops=0,1,4", "--baseline_lr_drops=1"):
+    with example_flags(*TINY, f"--out_dir={tmp_path}", "--lr_drops=0,1,4", "--baseline_lr_drops=1"):
         with caplog.at_level(logging.WARNING):
             example.validate(example.config())
     assert "lr_drops [1, 4] never take effect" in caplog.text
@@ -79,7 +70,7 @@ def test_learning_rate_drops_that_never_fire_are_named(tmp_path, caplog):
 
 def _start(out_dir, *argv):
     """What a first start records in ``out_dir`` (its settings), then the lock released."""
-    with parsed(*TINY, f"--out_dir={out_dir}", *argv):
+    with example_flags(*TINY, f"--out_dir={out_dir}", *argv):
         example.claim_out_dir(example.config(), chief=True)
     run_state.release_lock(str(out_dir))
 
@@ -99,7 +90,7 @@ def _start(out_dir, *argv):
 def test_resume_with_a_changed_flag_is_refused_and_changes_nothing(tmp_path, no_data, changed, named):
     _start(tmp_path)
     before = (tmp_path / "run.json").read_bytes()
-    with parsed(*TINY, f"--out_dir={tmp_path}", changed), pytest.raises(app.UsageError) as error:
+    with example_flags(*TINY, f"--out_dir={tmp_path}", changed), pytest.raises(app.UsageError) as error:
         example.main(["vgg19_cifar10.py"])
     assert named in str(error.value)
     assert sorted(os.listdir(tmp_path)) == ["run.json"]
@@ -118,12 +109,12 @@ def test_more_iterations_with_extended_qualities_are_allowed(tmp_path):
 def test_a_second_process_on_the_out_dir_is_refused(tmp_path):
     (tmp_path / "lock").write_text(json.dumps({"pid": 1, "host": os.uname().nodename,
                                                "started": "earlier"}))
-    with parsed(*TINY, f"--out_dir={tmp_path}"), pytest.raises(ValueError, match="process 1 on"):
+    with example_flags(*TINY, f"--out_dir={tmp_path}"), pytest.raises(ValueError, match="process 1 on"):
         example.claim_out_dir(example.config(), chief=True)
 
 
 def _config(*argv):
-    with parsed(*argv):
+    with example_flags(*argv):
         return example.config()
 
 
@@ -200,7 +191,7 @@ def test_an_unknown_layer_quality_name_is_refused_before_the_baseline_trains(tmp
         raise AssertionError("the dense baseline trained")
 
     monkeypatch.setattr(example, "dense_baseline", dense_baseline)
-    with parsed(*TINY, f"--out_dir={tmp_path}", "--layer_quality=dense=0.5,fc9=1"), \
+    with example_flags(*TINY, f"--out_dir={tmp_path}", "--layer_quality=dense=0.5,fc9=1"), \
             pytest.raises(app.UsageError, match=r"--layer_quality names \['fc9'\], which are "
                                                 r"not layers of the model; choose among"):
         example.main(["vgg19_cifar10.py"])
@@ -238,14 +229,16 @@ def test_the_procedure_flags_reach_iterative_callbacks(monkeypatch):
     monkeypatch.setattr(example.tf_stdprune, "iterative_callbacks", iterative_callbacks)
     cfg = _config(*TINY, "--target_drop=0.5", "--q_step=0.2", "--norescale_dropout",
                   "--noresume")
-    example.prune_iteratively(cfg, Model(), ("train", "test"), "run_dir")
+    info = types.SimpleNamespace(generator="data generator")
+    example.prune_iteratively(cfg, Model(), ("train", "test", info), "run_dir")
     assert {k: given["callbacks"][k] for k in ("target_accuracy_drop", "q_step",
-                                               "rescale_dropout", "validation_data")} == {
+                                               "rescale_dropout", "validation_data",
+                                               "checkpoint_extras")} == {
         "target_accuracy_drop": 0.5, "q_step": 0.2, "rescale_dropout": False,
-        "validation_data": "test"}
+        "validation_data": "test", "checkpoint_extras": {"data_rng": "data generator"}}
     assert given["fit"]["epochs"] == 2 and given["fit"]["callbacks"] == ["callbacks"]
     defaults = _config(*TINY, "--noresume")
-    example.prune_iteratively(defaults, Model(), ("train", "test"), "run_dir")
+    example.prune_iteratively(defaults, Model(), ("train", "test", info), "run_dir")
     assert (given["callbacks"]["target_accuracy_drop"], given["callbacks"]["rescale_dropout"]) \
         == (None, True)
 

@@ -16,7 +16,7 @@ from tf_stdprune import run_state
 from tf_stdprune._keras import keras
 from tf_stdprune.iterative import iterative_callbacks, warn_unreachable_drops
 
-from conftest import tiny_cnn
+from conftest import fresh_run_inputs, tiny_cnn
 
 EPOCHS, BATCH, STEPS = 1, 16, 4
 
@@ -61,12 +61,7 @@ def files(run_dir):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A two-iteration run, its data, and the weights after each iteration."""
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
-    y = rng.integers(0, 3, size=64)
-    run_dir = str(tmp_path_factory.mktemp("run"))
+    x, y, run_dir = fresh_run_inputs(tmp_path_factory)
     model, snapshots = pruned(), Snapshots()
     model.fit(x, y, batch_size=BATCH, epochs=2 * EPOCHS, shuffle=False, verbose=0,
               callbacks=callbacks(run_dir, x, y) + [snapshots])
