@@ -1,0 +1,147 @@
+"""examples/vgg19_cifar10.py with --keras=3: a tiny run end to end on the backend under test.
+
+The run happens in-process through the example's absl ``main``, as in tests/test_example.py;
+its outputs are checked against the saved Keras 3 model re-evaluated with NumPy.
+"""
+import contextlib
+import io
+import os
+import re
+import sys
+
+from absl import app, flags
+import keras
+import numpy as np
+import pytest
+
+import tf_stdprune
+from tf_stdprune import data
+from tf_stdprune.run_state import read_history
+from keras3.helpers import BACKEND
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir,
+                        "examples")
+sys.path.insert(0, EXAMPLES)
+import vgg19_cifar10 as example  # noqa: E402
+
+TINY = ["--preset=quick", "--keras=3", "--width=0.05", "--iterations=2",
+        "--epochs_per_iteration=1", "--baseline_epochs=1", "--max_train_examples=128",
+        "--batch_size=32", "--qualities=0.5,1.0", "--recalibration_batches=2",
+        "--export_sparse", "--compress", "--quantize_bits=4", "--quantize_epochs=1"]
+
+
+@contextlib.contextmanager
+def _flags(*argv):
+    """The example's absl flags parsed from ``argv``, reset on exit."""
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["vgg19_cifar10.py", *argv])
+    try:
+        yield
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def _main(out_dir, *argv):
+    with _flags(f"--out_dir={out_dir}", *TINY, *argv), \
+            contextlib.redirect_stdout(io.StringIO()) as stdout:
+        example.main(["vgg19_cifar10.py"])
+    return stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """``(out_dir, stdout, whether tf_keras was loaded before the run)``."""
+    out_dir = tmp_path_factory.mktemp("keras3_example")
+    tf_keras_before = "tf_keras" in sys.modules
+    return out_dir, _main(out_dir), tf_keras_before
+
+
+def _summary(out_dir):
+    rows = re.findall(r"^\| ([^|]+) \| ([^|]+) \|", (out_dir / "summary.md").read_text(), re.M)
+    return {name.strip(): value.strip() for name, value in rows}
+
+
+def _test_set():
+    """The digits test split, normalised with the run's (128 training examples) statistics."""
+    _, _, info = data.digits(max_train_examples=128)
+    _, _, x_test, y_test = data.digits_arrays()
+    return ((x_test - info.mean[0]) / info.std[0]).astype("float32"), y_test
+
+
+def _weights(model):
+    return [keras.ops.convert_to_numpy(w) for w in model.weights]
+
+
+@pytest.mark.slow
+def test_a_keras3_run_writes_the_keras3_outputs_and_never_loads_tf_keras(finished):
+    out_dir, stdout, tf_keras_before = finished
+    expected = ["baseline/weights.weights.h5", "baseline/metrics.json", "run/history.jsonl",
+                "final/model.keras", "final/model.tfspz", "summary.md"]
+    on_tensorflow = ["final/saved_model/saved_model.pb", "final/sparse_saved_model/saved_model.pb"]
+    for path in expected + (on_tensorflow if BACKEND == "tensorflow" else []):
+        assert (out_dir / path).exists(), path
+    for path in ["baseline/weights.h5", "final/model.h5", "final/model.tflite"] + (
+            [] if BACKEND == "tensorflow" else on_tensorflow):
+        assert not (out_dir / path).exists(), path
+    assert "no TFLite files with --keras=3" in stdout
+    assert ("no SavedModel" in stdout) == (BACKEND != "tensorflow")
+    if not tf_keras_before:  # meaningful when this folder runs alone (as on the jax backend)
+        assert "tf_keras" not in sys.modules and "tensorflow_model_optimization" not in sys.modules
+
+
+@pytest.mark.slow
+def test_a_keras3_run_prunes_more_weights_each_iteration(finished):
+    out_dir, _, _ = finished
+    history = read_history(str(out_dir / "run"))
+    assert [r["q"] for r in history] == [0.5, 1.0]
+    assert 0 < history[0]["zero_weights"] < history[1]["zero_weights"]
+    summary = _summary(out_dir)
+    model = keras.saving.load_model(out_dir / "final" / "model.keras")
+    zeros = sum(int(np.sum(keras.ops.convert_to_numpy(layer.kernel) == 0))
+                for layer in model.layers if isinstance(layer, (keras.layers.Conv2D,
+                                                                keras.layers.Dense)))
+    assert int(summary["zero weights"]) == zeros == history[-1]["zero_weights"]
+
+
+@pytest.mark.slow
+def test_the_saved_keras3_model_scores_the_summarys_top1(finished):
+    out_dir, _, _ = finished
+    summary = _summary(out_dir)
+    x_test, y_test = _test_set()
+    model = keras.saving.load_model(out_dir / "final" / "model.keras")
+    logits = keras.ops.convert_to_numpy(model.predict(x_test, verbose=0))
+    top1 = 100 * np.mean(np.argmax(logits, axis=1) == y_test)
+    # With --quantize_bits the saved model is the fine-tuned shared-weight one.
+    assert float(summary["top-1 after centroid fine-tuning (%)"]) == pytest.approx(top1, abs=0.006)
+    # The exported forms' table: | form | file | size | latency | top-1 |
+    forms = re.search(r"\| final/model\.tfspz \| \d+ \| [\d.]+ \| ([\d.]+) \|",
+                      (out_dir / "summary.md").read_text())
+    assert float(forms.group(1)) == pytest.approx(top1, abs=0.006)
+
+
+@pytest.mark.slow
+def test_the_compressed_file_decompresses_to_the_saved_weights(finished):
+    out_dir, _, _ = finished
+    saved = keras.saving.load_model(out_dir / "final" / "model.keras")
+    restored = tf_stdprune.decompress(str(out_dir / "final" / "model.tfspz"))
+    assert type(restored).__module__.startswith("keras")
+    for got, want in zip(_weights(restored), _weights(saved), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_resuming_a_keras3_run_with_keras2_is_refused(finished):
+    out_dir, _, _ = finished
+    with _flags(f"--out_dir={out_dir}", *TINY, "--keras=2"), \
+            pytest.raises(app.UsageError, match=r"keras: '?3'? \(run directory\) vs '?2'? \(now\)"):
+        example.main(["vgg19_cifar10.py"])
+
+
+@pytest.mark.parametrize("flag", ["--strategy=mirrored", "--mixed_precision", "--jit_compile",
+                                  "--cpu_replicas=2"])
+def test_keras3_refuses_tf_keras_only_flags_before_anything_is_written(tmp_path, flag):
+    out_dir = tmp_path / "out"
+    with _flags(f"--out_dir={out_dir}", *TINY, flag), \
+            pytest.raises(app.UsageError, match=f"{flag.split('=')[0]}.*--keras=2"):
+        example.main(["vgg19_cifar10.py"])
+    assert not out_dir.exists()
