@@ -174,3 +174,15 @@ def test_the_keras3_path_of_the_example_never_loads_tf_keras_or_tfmot():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[-2] == "keras True []"
+
+
+def test_a_keras3_baseline_with_a_nan_weight_is_named_and_refused():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="fc")])
+    kernel = np.ones((3, 2), "float32")
+    model.get_layer("fc").kernel.assign(kernel)
+    assert example.non_finite_weights(model) == []
+    kernel[1, 0] = np.nan
+    model.get_layer("fc").kernel.assign(kernel)
+    assert example.non_finite_weights(model) == [model.get_layer("fc").kernel.path]
+    with pytest.raises(example.run_state.NonFiniteError, match=r"fc/kernel.*lower --baseline_lr"):
+        example.check_finite(model, {"loss": 1.0})
