@@ -495,8 +495,10 @@ def summary_markdown(cfg, metrics, report, sizes, extra_rows=()):
              for name, size in sizes.items()]
     q = (f"q from {cfg.qualities[0]} by {cfg.q_step} while top-1 drops <= {cfg.target_drop} "
          "points" if cfg.target_drop is not None else f"q {list(cfg.qualities)}")
+    keras = (f", Keras 3 ({cfg.keras_module().backend.backend()} backend)"
+             if cfg.keras == "3" else "")
     return (f"# {cfg.dataset}: VGG19-BN width {cfg.width}, {cfg.iterations} iterations "
-            f"x {cfg.epochs_per_iteration} epochs, {q}, std_mode {cfg.std_mode}\n\n"
+            f"x {cfg.epochs_per_iteration} epochs, {q}, std_mode {cfg.std_mode}{keras}\n\n"
             "| measure | value |\n|---|---|\n"
             + "".join(f"| {name} | {value} |\n" for name, value in rows))
 

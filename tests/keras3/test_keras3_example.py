@@ -85,6 +85,7 @@ def test_a_keras3_run_writes_the_keras3_outputs_only(finished):
         assert not (out_dir / path).exists(), path
     assert "no TFLite files with --keras=3" in stdout
     assert ("no SavedModel" in stdout) == (BACKEND != "tensorflow")
+    assert f"Keras 3 ({BACKEND} backend)" in (out_dir / "summary.md").read_text().split("\n")[0]
 
 
 @pytest.mark.slow
