@@ -5,6 +5,7 @@
     python examples/vgg19_cifar10.py --preset=paper --strategy=mirrored --mixed_precision --jit_compile
     python examples/vgg19_cifar10.py --layer_quality=auto    # per-layer q from a sensitivity scan
     python examples/vgg19_cifar10.py --target_drop=0.5 --q_step=0.1 --iterations=10
+    KERAS_BACKEND=jax python examples/vgg19_cifar10.py --keras=3   # Keras 3 (or tensorflow)
 
 Every setting is a field of `vgg19_config.Config`: a preset fills them, every flag given on
 the command line replaces its field. Every flag is checked before anything trains. Running
@@ -38,6 +39,14 @@ iteration, for at most --iterations, until top-1 on the test data drops more tha
 each iteration's q, per layer, by the largest q that layer alone tolerates in the sensitivity
 analysis (no retraining) within --sensitivity_max_drop points.
 
+--keras=3 runs it all on Keras 3, on the backend KERAS_BACKEND names, without loading
+tf_keras or tfmot: the dense weights are baseline/weights.weights.h5 (Keras 3's suffix),
+final/ holds no model.h5 and no TFLite files (tf_keras only; a note is printed), the
+SavedModels are written on the tensorflow backend only, and the checkpoints hold the
+model and optimizer but not the data pipeline's generator, so a resumed iteration sees
+other batches than an uninterrupted one would. --strategy other than default,
+--mixed_precision, --jit_compile and --cpu_replicas are refused there.
+
 Run as a script, TensorFlow's start-up log lines are kept off the terminal
 (`vgg19_config.quiet_start`); set TF_CPP_MIN_LOG_LEVEL=0 to see them.
 """
@@ -61,8 +70,7 @@ with vgg19_config.quiet_start() if __name__ == "__main__" else contextlib.nullco
     import tensorflow as tf
 
     import tf_stdprune
-    from tf_stdprune import compressed_file, data, export, models, run_state
-    from tf_stdprune._keras import keras
+    from tf_stdprune import data, models, run_state
     from tf_stdprune.io import atomic_write, clean_temporaries, write_atomically
     from tf_stdprune.run_state import check_writable
     from tf_stdprune.sensitivity import DEFAULT_QUALITIES, SensitivityRow, SensitivityTable
@@ -119,10 +127,24 @@ def make_strategy(name):
     return tf.distribute.get_strategy()
 
 
-def set_mixed_precision():
+def set_mixed_precision(keras):
     policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
     keras.mixed_precision.set_global_policy(policy)
     return policy
+
+
+def is_keras3(model):
+    """Whether ``model`` is a Keras 3 object (its class comes from the ``keras`` package)."""
+    return type(model).__module__.split(".")[0] == "keras"
+
+
+def keras_of(model):
+    """The Keras module ``model`` belongs to: Keras 3's ``keras`` or ``tf_keras``."""
+    if is_keras3(model):
+        import keras
+        return keras
+    from tf_stdprune._keras import keras
+    return keras
 
 
 def load_data(cfg):
@@ -135,14 +157,17 @@ def load_data(cfg):
 
 
 def compile_model(model, jit_compile, optimizer=None):
-    """``optimizer`` (default SGD with momentum 0.9, the rate set per epoch by the
-    callbacks), cross-entropy, top-1/top-5."""
+    """``optimizer`` (default a new SGD with momentum 0.9, the rate set per epoch by the
+    callbacks), cross-entropy, top-1/top-5, in ``model``'s Keras. A Keras 3 model is
+    compiled with ``jit_compile="auto"`` (``jit_compile`` true is refused earlier); its
+    pruning step is ``optimizer.iterations``, so every pruned model gets a new optimizer."""
+    keras = keras_of(model)
     model.compile(
-        optimizer or keras.optimizers.SGD(0.01, momentum=0.9),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=optimizer or keras.optimizers.SGD(0.01, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1"),
                  keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")],
-        jit_compile=jit_compile)
+        jit_compile="auto" if is_keras3(model) else jit_compile)
     return model
 
 
@@ -152,9 +177,11 @@ def evaluate(model, test):
 
 def build_dense(cfg, strategy, info, build_model):
     """The compiled, untrained dense model; refuses --layer_quality names it lacks."""
+    keras3 = {"keras_module": cfg.keras_module()} if cfg.keras == "3" else {}
     with strategy.scope():
         model = compile_model(build_model(info.num_classes, width=cfg.width,
-                                          input_shape=info.image_shape), cfg.jit_compile)
+                                          input_shape=info.image_shape, **keras3),
+                              cfg.jit_compile)
     if isinstance(cfg.layer_quality, dict):
         unknown = sorted(set(cfg.layer_quality) - {layer.name for layer in model.layers})
         if unknown:
@@ -167,9 +194,10 @@ def build_dense(cfg, strategy, info, build_model):
 def dense_baseline(cfg, model, train_test, write_dir):
     """Trains ``model`` (or reloads it from ``baseline/``); returns its test metrics."""
     train, test = train_test
+    weights_name = baseline_weights_name(cfg)
     weights, metrics_path = (os.path.join(cfg.out_dir, "baseline", name)
-                             for name in ("weights.h5", "metrics.json"))
-    if cfg.resume and os.path.exists(metrics_path):  # metrics.json is written after weights.h5
+                             for name in (weights_name, "metrics.json"))
+    if cfg.resume and os.path.exists(metrics_path):  # metrics.json is written after the weights
         model.load_weights(weights)
         with open(metrics_path) as f:
             return json.load(f)
@@ -183,17 +211,32 @@ def dense_baseline(cfg, model, train_test, write_dir):
     check_finite(model, dict(metrics, train_loss=history.history["loss"][-1]))
     out_dir = os.path.join(write_dir, "baseline")
     os.makedirs(out_dir, exist_ok=True)
-    write_atomically(os.path.join(out_dir, "weights.h5"), model.save_weights)
+    write_atomically(os.path.join(out_dir, weights_name), model.save_weights)
     atomic_write(os.path.join(out_dir, "wall_time.json"),
                  json.dumps({"wall_time_s": time.time() - started}))
     atomic_write(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
     return metrics
 
 
+def baseline_weights_name(cfg):
+    """The dense weights' file in ``baseline/``: Keras 3 requires the ``.weights.h5`` suffix."""
+    return "weights.weights.h5" if cfg.keras == "3" else "weights.h5"
+
+
+def non_finite_weights(model):
+    """Names of ``model``'s floating-point weights that hold a NaN or an infinity (either
+    Keras: the values are read through NumPy)."""
+    if not is_keras3(model):
+        return run_state.non_finite_weights(model)
+    values = ((w.path, np.asarray(w)) for w in model.weights)
+    return [name for name, value in values
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all()]
+
+
 def check_finite(model, metrics):
     """Raises `run_state.NonFiniteError` naming the weights and losses of the dense
     baseline that are NaN or infinite; nothing of it is saved."""
-    bad = run_state.non_finite_weights(model)
+    bad = non_finite_weights(model)
     bad += [f"{name} = {value}" for name, value in metrics.items()
             if "loss" in name and not math.isfinite(value)]
     if bad:
@@ -269,43 +312,67 @@ def pruned_model(cfg, dense, strategy, steps_per_epoch):
 
 
 def prune_iteratively(cfg, pruned, data_and_info, run_dir):
-    """The iterations as one ``fit`` (resumed from ``run_dir``'s last checkpoint). Every
-    checkpoint also holds the data pipeline's generator (``info.generator``): a resumed
-    run sees the same batches and crops as an uninterrupted one."""
+    """The iterations as one ``fit`` (resumed from ``run_dir``'s last checkpoint). With
+    --keras=2 every checkpoint also holds the data pipeline's generator
+    (``info.generator``): a resumed run sees the same batches and crops as an
+    uninterrupted one. A Keras 3 checkpoint holds the model and optimizer only."""
     train, test, info = data_and_info
-    extras = {"data_rng": info.generator}
-    initial_epoch = tf_stdprune.restore_run(pruned, run_dir, extras=extras) if cfg.resume else 0
+    extras = {"data_rng": info.generator} if cfg.keras == "2" else None
+    restore = {"extras": extras} if extras else {}
+    initial_epoch = tf_stdprune.restore_run(pruned, run_dir, **restore) if cfg.resume else 0
     pruned.fit(train, epochs=cfg.iterations * cfg.epochs_per_iteration,
                initial_epoch=initial_epoch, verbose=2,
                callbacks=tf_stdprune.iterative_callbacks(
                    run_dir, cfg.epochs_per_iteration, list(cfg.initial_lrs), list(cfg.lr_drops),
                    rescale_dropout=cfg.rescale_dropout, target_accuracy_drop=cfg.target_drop,
                    q_step=cfg.q_step, validation_data=test, recalibration_data=train,
-                   recalibration_batches=cfg.recalibration_batches, checkpoint_extras=extras))
+                   recalibration_batches=cfg.recalibration_batches,
+                   **({"checkpoint_extras": extras} if extras else {})))
+
+
+def saved_model_note(cfg):
+    """Why no SavedModel is written (a Keras 3 run off the tensorflow backend), or None."""
+    if cfg.keras == "3":
+        backend = cfg.keras_module().backend.backend()
+        if backend != "tensorflow":
+            return (f"note: no SavedModel on the {backend} backend of Keras 3 (exports need "
+                    "KERAS_BACKEND=tensorflow); final/saved_model/ is not written.")
+    return None
 
 
 def save_final(model, out_dir, cfg, train):
-    """The stripped model as ``.keras``, ``.h5`` and a serving SavedModel (plus the sparse
-    SavedModel, the Huffman-coded file and the TFLite flatbuffers, float32 and int8
-    calibrated on a few training batches, if asked); returns ``{name: disk_size}``."""
+    """The stripped model as ``.keras``, ``.h5`` (tf_keras only) and a serving SavedModel
+    (tf_keras, or Keras 3 on the tensorflow backend), plus the sparse SavedModel, the
+    Huffman-coded file and the TFLite flatbuffers (tf_keras only), float32 and int8
+    calibrated on a few training batches, if asked; returns ``{name: disk_size}``."""
     os.makedirs(out_dir, exist_ok=True)
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     write_atomically(path("model.keras"), model.save)
-    write_atomically(path("model.h5"), model.save)
-    export.export_dense_saved_model(model, path("saved_model"), overwrite=True)
-    names = ["model.keras", "model.h5", "saved_model"]
-    if cfg.export_sparse:
-        export.export_sparse_saved_model(model, path("sparse_saved_model"), overwrite=True)
+    names = ["model.keras"]
+    if cfg.keras == "2":
+        write_atomically(path("model.h5"), model.save)
+        names.append("model.h5")
+    note = saved_model_note(cfg)
+    if note:
+        print(note)
+    else:
+        tf_stdprune.export_dense_saved_model(model, path("saved_model"), overwrite=True)
+        names.append("saved_model")
+    if cfg.export_sparse and not note:
+        tf_stdprune.export_sparse_saved_model(model, path("sparse_saved_model"), overwrite=True)
         names.append("sparse_saved_model")
     if cfg.compress:
-        compressed_file.compress(model, path("model.tfspz"), overwrite=True)
+        tf_stdprune.compress(model, path("model.tfspz"), overwrite=True)
         names.append("model.tfspz")
-    if cfg.tflite:
+    if cfg.tflite and cfg.keras == "3":
+        print("note: no TFLite files with --keras=3 (the TFLite export takes tf_keras "
+              "models); run with --keras=2 for final/model.tflite.")
+    elif cfg.tflite:
         tf_stdprune.export_tflite(model, path("model.tflite"), sparse=True, overwrite=True)
         tf_stdprune.export_tflite(model, path("model_int8.tflite"), sparse=True, int8=True,
                                   representative_data=train.take(4), overwrite=True)
         names += ["model.tflite", "model_int8.tflite"]
-    return {name: export.disk_size(path(name)) for name in names}
+    return {name: tf_stdprune.disk_size(path(name)) for name in names}
 
 
 def share_weights(final, cfg, strategy, train_test):
@@ -317,7 +384,7 @@ def share_weights(final, cfg, strategy, train_test):
     train, test = train_test
     with strategy.scope():
         shared = compile_model(tf_stdprune.quantize_weights(final, bits=cfg.quantize_bits),
-                               cfg.jit_compile, keras.optimizers.Adam(cfg.quantize_lr))
+                               cfg.jit_compile, keras_of(final).optimizers.Adam(cfg.quantize_lr))
     accuracy = {"after clustering": evaluate(shared, test)["top1"]}
     if cfg.quantize_epochs:
         shared.fit(train, epochs=cfg.quantize_epochs, verbose=2)
@@ -359,6 +426,8 @@ def predictor(path):
         return tflite_predictor(path)
     if path.endswith(".tfspz"):
         model = tf_stdprune.decompress(path)
+        if is_keras3(model):  # a jitted predict step on any backend
+            return lambda x: np.asarray(model.predict_on_batch(x))
         call = tf.function(lambda x: model(x, training=False))
         return lambda x: call(tf.constant(x)).numpy()
     serve = tf.saved_model.load(path).signatures["serving_default"]
@@ -387,7 +456,7 @@ def forms_markdown(final_dir, test):
         path = os.path.join(final_dir, file)
         if os.path.exists(path):
             latency, top1 = measure(predictor(path), x, y)
-            rows.append(f"| {name} | final/{file} | {export.disk_size(path)['bytes']} | "
+            rows.append(f"| {name} | final/{file} | {tf_stdprune.disk_size(path)['bytes']} | "
                         f"{latency:.2f} | {top1:.2f} |\n")
     return (f"\n## Exported forms (latency: median of {LATENCY_CALLS} calls at batch 1; top-1 "
             f"on the {len(y)} test images)\n\n| form | file | size (bytes) | latency (ms) | "
@@ -426,8 +495,10 @@ def summary_markdown(cfg, metrics, report, sizes, extra_rows=()):
              for name, size in sizes.items()]
     q = (f"q from {cfg.qualities[0]} by {cfg.q_step} while top-1 drops <= {cfg.target_drop} "
          "points" if cfg.target_drop is not None else f"q {list(cfg.qualities)}")
+    keras = (f", Keras 3 ({cfg.keras_module().backend.backend()} backend)"
+             if cfg.keras == "3" else "")
     return (f"# {cfg.dataset}: VGG19-BN width {cfg.width}, {cfg.iterations} iterations "
-            f"x {cfg.epochs_per_iteration} epochs, {q}, std_mode {cfg.std_mode}\n\n"
+            f"x {cfg.epochs_per_iteration} epochs, {q}, std_mode {cfg.std_mode}{keras}\n\n"
             "| measure | value |\n|---|---|\n"
             + "".join(f"| {name} | {value} |\n" for name, value in rows))
 
@@ -475,9 +546,11 @@ def run(cfg, strategy, build_model=models.vgg19_bn):
     claim_out_dir(cfg, chief)
     write_dir = cfg.out_dir if chief else tempfile.mkdtemp(prefix="vgg19-worker-")
     check_writable(write_dir)
+    keras = cfg.keras_module()
     keras.utils.set_random_seed(cfg.seed)
-    # Dropout draws from tf.random.Generator objects, which the checkpoints save.
-    keras.backend.experimental.enable_tf_random_generator()
+    if cfg.keras == "2":
+        # Dropout draws from tf.random.Generator objects, which the checkpoints save.
+        keras.backend.experimental.enable_tf_random_generator()
     train, test, info = load_data(cfg)
     try:
         dense = build_dense(cfg, strategy, info, build_model)
@@ -512,7 +585,7 @@ def main(argv):
     if cfg.cpu_replicas:
         split_cpu(cfg.cpu_replicas)
     if cfg.mixed_precision:
-        print("mixed precision policy:", set_mixed_precision())
+        print("mixed precision policy:", set_mixed_precision(cfg.keras_module()))
     try:
         run(cfg, make_strategy(cfg.strategy))
     except data.DatasetUnavailableError as error:

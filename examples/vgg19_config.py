@@ -107,6 +107,20 @@ class Config:
     q_step: float = setting("Target mode's increase of q per iteration.", 0.1)
     rescale_dropout: bool = setting(
         "Rescale Dropout rates to the surviving connections after each pruning.", True)
+    keras: str = setting(
+        "2: tf_keras (tfmot's engine). 3: Keras 3 on the backend KERAS_BACKEND names "
+        "(tensorflow, jax); --strategy=default only, no --mixed_precision, --jit_compile or "
+        "TFLite, SavedModels on the tensorflow backend only, and a resumed run does not "
+        "replay the interrupted iteration's data order.", "2", choices=["2", "3"])
+
+    def keras_module(self):
+        """The Keras module of the run: ``tf_keras`` (``keras="2"``) or Keras 3's
+        ``keras``; imported here, so that a Keras 3 run never loads tf_keras or tfmot."""
+        if self.keras == "3":
+            import keras
+            return keras
+        from tf_stdprune._keras import keras
+        return keras
 
     def run_settings(self):
         """The settings that define a run in --out_dir (`RUN_SETTINGS`), JSON-ready."""
@@ -141,7 +155,7 @@ RUN_SETTINGS = ("dataset", "max_train_examples", "augment", "width", "batch_size
                 "baseline_epochs", "baseline_lr", "baseline_lr_drops", "iterations",
                 "epochs_per_iteration", "lr_drops", "initial_lrs", "qualities", "std_mode",
                 "recalibration_batches", "layer_quality", "target_drop", "q_step",
-                "rescale_dropout")
+                "rescale_dropout", "keras")
 
 
 def _item_type(annotation):
@@ -238,11 +252,26 @@ def _check_procedure(cfg):
                         cfg.qualities[0], cfg.q_step)
 
 
+def _check_keras3(cfg):
+    """The settings a Keras 3 run (``--keras=3``) does not support."""
+    if cfg.keras != "3":
+        return
+    refused = [(f"--strategy={cfg.strategy}", cfg.strategy != "default"),
+               ("--mixed_precision", cfg.mixed_precision), ("--jit_compile", cfg.jit_compile),
+               (f"--cpu_replicas={cfg.cpu_replicas}", cfg.cpu_replicas is not None)]
+    for flag, given in refused:
+        if given:
+            raise app.UsageError(
+                f"{flag} is supported with --keras=2 (tf_keras) only; with --keras=3 leave it "
+                "out (Keras 3 compiles with jit_compile='auto' on one device), or run "
+                "with --keras=2.")
+
+
 def validate(cfg):
     """Raises `app.UsageError` naming the flag, the value and the fix for every value that
     would fail later (e.g. after the dense baseline trained); warns of LR drops that can
     never fire."""
-    from tf_stdprune.iterative import warn_unreachable_drops  # loads TensorFlow
+    from tf_stdprune.procedure import warn_unreachable_drops  # loads TensorFlow
 
     _check_positive("initial_lrs", cfg.initial_lrs)
     _check_positive("baseline_lr", [cfg.baseline_lr])
@@ -253,6 +282,7 @@ def validate(cfg):
             raise app.UsageError(f"--{name}={_listed(getattr(cfg, name))}: drops are epochs "
                                  ">= 0.")
     _check_procedure(cfg)
+    _check_keras3(cfg)
     warn_unreachable_drops(list(cfg.lr_drops), cfg.epochs_per_iteration)
     unreachable = [d for d in cfg.baseline_lr_drops if d >= cfg.baseline_epochs]
     if unreachable:
