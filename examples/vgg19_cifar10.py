@@ -367,6 +367,9 @@ def save_final(model, out_dir, cfg, train):
     if cfg.tflite and cfg.keras == "3":
         print("note: no TFLite files with --keras=3 (the TFLite export takes tf_keras "
               "models); run with --keras=2 for final/model.tflite.")
+    elif cfg.tflite and cfg.mixed_precision:
+        print("note: no TFLite files with --mixed_precision (the converter takes float32 "
+              "models); run without it for final/model.tflite.")
     elif cfg.tflite:
         tf_stdprune.export_tflite(model, path("model.tflite"), sparse=True, overwrite=True)
         tf_stdprune.export_tflite(model, path("model_int8.tflite"), sparse=True, int8=True,

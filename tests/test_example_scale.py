@@ -72,6 +72,8 @@ def test_mixed_precision_run_saves_float32_shared_pruned_kernels(tmp_path):
     (stdout,) = _finish([_start(tmp_path / "run", out, "--mixed_precision")])
     assert "mixed precision policy: mixed_bfloat16" in stdout
     assert (out / "summary.md").exists()
+    assert "no TFLite files with --mixed_precision" in stdout  # the converter takes float32
+    assert not (out / "final" / "model.tflite").exists()
     model = keras.models.load_model(out / "final" / "model.keras")
     kernels = _kernels(model)
     assert len(kernels) == 19  # VGG19: 16 conv + 3 dense
