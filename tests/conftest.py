@@ -1,5 +1,4 @@
 """Shared fixtures: tiny models and data so the whole suite runs in minutes on 2 CPUs."""
-import contextlib
 import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -48,16 +47,3 @@ def fresh_run_inputs(tmp_path_factory):
 @pytest.fixture
 def tiny_data():
     return tiny_arrays()
-
-
-@contextlib.contextmanager
-def example_flags(*argv):
-    """The example script's absl flags parsed from ``argv``, reset on exit."""
-    from absl import flags
-
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["vgg19_cifar10.py", *argv])
-    try:
-        yield
-    finally:
-        flags.FLAGS.unparse_flags()

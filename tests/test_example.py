@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_stdprune import data, sparsity_report
+from tf_stdprune import sparsity_report
 from tf_stdprune._keras import keras
 from tf_stdprune.run_state import read_history
 
-from conftest import example_flags
+from example_runs import digits_test_set, example_flags, run_example, summary_rows
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples")
 sys.path.insert(0, EXAMPLES)
@@ -37,27 +37,13 @@ RUN = [*TINY, "--layer_quality=auto", "--sensitivity_qualities=0,1,2",
 
 
 def _main(out_dir):
-    with example_flags(f"--out_dir={out_dir}", *RUN), \
-            contextlib.redirect_stdout(io.StringIO()) as stdout:
-        example.main(["vgg19_cifar10.py"])
-    return stdout.getvalue()
+    return run_example(example, f"--out_dir={out_dir}", *RUN)
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("example")
     return out_dir, _main(out_dir)
-
-
-def _summary(out_dir):
-    rows = re.findall(r"^\| ([^|]+) \| ([^|]+) \|$", (out_dir / "summary.md").read_text(), re.M)
-    return {name.strip(): value.strip() for name, value in rows}
-
-
-def _normalised_digits_test_set():
-    _, _, info = data.digits(max_train_examples=128)  # the run's normalisation statistics
-    _, _, x_test, y_test = data.digits_arrays()
-    return (x_test - info.mean[0]) / info.std[0], y_test
 
 
 def test_outputs_written(finished):
@@ -77,7 +63,7 @@ def test_outputs_written(finished):
 
 def test_summary_agrees_with_saved_model(finished):
     out_dir, _ = finished
-    summary = _summary(out_dir)
+    summary = summary_rows(out_dir)
     for name in ("model.keras", "model.h5"):
         report = sparsity_report(keras.models.load_model(out_dir / "final" / name))
         assert int(summary["total parameters"]) == report.total_parameters
@@ -98,10 +84,10 @@ def test_summary_agrees_with_saved_model(finished):
 
 def test_summary_accuracies_match_reevaluation(finished):
     out_dir, _ = finished
-    summary = _summary(out_dir)
+    summary = summary_rows(out_dir)
     metrics = json.loads((out_dir / "baseline/metrics.json").read_text())
     assert float(summary["dense top-1 (%)"]) == pytest.approx(100 * metrics["top1"], abs=0.006)
-    x_test, y_test = _normalised_digits_test_set()
+    x_test, y_test = digits_test_set()
     model = keras.models.load_model(out_dir / "final" / "model.keras")
     logits = model.predict(x_test, verbose=0)
     top1 = 100 * np.mean(np.argmax(logits, axis=1) == y_test)
@@ -116,7 +102,7 @@ def test_summary_accuracies_match_reevaluation(finished):
 
 def test_quantize_bits_shares_weights_and_keeps_zeros(finished):
     out_dir, stdout = finished
-    summary = _summary(out_dir)
+    summary = summary_rows(out_dir)
     assert 0 <= float(summary["top-1 after clustering (%)"]) <= 100
     model = keras.models.load_model(out_dir / "final" / "model.keras")
     for layer in model.layers:
@@ -227,7 +213,7 @@ def test_a_resumed_run_sums_the_wall_time_of_every_process(finished):
     earlier = recorded + sum(r["wall_time_s"] for r in history)
     _main(out_dir)  # every iteration is finished: this process only writes the final outputs
     assert read_history(str(out_dir / "run")) == history
-    assert float(_summary(out_dir)["wall time (s)"]) >= round(earlier)
+    assert float(summary_rows(out_dir)["wall time (s)"]) >= round(earlier)
 
 
 FORM_FILES = {"saved_model", "sparse_saved_model", "model.tflite", "model_int8.tflite",
@@ -265,7 +251,7 @@ def test_the_forms_table_gives_every_exported_form_its_size_latency_and_top1(fin
         files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
         assert size == sum(f.stat().st_size for f in files), file
         assert latency > 0, file
-    x_test, y_test = _normalised_digits_test_set()
+    x_test, y_test = digits_test_set()
     keras_top1 = 100 * np.mean(np.argmax(keras.models.load_model(
         out_dir / "final" / "model.keras").predict(x_test, verbose=0), axis=1) == y_test)
     for file in ("saved_model", "sparse_saved_model", "model.tfspz"):  # the same weights
@@ -328,7 +314,7 @@ def test_a_run_stopped_after_one_iteration_and_resumed_repeats_the_uninterrupted
     assert json.dumps(histories[0], sort_keys=True) == json.dumps(histories[1], sort_keys=True)
     # Every figure of the summary; not the wall time, nor file sizes (gzip headers and
     # SavedModel graphs carry timestamps and names of the process that wrote them).
-    summaries = [{k: v for k, v in _summary(d).items()
+    summaries = [{k: v for k, v in summary_rows(d).items()
                   if k != "wall time (s)" and not k.startswith("size of")} for d in (whole, split)]
     assert len(summaries[0]) >= 8 and summaries[0] == summaries[1]
     for a, b in zip(_final_weights(whole), _final_weights(split)):

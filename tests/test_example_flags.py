@@ -17,7 +17,7 @@ from tf_stdprune import run_state
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples")
 sys.path.insert(0, EXAMPLES)
 import vgg19_cifar10 as example  # noqa: E402
-from conftest import example_flags  # noqa: E402
+from example_runs import example_flags  # noqa: E402
 
 TINY = ["--preset=quick", "--width=0.05", "--iterations=2", "--epochs_per_iteration=1",
         "--baseline_epochs=1", "--max_train_examples=128", "--batch_size=32",

@@ -3,22 +3,20 @@
 The run happens in-process through the example's absl ``main``, as in tests/test_example.py;
 its outputs are checked against the saved Keras 3 model re-evaluated with NumPy.
 """
-import contextlib
-import io
 import os
 import re
 import subprocess
 import sys
 
-from absl import app, flags
+from absl import app
 import keras
 import numpy as np
 import pytest
 
 import tf_stdprune
-from tf_stdprune import data
 from tf_stdprune.run_state import read_history
 from keras3.helpers import BACKEND
+from example_runs import digits_test_set, example_flags, run_example, summary_rows
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir,
                         "examples")
@@ -31,22 +29,8 @@ TINY = ["--preset=quick", "--keras=3", "--width=0.05", "--iterations=2",
         "--export_sparse", "--compress", "--quantize_bits=4", "--quantize_epochs=1"]
 
 
-@contextlib.contextmanager
-def _flags(*argv):
-    """The example's absl flags parsed from ``argv``, reset on exit."""
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["vgg19_cifar10.py", *argv])
-    try:
-        yield
-    finally:
-        flags.FLAGS.unparse_flags()
-
-
 def _main(out_dir, *argv):
-    with _flags(f"--out_dir={out_dir}", *TINY, *argv), \
-            contextlib.redirect_stdout(io.StringIO()) as stdout:
-        example.main(["vgg19_cifar10.py"])
-    return stdout.getvalue()
+    return run_example(example, f"--out_dir={out_dir}", *TINY, *argv)
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +38,6 @@ def finished(tmp_path_factory):
     """``(out_dir, stdout)`` of a finished tiny run."""
     out_dir = tmp_path_factory.mktemp("keras3_example")
     return out_dir, _main(out_dir)
-
-
-def _summary(out_dir):
-    rows = re.findall(r"^\| ([^|]+) \| ([^|]+) \|", (out_dir / "summary.md").read_text(), re.M)
-    return {name.strip(): value.strip() for name, value in rows}
-
-
-def _test_set():
-    """The digits test split, normalised with the run's (128 training examples) statistics."""
-    _, _, info = data.digits(max_train_examples=128)
-    _, _, x_test, y_test = data.digits_arrays()
-    return ((x_test - info.mean[0]) / info.std[0]).astype("float32"), y_test
 
 
 def _weights(model):
@@ -94,7 +66,7 @@ def test_a_keras3_run_prunes_more_weights_each_iteration(finished):
     history = read_history(str(out_dir / "run"))
     assert [r["q"] for r in history] == [0.5, 1.0]
     assert 0 < history[0]["zero_weights"] < history[1]["zero_weights"]
-    summary = _summary(out_dir)
+    summary = summary_rows(out_dir)
     model = keras.saving.load_model(out_dir / "final" / "model.keras")
     zeros = sum(int(np.sum(keras.ops.convert_to_numpy(layer.kernel) == 0))
                 for layer in model.layers if isinstance(layer, (keras.layers.Conv2D,
@@ -105,8 +77,8 @@ def test_a_keras3_run_prunes_more_weights_each_iteration(finished):
 @pytest.mark.slow
 def test_the_saved_keras3_model_scores_the_summarys_top1(finished):
     out_dir, _ = finished
-    summary = _summary(out_dir)
-    x_test, y_test = _test_set()
+    summary = summary_rows(out_dir)
+    x_test, y_test = digits_test_set()
     model = keras.saving.load_model(out_dir / "final" / "model.keras")
     logits = keras.ops.convert_to_numpy(model.predict(x_test, verbose=0))
     top1 = 100 * np.mean(np.argmax(logits, axis=1) == y_test)
@@ -132,7 +104,7 @@ def test_the_compressed_file_decompresses_to_the_saved_weights(finished):
 def test_resuming_a_keras3_run_with_keras2_is_refused(finished):
     out_dir, _ = finished
     refusal = r'keras: "3" \(run directory\) vs "2" \(now\)'
-    with _flags(f"--out_dir={out_dir}", *TINY, "--keras=2"), \
+    with example_flags(f"--out_dir={out_dir}", *TINY, "--keras=2"), \
             pytest.raises(app.UsageError, match=refusal):
         example.main(["vgg19_cifar10.py"])
 
@@ -141,7 +113,7 @@ def test_resuming_a_keras3_run_with_keras2_is_refused(finished):
                                   "--cpu_replicas=2"])
 def test_keras3_refuses_tf_keras_only_flags_before_anything_is_written(tmp_path, flag):
     out_dir = tmp_path / "out"
-    with _flags(f"--out_dir={out_dir}", *TINY, flag), \
+    with example_flags(f"--out_dir={out_dir}", *TINY, flag), \
             pytest.raises(app.UsageError, match=f"{flag.split('=')[0]}.*--keras=2"):
         example.main(["vgg19_cifar10.py"])
     assert not out_dir.exists()
