@@ -93,7 +93,7 @@ def pipeline(data, mean, std, batch_size, training, augment=False, flip=True,
         return data.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(
             tf.data.AUTOTUNE)
     size = int(data.cardinality())
-    generator = generator or tf.random.Generator.from_non_deterministic_state()
+    generator = generator or _generator(None)
 
     shuffled = shuffle_buffer > 1
 
