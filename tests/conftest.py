@@ -4,6 +4,8 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import sys  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -14,6 +16,25 @@ from tf_stdprune._keras import keras  # noqa: E402
 def _seed():
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
+
+
+def _disable_op_determinism():
+    if "tensorflow" in sys.modules:
+        # Public TensorFlow can turn op determinism on, not off.
+        from tensorflow.python.framework import config
+        config.disable_op_determinism()
+
+
+@pytest.fixture(autouse=True)
+def _no_op_determinism():
+    """Each test starts and ends with TensorFlow's op determinism off.
+
+    The example's ``main`` (run in-process by its tests and their module fixtures) turns it
+    on for the whole process; left on, later XLA-compiled train steps fail, as MaxPool's
+    gradient has no deterministic XLA kernel."""
+    _disable_op_determinism()
+    yield
+    _disable_op_determinism()
 
 
 def tiny_cnn(num_classes=3, input_shape=(8, 8, 3), l2=0.0):
