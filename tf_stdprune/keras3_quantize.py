@@ -25,7 +25,8 @@ class QuantizeWeights(keras.layers.Wrapper):
 
     Args:
       layer: a built layer that `registry` names; its current weights are clustered by
-        `cluster`.
+        `cluster`. Its quantized tensors are made non-trainable (the centroids train in
+        their place); `quantize_weights` hands in a copy, so the user's layer keeps its own.
       bits: ``b``: every prunable tensor of the layer gets ``K = 2^b`` centroids.
     """
 
@@ -52,20 +53,8 @@ class QuantizeWeights(keras.layers.Wrapper):
             self.indices.append(self.add_weight(name=f"{name}_indices", shape=shape,
                                                 initializer="zeros", dtype="int32",
                                                 trainable=False))
-
-    def _replaced(self):
-        return {id(registry.get_tensor(self.layer, path)) for path in self.paths}
-
-    @property
-    def trainable_weights(self):
-        replaced = self._replaced()
-        return [w for w in super().trainable_weights if id(w) not in replaced]
-
-    @property
-    def non_trainable_weights(self):
-        replaced = self._replaced()
-        moved = [w for w in super().trainable_weights if id(w) in replaced]
-        return super().non_trainable_weights + moved
+            # The layer computes with the shared values: its own tensor gets no gradient.
+            registry.get_tensor(self.layer, path).trainable = False
 
     def cluster(self, max_iter=DEFAULT_MAX_ITER):
         """Sets centroids and indices by `linear_kmeans` of the inner layer's nonzeros."""
@@ -83,7 +72,7 @@ class QuantizeWeights(keras.layers.Wrapper):
 
     def effective_tensors(self):
         """``{attribute path: numpy array}`` of the tensors the layer computes with."""
-        return {p: np.asarray(w) for p, w in zip(self.paths, self.shared_weights())}
+        return {p: ops.convert_to_numpy(w) for p, w in zip(self.paths, self.shared_weights())}
 
     def call(self, inputs, *args, **kwargs):
         with substituted(self.layer, self.paths, self.shared_weights()):
@@ -102,8 +91,8 @@ def quantize_weights(model, bits=None, conv_bits=8, dense_bits=5, bn_bits=8,
 
     Bits per layer as `tf_stdprune.quantize.quantize_weights`: ``layer_bits[name]``, else
     ``bits``, else by kind (``conv_bits``, ``dense_bits``, ``bn_bits``); ``None`` leaves it
-    unquantized. Pruning wrappers are stripped first. The result shares its inner layers
-    with ``model``.
+    unquantized. Pruning wrappers are stripped first. Each wrapped layer is a copy, so
+    ``model`` is not changed.
 
     Examples:
       >>> quantized = quantize_weights(stripped)          # 8 bits conv, 5 bits dense
@@ -123,13 +112,21 @@ def quantize_weights(model, bits=None, conv_bits=8, dense_bits=5, bn_bits=8,
         if isinstance(layer, keras.Model) or not registry.prunable_attributes(layer):
             return layer
         chosen = choose(layer.name, registry.layer_kind(layer))
-        return layer if chosen is None else QuantizeWeights(layer, chosen)
+        return layer if chosen is None else QuantizeWeights(_copy(layer), chosen)
 
     quantized = keras.models.clone_model(model, clone_function=wrap, recursive=True)
     for layer in all_layers(quantized):
         if isinstance(layer, QuantizeWeights):
             layer.cluster(max_iter)
     return quantized
+
+
+def _copy(layer):
+    """A built copy of ``layer`` holding its current weights."""
+    copy = layer.__class__.from_config(layer.get_config())
+    copy.build_from_config(layer.get_build_config())
+    copy.set_weights(layer.get_weights())
+    return copy
 
 
 def strip_quantization(model):
@@ -143,7 +140,7 @@ def strip_quantization(model):
         inner = layer.layer
         shared = {id(registry.get_tensor(inner, p)): v
                   for p, v in layer.effective_tensors().items()}
-        values = [shared.get(id(w), np.asarray(w)).astype(w.dtype) for w in inner.weights]
+        values = [shared.get(id(w), ops.convert_to_numpy(w)).astype(w.dtype) for w in inner.weights]
         baked.append((inner.__class__.from_config(inner.get_config()), values))
         return baked[-1][0]
 

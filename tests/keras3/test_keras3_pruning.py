@@ -3,6 +3,7 @@ exact stored zeros in fit and custom loops, saving, stripping and the report."""
 import os
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -250,6 +251,26 @@ def test_mixing_tf_keras_and_keras3_objects_in_one_call_is_refused():
     tf_keras = pytest.importorskip("tf_keras")
     with pytest.raises(TypeError, match="mixes tf_keras and Keras 3"):
         tf_stdprune.prune_low_std([keras.layers.Dense(2), tf_keras.layers.Dense(2)])
+
+
+def test_weight_sharing_trains_only_centroids_and_leaves_the_source_model_alone(tiny_data):
+    """The optimizer sees centroids and biases, never the kernels that the shared values
+    replace (so no slot is built for them and no missing-gradient warning is raised); the
+    stripped source model keeps its variables, values and trainable flags."""
+    x, y = tiny_data
+    source = tiny_cnn()
+    before = [(w.path, w.trainable, np.array(w)) for w in source.weights]
+    quantized = tf_stdprune.quantize_weights(source, bits=3)
+    trainable = {w.path.split("/")[-1] for w in quantized.trainable_variables}
+    assert not {"kernel", "gamma"} & trainable
+    assert {"kernel_centroids", "gamma_centroids", "bias"} <= trainable
+    quantized.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantized.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    for (path, was_trainable, value), weight in zip(before, source.weights):
+        assert (weight.path, weight.trainable) == (path, was_trainable)
+        np.testing.assert_array_equal(np.array(weight), value)
 
 
 def test_deep_compression_pipeline_on_keras3(tmp_path, tiny_data):
