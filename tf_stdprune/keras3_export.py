@@ -23,15 +23,20 @@ from tf_stdprune.keras3_wrapper import substituted
 BACKEND_ERROR = (
     "{what} writes a TensorFlow SavedModel, which needs Keras 3's TensorFlow backend, but "
     "the backend is {backend!r}. Run with KERAS_BACKEND=tensorflow (set before keras is "
-    "imported), or, on this backend, write a dense SavedModel of the stripped model with "
-    "Keras 3's own tf_stdprune.strip_pruning(model).export(path, format='tf_saved_model').")
+    "imported).")
+# Keras 3 converts JAX functions to TensorFlow (jax2tf); its torch route fails on our models.
+JAX_ALTERNATIVE = (
+    " Or, on JAX, write a dense SavedModel of the stripped model with Keras 3's own "
+    "tf_stdprune.strip_pruning(model).export(path, format='tf_saved_model').")
 
 
 def check_backend(what):
-    """Raises `RuntimeError` unless Keras 3 runs on the TensorFlow backend."""
+    """Raises `RuntimeError` unless Keras 3 runs on the TensorFlow backend; on JAX the
+    message also names Keras 3's own dense export, which works there."""
     backend = keras.backend.backend()
     if backend != "tensorflow":
-        raise RuntimeError(BACKEND_ERROR.format(what=what, backend=backend))
+        alternative = JAX_ALTERNATIVE if backend == "jax" else ""
+        raise RuntimeError(BACKEND_ERROR.format(what=what, backend=backend) + alternative)
 
 
 def _inputs(model):

@@ -208,9 +208,12 @@ def test_another_backend_gets_a_clear_error_and_nothing_is_written(tmp_path):
     for export in (tf_stdprune.export_sparse_saved_model, tf_stdprune.export_dense_saved_model):
         with pytest.raises(RuntimeError, match="KERAS_BACKEND=tensorflow") as error:
             export(final, tmp_path / "out")
-        assert BACKEND in str(error.value) and "format='tf_saved_model'" in str(error.value)
+        assert BACKEND in str(error.value)
+        assert ("format='tf_saved_model'" in str(error.value)) == (BACKEND == "jax")
     assert os.listdir(tmp_path) == []
-    # the alternative the message names works: Keras 3's own dense SavedModel
+    if BACKEND != "jax":
+        return
+    # on JAX the alternative the message names works: Keras 3's own dense SavedModel
     final.export(str(tmp_path / "keras_export"), format="tf_saved_model")
     loaded = tf.saved_model.load(str(tmp_path / "keras_export"))
     x = images()

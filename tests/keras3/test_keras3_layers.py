@@ -76,10 +76,10 @@ def test_wrapped_layer_computes_with_masked_weights_and_training_keeps_zeros(nam
         mask = np.asarray(mask)
         assert 0 < (mask == 0).sum() < mask.size or mask.size <= 6
         variable.assign(np.asarray(variable) + 5.0 * (1 - mask))
-    got = np.asarray(pruned(x))
+    got = keras.ops.convert_to_numpy(pruned(x))
     for variable, value in zip((v for w in layers for v in w.pruned_weights), masked):
         variable.assign(value)
-    np.testing.assert_allclose(got, np.asarray(original(x)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, keras.ops.convert_to_numpy(original(x)), rtol=1e-5, atol=1e-5)
 
     pruned.compile(keras.optimizers.Adam(0.05), "mse")
     pruned.fit(x, rng.normal(size=(8, 2)).astype("float32"), epochs=2, verbose=0,
