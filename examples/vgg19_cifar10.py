@@ -48,7 +48,8 @@ other batches than an uninterrupted one would. --strategy other than default,
 --mixed_precision, --jit_compile and --cpu_replicas are refused there.
 
 Run as a script, TensorFlow's start-up log lines are kept off the terminal
-(`vgg19_config.quiet_start`); set TF_CPP_MIN_LOG_LEVEL=0 to see them.
+(`vgg19_config.quiet_start`; set TF_CPP_MIN_LOG_LEVEL=0 to see them), and so are its
+Python INFO lines (SavedModel and TFLite writers).
 """
 import contextlib
 import dataclasses
@@ -76,6 +77,7 @@ with vgg19_config.quiet_start() if __name__ == "__main__" else contextlib.nullco
     from tf_stdprune.sensitivity import DEFAULT_QUALITIES, SensitivityRow, SensitivityTable
     if __name__ == "__main__":
         tf.config.list_physical_devices()  # the device probing logs its lines here
+        tf.get_logger().setLevel("WARNING")  # no INFO lines from savers and converters
 
 FLAGS = flags.FLAGS
 vgg19_config.define_flags(FLAGS)
