@@ -144,9 +144,12 @@ def test_custom_training_loop_keeps_pruned_weights_zero(tiny_data):
         if step in (0, 3):
             for wrapper in wrappers(model):
                 wrapper.update_masks(0.8 if step else 0.5, optimizer)
+        before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
         batch = slice(8 * step, 8 * step + 8)
         _train_step(model, optimizer, loss_fn, x[batch], y[batch])
         assert_exactly_sparse(model)
+        assert all(np.any(keras.ops.convert_to_numpy(v) != b)  # every tensor trained
+                   for v, b in zip(model.trainable_variables, before))
 
 
 def _train_step(model, optimizer, loss_fn, x, y):
@@ -171,6 +174,13 @@ def _train_step(model, optimizer, loss_fn, x, y):
         optimizer.apply(grads, model.trainable_variables)
         for variable, value in zip(model.non_trainable_variables, new_non_trainable):
             variable.assign(value)
+    elif BACKEND == "torch":
+        for variable in model.trainable_variables:
+            variable.value.grad = None
+        loss = loss_fn(y, model(x, training=True)) + sum(model.losses)
+        loss.backward()
+        optimizer.apply([v.value.grad for v in model.trainable_variables],
+                        model.trainable_variables)
     else:
         pytest.skip(f"no custom loop for backend {BACKEND}")
 
