@@ -1,11 +1,31 @@
-"""Helpers of the example script's tests (tf_keras and Keras 3): flags, runs, outputs."""
+"""Helpers of the example script's tests (tf_keras and Keras 3): flags, runs, outputs.
+
+The runs build the example's model with a short plan (`TINY_VGG`): the same layer kinds,
+names and classifier as VGG19-BN, at a fraction of the build and trace time.
+"""
 import contextlib
+import functools
 import io
+import os
 import re
 
 from absl import flags
 
-from tf_stdprune import data
+from tf_stdprune import data, models
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples")
+# At the tests' --width=0.05: conv 8 and 16 units, 32x32 -> 2x2, Dense 32, 32, 10.
+TINY_VGG = functools.partial(models.vgg19_bn, plan=(160, "M", 320, "M", "M", "M"),
+                             dense_units=640)
+# ``python -c TINY_SCRIPT ARGS``: the example script with `TINY_VGG`, as its __main__ runs.
+TINY_SCRIPT = f"""
+import functools, sys
+sys.path[:0] = [{os.path.dirname(os.path.abspath(__file__))!r}, {EXAMPLES!r}]
+from absl import app
+import example_runs, vgg19_cifar10 as example
+example.run = functools.partial(example.run, build_model=example_runs.TINY_VGG)
+app.run(example.main, argv=["vgg19_cifar10.py", *sys.argv[1:]])
+"""
 
 
 @contextlib.contextmanager
@@ -19,9 +39,21 @@ def example_flags(*argv):
         flags.FLAGS.unparse_flags()
 
 
+@contextlib.contextmanager
+def tiny_model(example):
+    """``example.main`` builds `TINY_VGG` while the context is open."""
+    run = example.run
+    example.run = functools.partial(run, build_model=TINY_VGG)
+    try:
+        yield
+    finally:
+        example.run = run
+
+
 def run_example(example, *argv):
-    """Runs ``example.main`` with the flags ``argv``; returns what it printed."""
-    with example_flags(*argv), contextlib.redirect_stdout(io.StringIO()) as stdout:
+    """Runs ``example.main`` with the flags ``argv`` and `TINY_VGG`; returns what it printed."""
+    with example_flags(*argv), tiny_model(example), \
+            contextlib.redirect_stdout(io.StringIO()) as stdout:
         example.main(["vgg19_cifar10.py"])
     return stdout.getvalue()
 

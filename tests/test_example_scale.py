@@ -11,23 +11,22 @@ import time
 
 import numpy as np
 
+from example_runs import TINY_SCRIPT
 from test_distribute import _free_port
 from test_example import TINY  # the quick preset on tiny settings
 from tf_stdprune import decompress, sparsity_report
 from tf_stdprune._keras import keras
 from tf_stdprune.run_state import read_history
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples",
-                      "vgg19_cifar10.py")
 TIMEOUT_S = 1200  # end-to-end runs of several processes share 2 cores
 
 
 def _start(log, out_dir, *argv, env=None):
-    """The example on ``TINY`` in a subprocess; stdout/stderr go to files ``log``.out/.err
+    """The example on ``TINY`` with the tiny model in a subprocess; stdout/stderr go to files ``log``.out/.err
     (not pipes, which fill up unread while another process is waited for)."""
     with open(f"{log}.out", "w") as stdout, open(f"{log}.err", "w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, SCRIPT, f"--out_dir={out_dir}", *TINY, *argv],
+            [sys.executable, "-c", TINY_SCRIPT, f"--out_dir={out_dir}", *TINY, *argv],
             stdout=stdout, stderr=stderr,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
                  **(env or {})})
@@ -76,7 +75,7 @@ def test_mixed_precision_run_saves_float32_shared_pruned_kernels(tmp_path):
     assert not (out / "final" / "model.tflite").exists()
     model = keras.models.load_model(out / "final" / "model.keras")
     kernels = _kernels(model)
-    assert len(kernels) == 19  # VGG19: 16 conv + 3 dense
+    assert len(kernels) == 5  # the tiny plan: 2 conv + 3 dense
     for name, kernel in kernels:
         assert kernel.dtype == np.float32, name
         assert len(np.unique(kernel[kernel != 0])) <= 2 ** 4, name  # weight sharing ran

@@ -100,6 +100,17 @@ def test_dense_units_and_input_shape():
     assert model(x).shape == (2, 3)
 
 
+def test_a_short_plan_builds_its_convolutions_and_the_same_classifier():
+    model = vgg19_bn(num_classes=3, plan=(8, "M", 16, "M"), dense_units=32, input_shape=(8, 8, 3))
+    kinds = [type(l).__name__ for l in model.layers]
+    assert kinds == ["Conv2D", "BatchNormalization", "ReLU", "MaxPooling2D"] * 2 + [
+        "Flatten", "Dense", "Dropout", "Dense", "Dropout", "Dense", "Activation"]
+    # conv: 9 c_in c + c + 4 c; dense: n_in n + n (flatten = 2 x 2 x 16)
+    expected = (9 * 3 * 8 + 5 * 8) + (9 * 8 * 16 + 5 * 16) + (64 * 32 + 32) + (32 * 32 + 32) + (
+        32 * 3 + 3)
+    assert model.count_params() == expected
+
+
 def test_logits_float32_under_mixed_precision():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
@@ -114,7 +125,8 @@ def test_logits_float32_under_mixed_precision():
 @pytest.mark.parametrize("kwargs, argument", [
     (dict(width=0), "width"), (dict(width=-1.0), "width"), (dict(num_classes=0), "num_classes"),
     (dict(num_classes=2.5), "num_classes"), (dict(dropout=1.0), "dropout"),
-    (dict(weight_decay=-1e-4), "weight_decay"),
+    (dict(weight_decay=-1e-4), "weight_decay"), (dict(plan=()), "plan"),
+    (dict(plan=(8, "P")), "plan"), (dict(plan=(0, "M")), "plan"),
 ])
 def test_bad_arguments(kwargs, argument):
     with pytest.raises(ValueError, match=argument):

@@ -28,8 +28,13 @@ def _scaled(units, width):
 
 
 def vgg19_bn(num_classes=10, width=1.0, dropout=0.5, weight_decay=5e-4,
-             input_shape=(32, 32, 3), dense_units=4096, name="vgg19_bn", keras_module=None):
+             input_shape=(32, 32, 3), dense_units=4096, name="vgg19_bn", keras_module=None,
+             plan=VGG19_CONFIG):
     """The reference experiment's VGG19-BN; ``width`` scales every conv and hidden dense layer's units.
+
+    ``plan`` lists the feature extractor: conv units, and ``"M"`` for each pooling; the
+    default is VGG19's. A shorter plan (e.g. ``(8, "M", 16, "M")``) gives a small model of
+    the same kinds of layers, for tests.
 
     ``weight_decay`` is the L2 factor on every kernel (``loss += wd * sum(w^2)``; biases
     and BN parameters are not decayed). The logits are returned in float32 under a
@@ -52,7 +57,10 @@ def vgg19_bn(num_classes=10, width=1.0, dropout=0.5, weight_decay=5e-4,
     l2 = keras.regularizers.l2(weight_decay) if weight_decay else None
     model = keras.Sequential(name=name)
     model.add(keras.Input(input_shape))
-    for item in VGG19_CONFIG:
+    if not plan or any(item != "M" and not (isinstance(item, int) and item > 0) for item in plan):
+        raise ValueError(f"plan must list conv units (integers > 0) and 'M' for pooling, "
+                         f"got {plan!r}.")
+    for item in plan:
         if item == "M":
             model.add(layers.MaxPooling2D())
             continue

@@ -16,10 +16,8 @@ import pytest
 import tf_stdprune
 from tf_stdprune.run_state import read_history
 from keras3.helpers import BACKEND
-from example_runs import digits_test_set, example_flags, run_example, summary_rows
+from example_runs import EXAMPLES, digits_test_set, example_flags, run_example, summary_rows
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir,
-                        "examples")
 sys.path.insert(0, EXAMPLES)
 import vgg19_cifar10 as example  # noqa: E402
 
