@@ -17,10 +17,14 @@ From then on gradient, L2 term, momentum and decoupled weight decay are 0 at pru
 positions, so stored pruned weights stay exactly 0.0 through every step: a checkpoint or
 a ``.keras`` file is exactly sparse at any batch.
 
+The wrapped layer is called as Keras would call it bare: it gets the ``training`` mode
+and the input's mask (and gives its output mask), so a wrapped BatchNormalization
+trains on batch statistics and its moving statistics follow them (recalibration too).
 The train step itself holds no pruning logic: one elementwise product per tensor, as
 in tfmot's forward pass. Nothing in this module imports TensorFlow, tf_keras or tfmot.
 """
 import contextlib
+import inspect
 
 import keras
 from keras import ops
@@ -97,6 +101,7 @@ class PruneLowStd(keras.layers.Wrapper):
             )
         kwargs.setdefault("name", f"prune_low_std_{layer.name}")
         super().__init__(layer, **kwargs)
+        self.supports_masking = layer.supports_masking
         self.pruning_schedule = pruning_schedule
         self.std_mode = std_mode
         self.layer_quality = check_quality(layer_quality, f"layer_quality of {layer.name!r}")
@@ -122,13 +127,33 @@ class PruneLowStd(keras.layers.Wrapper):
         """The wrapped layer's prunable variables, in `paths` order."""
         return [registry.get_tensor(self.layer, path) for path in self.paths]
 
-    def call(self, inputs, *args, **kwargs):
+    def call(self, inputs, *args, training=None, mask=None, **kwargs):
+        """The wrapped layer's ``call`` with each pruned tensor ``w`` read as ``w * m``.
+
+        ``training`` and ``mask`` are the values Keras resolves for the wrapper (the
+        argument given, else the enclosing model's mode; the input's Keras mask); each is
+        handed on when the wrapped layer's ``call`` takes it, so a wrapped
+        BatchNormalization normalises with the batch's statistics and updates its
+        moving ones in training, exactly as the bare layer does.
+        """
+        kwargs = self._handed_on(kwargs, training=training, mask=mask)
         masked = [ops.multiply(w, m) for w, m in zip(self.pruned_weights, self.masks)]
         with substituted(self.layer, self.paths, masked):
             return self.layer.call(inputs, *args, **kwargs)
 
-    def compute_output_spec(self, *args, **kwargs):
-        return self.layer.compute_output_spec(*args, **kwargs)
+    def _handed_on(self, kwargs, **context):
+        """``kwargs`` plus each of ``context`` (``training``, ``mask``) that is set and
+        that the wrapped layer's ``call`` takes: what Keras would give the bare layer."""
+        accepted = inspect.signature(self.layer.call).parameters
+        return dict(kwargs, **{k: v for k, v in context.items()
+                               if v is not None and k in accepted})
+
+    def compute_mask(self, inputs, previous_mask=None):
+        return self.layer.compute_mask(inputs, previous_mask)
+
+    def compute_output_spec(self, *args, training=None, mask=None, **kwargs):
+        return self.layer.compute_output_spec(
+            *args, **self._handed_on(kwargs, training=training, mask=mask))
 
     def update_masks(self, quality, optimizer=None):
         """Applies the rule once with quality ``q``, now (eagerly, between steps).
