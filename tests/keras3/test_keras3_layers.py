@@ -135,3 +135,32 @@ def test_a_wrapped_layer_in_training_mode_computes_and_updates_its_state_as_the_
     inference = np.asarray(pruned(x, training=False))
     np.testing.assert_allclose(inference, np.asarray(original(x)), rtol=1e-5, atol=1e-6)
     assert not np.allclose(inference, got, atol=1e-4)  # the mode changes this model's output
+
+
+def _batchnorm_layers(model):
+    return [layer for layer in (getattr(l, "layer", l) for l in model.layers)
+            if isinstance(layer, L.BatchNormalization)]
+
+
+@pytest.mark.parametrize("name", ["batchnorm", "masked_embedding_into_gru"])
+def test_a_quantized_layer_in_training_mode_computes_and_updates_its_state_as_the_plain_layer(
+        name):
+    """``training=True`` and the input's mask reach the layer inside `QuantizeWeights`: the
+    quantized model and its stripped plain copy give the same outputs in training and in
+    inference mode, and the same BN moving statistics after a training-mode call."""
+    rng = np.random.default_rng(0)
+    model = MODELS["batchnorm"]() if name == "batchnorm" else keras.Sequential([
+        keras.Input((6,), dtype="int32"), L.Embedding(10, 6, mask_zero=True), L.GRU(4),
+        L.Dense(2)])
+    quantized = tf_stdprune.quantize_weights(model, bits=4)
+    plain = tf_stdprune.strip_quantization(quantized)
+    x = _inputs(model, rng)
+    x[:, 3:] = 0  # for the Embedding: padding that the mask skips
+    got, expected = (np.asarray(m(x, training=True)) for m in (quantized, plain))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(_batchnorm_layers(quantized), _batchnorm_layers(plain)):
+        np.testing.assert_allclose(np.asarray(ours.moving_mean), np.asarray(theirs.moving_mean),
+                                   rtol=1e-5, atol=1e-7)
+        assert not np.allclose(np.asarray(ours.moving_mean), 0.0)
+    np.testing.assert_allclose(np.asarray(quantized(x)), np.asarray(plain(x)), rtol=1e-5,
+                               atol=1e-6)
