@@ -14,14 +14,15 @@ from keras import ops
 
 from tf_stdprune import registry
 from tf_stdprune.keras3_prune import all_layers, strip_pruning, wrappers
-from tf_stdprune.keras3_wrapper import substituted
+from tf_stdprune.keras3_wrapper import SubstitutingWrapper
 from tf_stdprune.kmeans import DEFAULT_MAX_ITER, bits_chooser, cluster_tensor
 from tf_stdprune.validate import check_bits
 
 
 @keras.saving.register_keras_serializable(package="tf_stdprune")
-class QuantizeWeights(keras.layers.Wrapper):
-    """Computes a built Keras 3 layer with shared weights ``take([0, c], idx)``.
+class QuantizeWeights(SubstitutingWrapper):
+    """Computes a built Keras 3 layer with shared weights ``take([0, c], idx)`` (called as
+    the bare layer would be: `keras3_wrapper.SubstitutingWrapper`).
 
     Args:
       layer: a built layer that `registry` names; its current weights are clustered by
@@ -74,12 +75,8 @@ class QuantizeWeights(keras.layers.Wrapper):
         """``{attribute path: numpy array}`` of the tensors the layer computes with."""
         return {p: ops.convert_to_numpy(w) for p, w in zip(self.paths, self.shared_weights())}
 
-    def call(self, inputs, *args, **kwargs):
-        with substituted(self.layer, self.paths, self.shared_weights()):
-            return self.layer.call(inputs, *args, **kwargs)
-
-    def compute_output_spec(self, *args, **kwargs):
-        return self.layer.compute_output_spec(*args, **kwargs)
+    def substitutes(self):
+        return self.shared_weights()
 
     def get_config(self):
         return {**super().get_config(), "bits": self.bits}

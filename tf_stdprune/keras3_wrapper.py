@@ -17,10 +17,15 @@ From then on gradient, L2 term, momentum and decoupled weight decay are 0 at pru
 positions, so stored pruned weights stay exactly 0.0 through every step: a checkpoint or
 a ``.keras`` file is exactly sparse at any batch.
 
+The wrapped layer is called as Keras would call it bare (`SubstitutingWrapper`, shared
+with `keras3_quantize.QuantizeWeights`): it gets the ``training`` mode and the input's
+mask, so a wrapped BatchNormalization trains on batch statistics and its moving
+statistics follow them (recalibration too).
 The train step itself holds no pruning logic: one elementwise product per tensor, as
 in tfmot's forward pass. Nothing in this module imports TensorFlow, tf_keras or tfmot.
 """
 import contextlib
+import inspect
 
 import keras
 from keras import ops
@@ -53,8 +58,47 @@ def substituted(layer, paths, tensors):
             object.__setattr__(owner, attribute, original)
 
 
+class SubstitutingWrapper(keras.layers.Wrapper):
+    """Calls its layer as Keras calls the bare layer, with some of its tensors replaced.
+
+    A subclass sets ``paths`` (the layer's attribute paths, see `registry`) and defines
+    ``substitutes()``, the tensors the layer computes with in their place. ``training``
+    and ``mask``, as Keras resolves them for the wrapper (the argument given, else the
+    enclosing call's mode; the input's Keras mask), are handed on when the layer's
+    ``call`` takes them, and the layer's output mask is the wrapper's: a wrapped
+    BatchNormalization trains on the batch's statistics and updates its moving ones, and
+    the dropout of a wrapped LSTM or MultiHeadAttention is active in training only.
+    """
+
+    def __init__(self, layer, **kwargs):
+        super().__init__(layer, **kwargs)
+        self.supports_masking = layer.supports_masking
+
+    def substitutes(self):
+        raise NotImplementedError("A SubstitutingWrapper defines substitutes().")
+
+    def call(self, inputs, *args, training=None, mask=None, **kwargs):
+        kwargs = self._layer_arguments(kwargs, training=training, mask=mask)
+        with substituted(self.layer, self.paths, self.substitutes()):
+            return self.layer.call(inputs, *args, **kwargs)
+
+    def _layer_arguments(self, kwargs, **context):
+        """``kwargs`` plus each of ``context`` that is set and that the layer's ``call``
+        takes: what Keras would give the bare layer."""
+        accepted = inspect.signature(self.layer.call).parameters
+        return dict(kwargs, **{k: v for k, v in context.items()
+                               if v is not None and k in accepted})
+
+    def compute_mask(self, inputs, previous_mask=None):
+        return self.layer.compute_mask(inputs, previous_mask)
+
+    def compute_output_spec(self, *args, training=None, mask=None, **kwargs):
+        return self.layer.compute_output_spec(
+            *args, **self._layer_arguments(kwargs, training=training, mask=mask))
+
+
 @keras.saving.register_keras_serializable(package="tf_stdprune")
-class PruneLowStd(keras.layers.Wrapper):
+class PruneLowStd(SubstitutingWrapper):
     """Wraps a Keras 3 layer so that weights with ``|w| < q * layer_quality * sigma`` are
     pruned when the schedule says so (module docstring).
 
@@ -122,13 +166,9 @@ class PruneLowStd(keras.layers.Wrapper):
         """The wrapped layer's prunable variables, in `paths` order."""
         return [registry.get_tensor(self.layer, path) for path in self.paths]
 
-    def call(self, inputs, *args, **kwargs):
-        masked = [ops.multiply(w, m) for w, m in zip(self.pruned_weights, self.masks)]
-        with substituted(self.layer, self.paths, masked):
-            return self.layer.call(inputs, *args, **kwargs)
-
-    def compute_output_spec(self, *args, **kwargs):
-        return self.layer.compute_output_spec(*args, **kwargs)
+    def substitutes(self):
+        """``w * m`` for each pruned tensor: what the wrapped layer computes with."""
+        return [ops.multiply(w, m) for w, m in zip(self.pruned_weights, self.masks)]
 
     def update_masks(self, quality, optimizer=None):
         """Applies the rule once with quality ``q``, now (eagerly, between steps).

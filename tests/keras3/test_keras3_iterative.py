@@ -197,12 +197,15 @@ def test_dropout_follows_the_surviving_connections_and_strip_pruning_restores_it
     assert rates == [0.2]
 
 
-def test_recalibration_sets_the_moving_statistics_to_the_mean_of_the_batch_statistics():
+@pytest.mark.parametrize("prune_batchnorm", [False, True])
+def test_recalibration_sets_the_moving_statistics_to_the_mean_of_the_batch_statistics(
+        prune_batchnorm):
     inputs = keras.Input((5,))
     hidden = keras.layers.Dense(4, name="dense")(inputs)
     model = keras.Model(inputs, keras.layers.Dense(2, name="out")(keras.layers.BatchNormalization(
         name="bn", momentum=0.9)(hidden)))
-    pruned = tf_stdprune.prune_low_std(model, prune_batchnorm=False)
+    pruned = tf_stdprune.prune_low_std(model, prune_batchnorm=prune_batchnorm)
+    assert len(wrappers(pruned)) == 2 + prune_batchnorm  # True: BN runs inside its wrapper
     x = np.random.default_rng(2).normal(size=(24, 5)).astype("float32")
     weights = [np.asarray(w) for w in pruned.weights if "moving" not in w.path]
     assert tf_stdprune.recalibrate_batchnorm(pruned, (x,), 2) == 1  # batches of 32: only one

@@ -87,3 +87,80 @@ def test_wrapped_layer_computes_with_masked_weights_and_training_keeps_zeros(nam
     for wrapper in layers:
         for variable, mask in zip(wrapper.pruned_weights, wrapper.masks):
             assert np.all(np.asarray(variable)[np.asarray(mask) == 0] == 0.0), wrapper.name
+
+
+def _attention_with_dropout():
+    inputs = keras.Input((5, 8))
+    x = L.MultiHeadAttention(2, 4, dropout=0.5, name="mha")(inputs, inputs)
+    return keras.Model(inputs, L.Dense(2)(L.Flatten()(x)))
+
+
+# Layers whose call depends on the training mode or on the input's mask.
+MODE_MODELS = {
+    "batchnorm": MODELS["batchnorm"],
+    "lstm_with_dropout": _seq((5, 3), (L.LSTM, 4, {"dropout": 0.5, "recurrent_dropout": 0.5})),
+    "masked_embedding_into_gru_with_dropout": lambda: keras.Sequential([
+        keras.Input((6,), dtype="int32"), L.Embedding(10, 6, mask_zero=True),
+        L.GRU(4, dropout=0.5), L.Dense(2)]),
+    "multi_head_attention_with_dropout": _attention_with_dropout,
+}
+
+
+def _values(variables):
+    return [np.array(keras.ops.convert_to_numpy(v)) for v in variables]
+
+
+@pytest.mark.parametrize("name", sorted(MODE_MODELS))
+def test_a_wrapped_layer_in_training_mode_computes_and_updates_its_state_as_the_bare_layer(name):
+    """``training=True`` and the input's mask reach the wrapped layer: with all masks 1 the
+    pruned model's training-mode output, and every variable after the call (moving
+    statistics, dropout seeds), equal those of the unwrapped model."""
+    rng = np.random.default_rng(0)
+    original = MODE_MODELS[name]()
+    pruned = tf_stdprune.prune_low_std(original)
+    x = _inputs(original, rng)
+    if "masked" in name:
+        x[:, 3:] = 0  # padding: the mask skips these steps
+    start = _values(original.variables)
+    expected = np.asarray(original(x, training=True))
+    expected_state = _values(original.variables)
+    assert any(not np.array_equal(a, b) for a, b in zip(start, expected_state))
+    for variable, value in zip(original.variables, start):
+        variable.assign(value)
+    got = np.asarray(pruned(x, training=True))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    for variable, value in zip(original.variables, expected_state):
+        np.testing.assert_allclose(np.asarray(variable), value, rtol=1e-5, atol=1e-6,
+                                   err_msg=variable.path)
+    inference = np.asarray(pruned(x, training=False))
+    np.testing.assert_allclose(inference, np.asarray(original(x)), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(inference, got, atol=1e-4)  # the mode changes this model's output
+
+
+def _batchnorm_layers(model):
+    return [layer for layer in (getattr(l, "layer", l) for l in model.layers)
+            if isinstance(layer, L.BatchNormalization)]
+
+
+@pytest.mark.parametrize("name", ["batchnorm", "masked_embedding_into_gru"])
+def test_a_quantized_layer_in_training_mode_computes_and_updates_its_state_as_the_plain_layer(
+        name):
+    """``training=True`` and the input's mask reach the layer inside `QuantizeWeights`: the
+    quantized model and its stripped plain copy give the same outputs in training and in
+    inference mode, and the same BN moving statistics after a training-mode call."""
+    rng = np.random.default_rng(0)
+    model = MODELS["batchnorm"]() if name == "batchnorm" else keras.Sequential([
+        keras.Input((6,), dtype="int32"), L.Embedding(10, 6, mask_zero=True), L.GRU(4),
+        L.Dense(2)])
+    quantized = tf_stdprune.quantize_weights(model, bits=4)
+    plain = tf_stdprune.strip_quantization(quantized)
+    x = _inputs(model, rng)
+    x[:, 3:] = 0  # for the Embedding: padding that the mask skips
+    got, expected = (np.asarray(m(x, training=True)) for m in (quantized, plain))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(_batchnorm_layers(quantized), _batchnorm_layers(plain)):
+        np.testing.assert_allclose(np.asarray(ours.moving_mean), np.asarray(theirs.moving_mean),
+                                   rtol=1e-5, atol=1e-7)
+        assert not np.allclose(np.asarray(ours.moving_mean), 0.0)
+    np.testing.assert_allclose(np.asarray(quantized(x)), np.asarray(plain(x)), rtol=1e-5,
+                               atol=1e-6)

@@ -311,3 +311,30 @@ def test_deep_compression_pipeline_on_keras3(tmp_path, tiny_data):
     assert tf_stdprune.sparsity_report(restored) == tf_stdprune.sparsity_report(final)
     report = tf_stdprune.compression_report(quantized)
     assert report.to_dict()
+
+
+def test_fit_of_a_model_with_nothing_pruned_follows_the_dense_models_fit(tiny_data):
+    """With every mask 1 the wrapped model trains as the bare one: the same loss per epoch
+    and the same weights, BN moving statistics and dropout seeds after ``fit`` (BN in
+    training mode, Dropout active, L2 on the stored kernels)."""
+    x, y = tiny_data
+    dense = tiny_cnn(l2=1e-3)
+    pruned = tf_stdprune.prune_low_std(dense, pruning_schedule=schedule((0.0,)))
+    start = [np.array(v) for v in dense.variables]
+    runs = []
+    for model, callbacks in ((dense, []), (pruned, [tf_stdprune.UpdatePruningStep()])):
+        for variable, value in zip(dense.variables, start):
+            variable.assign(value)
+        model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                            callbacks=callbacks)
+        runs.append((history.history["loss"], [np.array(v) for v in dense.variables]))
+    (dense_loss, dense_values), (pruned_loss, pruned_values) = runs
+    assert all(np.all(np.asarray(m) == 1.0) for w in wrappers(pruned) for m in w.masks)
+    np.testing.assert_allclose(pruned_loss, dense_loss, rtol=1e-5)
+    for variable, got, expected in zip(dense.variables, pruned_values, dense_values):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6, err_msg=variable.path)
+    paths = [v.path for v in dense.variables]
+    moving_mean = pruned_values[paths.index(dense.get_layer("bn").moving_mean.path)]
+    assert not np.allclose(moving_mean, 0.0)  # the statistics moved: BN trained as in training
