@@ -54,7 +54,7 @@ def uninterrupted(tmp_path_factory):
 def test_killed_runs_resume_to_the_same_result(tmp_path, uninterrupted):
     rng = random.Random(7)
     kills = [("--kill_after_batches", rng.randint(1, 12)) if i % 2 else
-             ("--kill_on_replace", rng.randint(1, 5)) for i in range(6)]
+             ("--kill_on_replace", rng.randint(1, 5)) for i in range(4)]
     finished_before = []
     for flag, value in kills:
         result = _run(tmp_path, f"{flag}={value}")
@@ -64,7 +64,7 @@ def test_killed_runs_resume_to_the_same_result(tmp_path, uninterrupted):
         assert result.returncode == -9, result.stderr[-3000:]
         assert not finished_before or finished >= finished_before[-1]  # nothing lost
         finished_before.append(finished)
-    assert len(finished_before) >= 4  # kills that hit a running process
+    assert len(finished_before) >= 3  # kills that hit a running process
     result = _run(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     history, report, weights = _comparable(tmp_path)
