@@ -4,13 +4,13 @@ Each benchmark script prints one JSON object per report, then a human-readable t
 This script runs the selected benchmarks one after the other (a subprocess each, so
 their memory and TensorFlow state stay apart), parses the JSON objects out of each one's
 standard output, keeps the rest as its table, and rewrites RESULTS.md with, for every
-benchmark, the exact command, the machine (CPU model, cores, library versions) and the
-table. Benchmarks not selected are listed as not run: the file only ever holds the run
-it was written from.
+benchmark run, the exact command, the machine (CPU model, cores, library versions) and the
+table. The section of a benchmark not selected is kept as the file had it (its latest
+run); one the file lacks is listed as not run.
 
     python benchmarks/run_all.py                     # small settings, every benchmark
     python benchmarks/run_all.py --full              # the sizes quoted in the README
-    python benchmarks/run_all.py --only=mask_update,compression
+    python benchmarks/run_all.py --only=mask_update,compression   # the others kept
 """
 import argparse
 import dataclasses
@@ -186,9 +186,10 @@ def run(benchmark, full=False, python=sys.executable, timeout=None):
                    tail, seconds)
 
 
-def _section(outcome):
+def _section(outcome, machine_info):
     lines = [f"## {outcome.benchmark.name}", "", outcome.benchmark.about, "",
-             f"`{outcome.command}` ({outcome.seconds:.0f} s)", ""]
+             f"`{outcome.command}` ({outcome.seconds:.0f} s)", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in machine_info.items()), ""]
     if outcome.returncode:
         lines += [f"Failed with exit status {outcome.returncode}; the end of its error output:",
                   "", "```", outcome.stderr_tail, "```", ""]
@@ -200,17 +201,43 @@ def _section(outcome):
     return lines
 
 
-def render(outcomes, machine_info, not_run=(), full=False):
-    """The text of RESULTS.md for ``outcomes`` (in order) measured on ``machine_info``."""
+def previous_sections(text):
+    """``{benchmark name: its section}`` of an earlier RESULTS.md: each ``## name`` header
+    (of a benchmark in `BENCHMARKS`) up to the next ``## `` header."""
+    known = {b.name for b in BENCHMARKS}
+    sections, name, lines = {}, None, []
+    for line in text.splitlines() + ["## "]:
+        if line.startswith("## "):
+            if name in known:
+                sections[name] = "\n".join(lines).strip("\n") + "\n"
+            name, lines = line[3:].strip(), []
+        lines.append(line)
+    return sections
+
+
+def render(outcomes, machine_info, kept=None, full=False):
+    """The text of RESULTS.md: a section per benchmark in `BENCHMARKS` order, from
+    ``outcomes`` (measured on ``machine_info``) or, for one not run now, from ``kept``
+    (``{name: section}`` of the earlier file); the rest are listed as not run."""
+    kept = kept or {}
+    ran = {o.benchmark.name: o for o in outcomes}
     lines = ["# Benchmark results", "",
-             "Written by `python benchmarks/run_all.py`; each run replaces the whole file.",
-             "Ratios come with the median of per-round ratios and its 95 % sign-test interval",
-             "(`benchmarks/common.py`): only an interval that excludes 1 shows a difference.",
-             "", "Machine: " + ", ".join(f"{k} {v}" for k, v in machine_info.items()), ""]
-    for outcome in outcomes:
-        lines += _section(outcome)
+             "Written by `python benchmarks/run_all.py`: a run rewrites the sections of the",
+             "benchmarks it ran and keeps the others' latest run. Each section names its",
+             "command and machine. Ratios come with the median of per-round ratios and its",
+             "95 % sign-test interval (`benchmarks/common.py`): only an interval that",
+             "excludes 1 shows a difference.", ""]
+    not_run = []
+    others = [o.benchmark for o in outcomes if o.benchmark not in BENCHMARKS]
+    for benchmark in list(BENCHMARKS) + others:
+        if benchmark.name in ran:
+            lines += _section(ran[benchmark.name], machine_info)
+        elif benchmark.name in kept:
+            lines += kept[benchmark.name].splitlines() + [""]
+        else:
+            not_run.append(benchmark)
     if not_run:
-        lines += ["## Not run in this RESULTS.md", ""]
+        lines += ["## Not run yet", ""]
         lines += [f"- {b.name}: `{b.command(full)}` ({b.about})" for b in not_run]
         lines.append("")
     return "\n".join(lines)
@@ -242,8 +269,11 @@ def main(argv=None):
         print(f"running {benchmark.command(args.full)}", flush=True)
         outcomes.append(run(benchmark, args.full))
         print(outcomes[-1].table or outcomes[-1].stderr_tail, flush=True)
-    not_run = [b for b in BENCHMARKS if b not in chosen]
-    atomic_write(args.output, render(outcomes, machine(), not_run, args.full))
+    kept = {}
+    if os.path.exists(args.output):
+        with open(args.output) as f:
+            kept = previous_sections(f.read())
+    atomic_write(args.output, render(outcomes, machine(), kept, args.full))
     print(f"wrote {args.output}")
     return 1 if any(o.returncode for o in outcomes) else 0
 

@@ -2,6 +2,7 @@
 
 No real benchmark runs here: a fake benchmark script prints what the real ones print
 (indented JSON objects, then a table)."""
+import dataclasses
 import json
 import os
 import sys
@@ -74,14 +75,13 @@ def test_results_md_holds_command_machine_table_json_and_the_benchmarks_not_run(
     outcome = run_all.Outcome(fake, fake.command(False), 0, [FIRST, SECOND],
                               "dense            1.50")
     skipped = run_all.BENCHMARKS[0]
-    text = run_all.render([outcome], {"cpu": "Test CPU 3000", "cores": 2, "tensorflow": "9.9"},
-                          not_run=[skipped])
+    text = run_all.render([outcome], {"cpu": "Test CPU 3000", "cores": 2, "tensorflow": "9.9"})
     assert "`python benchmarks/fake.py --small`" in text
     assert "Machine: cpu Test CPU 3000, cores 2, tensorflow 9.9" in text
     assert "```\ndense            1.50\n```" in text
     json_block = text.split("```json\n", 1)[1].split("\n```", 1)[0]
     assert json.loads(json_block) == [FIRST, SECOND]
-    not_run = text.split("## Not run in this RESULTS.md", 1)[1]
+    not_run = text.split("## Not run yet", 1)[1]
     assert skipped.name in not_run and skipped.command(False) in not_run
 
 
@@ -109,6 +109,27 @@ def test_main_writes_results_md_for_the_chosen_benchmarks_only(tmp_path, monkeyp
     assert json.loads(text.split("```json\n", 1)[1].split("\n```", 1)[0]) == [SECOND]
     assert "- other: `python benchmarks/never_run.py`" in text
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_run_of_some_benchmarks_keeps_the_latest_section_of_the_others(tmp_path, monkeypatch):
+    script = _fake_script(tmp_path, """
+        print("run " + __import__("sys").argv[1])
+    """)
+    first = run_all.Benchmark("first", script, ("one",), (), preimport=())
+    second = run_all.Benchmark("second", script, ("two",), (), preimport=())
+    monkeypatch.setattr(run_all, "BENCHMARKS", (first, second))
+    output = tmp_path / "RESULTS.md"
+    assert run_all.main([f"--output={output}"]) == 0
+    both = output.read_text()
+    assert "run one" in both and "run two" in both and "Not run" not in both
+    second_section = both[both.index("## second"):]
+    monkeypatch.setattr(run_all, "BENCHMARKS", (
+        dataclasses.replace(first, quick=("again",)), second))
+    assert run_all.main(["--only=first", f"--output={output}"]) == 0
+    text = output.read_text()
+    assert "run again" in text and "run one" not in text
+    assert text.index("## first") < text.index("## second")
+    assert text.endswith(second_section)  # kept as it was, machine line and all
 
 
 def test_only_with_an_unknown_name_says_which_names_exist():
