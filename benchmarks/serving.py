@@ -184,7 +184,8 @@ def serving(_):
 
 
 def _matmul_contenders(kernel, x):
-    """``{name: function}`` computing ``x @ kernel`` densely, as COO and as CSR."""
+    """``{name: function}`` computing ``x @ kernel`` densely, as COO and as CSR products,
+    and as a gather of ``x`` at the nonzeros' columns summed per row."""
     n_in, n_out = kernel.shape
     transposed = kernel.T
     indices = tf.Variable(np.argwhere(transposed != 0).astype(np.int64))
@@ -202,8 +203,15 @@ def _matmul_contenders(kernel, x):
             indices=indices, values=values, dense_shape=tf.constant([n_out, n_in], tf.int64))
         return tf.transpose(tf.raw_ops.SparseMatrixMatMul(a=matrix, b=x, adjoint_b=True))
 
+    rows = tf.Variable(indices.numpy()[:, 0].astype(np.int32))
+    columns = tf.Variable(indices.numpy()[:, 1].astype(np.int32))
+
+    def gather_segment_sum():  # y[:, j] = sum over row j of W^T: w * x[:, i]
+        products = tf.gather(tf.transpose(x), columns) * values[:, None]
+        return tf.transpose(tf.math.unsorted_segment_sum(products, rows, n_out))
+
     functions = {"dense": lambda: tf.matmul(x, dense), "sparse_dense_matmul": coo,
-                 "csr_sparse_matrix_matmul": csr}
+                 "csr_sparse_matrix_matmul": csr, "gather_segment_sum": gather_segment_sum}
     return {name: tf.function(f) for name, f in functions.items()}
 
 
