@@ -136,7 +136,8 @@ def tiny(num_classes, width, input_shape):
 
 example.FLAGS(["vgg19_cifar10.py", "--out_dir=" + sys.argv[2], "--max_train_examples=64",
                "--batch_size=16", "--iterations=2", "--epochs_per_iteration=1",
-               "--baseline_epochs=1", "--qualities=0.5,1.0", "--recalibration_batches=2"])
+               "--baseline_epochs=1", "--qualities=0.5,1.0", "--recalibration_batches=2",
+               "--quantize_bits=0", "--noexport_sparse", "--nocompress", "--notflite"])
 strategy = example.make_strategy("mirrored")
 assert strategy.num_replicas_in_sync == 2, strategy.extended.worker_devices
 pruned, _ = example.run(example.config(), strategy, build_model=tiny)

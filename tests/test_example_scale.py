@@ -68,7 +68,7 @@ def _kernels(model):
 
 def test_mixed_precision_run_saves_float32_shared_pruned_kernels(tmp_path):
     out = tmp_path / "out"
-    (stdout,) = _finish([_start(tmp_path / "run", out, "--mixed_precision")])
+    (stdout,) = _finish([_start(tmp_path / "run", out, "--mixed_precision", "--noexport_sparse")])
     assert "mixed precision policy: mixed_bfloat16" in stdout
     assert (out / "summary.md").exists()
     assert "no TFLite files with --mixed_precision" in stdout  # the converter takes float32
@@ -95,9 +95,11 @@ def test_multi_worker_run_two_processes_one_shared_out_dir(tmp_path):
     out, scratch = tmp_path / "out", tmp_path / "tmp"
     scratch.mkdir()  # every worker's TMPDIR: the non-chief's vgg19-worker-* goes there
     cluster = {"worker": [f"localhost:{_free_port()}", f"localhost:{_free_port()}"]}
-    # Weight sharing runs in the mixed precision test; here the checkpoints and exports do.
+    # Weight sharing runs in the mixed precision test; here the checkpoints and SavedModel
+    # exports do (TFLite conversion has nothing particular to the strategy).
     processes = [
         _start(tmp_path / f"worker{i}", out, "--strategy=multi_worker", "--quantize_bits=0",
+               "--notflite",
                env={"TMPDIR": str(scratch), "TF_CONFIG": json.dumps(
                    {"cluster": cluster, "task": {"type": "worker", "index": i}})})
         for i in range(2)]
