@@ -74,8 +74,14 @@ BENCHMARKS = (
               ("--width=1.0", "--rounds=5"),
               about="bytes per Deep Compression stage, file and SavedModel sizes, serving"),
     Benchmark("serving", "serving.py", ("--width=0.25", "--rounds=3"),
-              ("--width=1.0", "--rounds=5"),
+              ("--width=0.25", "--rounds=7"),
               about="size, latency and top-1 of every exported form (SavedModels, TFLite)"),
+    Benchmark("serving_full_width", "serving.py", ("--width=1.0", "--rounds=3"),
+              ("--width=1.0", "--rounds=5"),
+              about="the same at full width (38.97M parameters)"),
+    Benchmark("sparse_matmul", "serving.py",
+              ("--matmul", "--rounds=9", "--calls=20"), ("--matmul", "--rounds=20", "--calls=20"),
+              about="one 4096x4096 Dense kernel: dense vs sparse products by zeros and batch"),
 )
 
 
