@@ -19,12 +19,12 @@ TINY_VGG = functools.partial(models.vgg19_bn, plan=(160, "M", 320, "M", "M", "M"
                              dense_units=640)
 # ``python -c TINY_SCRIPT ARGS``: the example script with `TINY_VGG`, as its __main__ runs.
 TINY_SCRIPT = f"""
-import functools, sys
+import sys
 sys.path[:0] = [{os.path.dirname(os.path.abspath(__file__))!r}, {EXAMPLES!r}]
 from absl import app
 import example_runs, vgg19_cifar10 as example
-example.run = functools.partial(example.run, build_model=example_runs.TINY_VGG)
-app.run(example.main, argv=["vgg19_cifar10.py", *sys.argv[1:]])
+with example_runs.tiny_model(example):
+    app.run(example.main, argv=["vgg19_cifar10.py", *sys.argv[1:]])
 """
 
 

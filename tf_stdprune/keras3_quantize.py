@@ -137,7 +137,8 @@ def strip_quantization(model):
         inner = layer.layer
         shared = {id(registry.get_tensor(inner, p)): v
                   for p, v in layer.effective_tensors().items()}
-        values = [shared.get(id(w), ops.convert_to_numpy(w)).astype(w.dtype) for w in inner.weights]
+        values = [shared.get(id(w), ops.convert_to_numpy(w)).astype(w.dtype)
+                  for w in inner.weights]
         baked.append((inner.__class__.from_config(inner.get_config()), values))
         return baked[-1][0]
 

@@ -73,6 +73,8 @@ class SubstitutingWrapper(keras.layers.Wrapper):
     def __init__(self, layer, **kwargs):
         super().__init__(layer, **kwargs)
         self.supports_masking = layer.supports_masking
+        # what the layer's ``call`` takes, read once rather than at every call
+        self._call_parameters = frozenset(inspect.signature(layer.call).parameters)
 
     def substitutes(self):
         raise NotImplementedError("A SubstitutingWrapper defines substitutes().")
@@ -85,9 +87,8 @@ class SubstitutingWrapper(keras.layers.Wrapper):
     def _layer_arguments(self, kwargs, **context):
         """``kwargs`` plus each of ``context`` that is set and that the layer's ``call``
         takes: what Keras would give the bare layer."""
-        accepted = inspect.signature(self.layer.call).parameters
         return dict(kwargs, **{k: v for k, v in context.items()
-                               if v is not None and k in accepted})
+                               if v is not None and k in self._call_parameters})
 
     def compute_mask(self, inputs, previous_mask=None):
         return self.layer.compute_mask(inputs, previous_mask)
