@@ -19,11 +19,11 @@ from absl import app, flags
 import numpy as np
 import tensorflow as tf
 
-from tf_stdprune.compressed_file import compress, decompress, read_weights
-from tf_stdprune.compression_stages import compression_report
-from tf_stdprune.export import disk_size, export_dense_saved_model, export_sparse_saved_model
+from tf_stdprune.compression.compressed_file import compress, decompress, read_weights
+from tf_stdprune.compression.stages import compression_report
+from tf_stdprune.keras2.export import disk_size, export_dense_saved_model, export_sparse_saved_model
 from tf_stdprune.models import vgg19_bn
-from tf_stdprune.quantize import prunable_layers, quantize_weights, strip_quantization
+from tf_stdprune.keras2.quantize import prunable_layers, quantize_weights, strip_quantization
 
 from common import interleaved_samples, report
 

@@ -15,9 +15,9 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
 )
 
 import tf_stdprune
-from tf_stdprune._keras import keras
+from tf_stdprune.keras2.engine import keras
 from tf_stdprune.models import vgg19_bn
-from tf_stdprune.prune import all_layers
+from tf_stdprune.keras2.prune import all_layers
 
 from common import interleaved_samples, report
 

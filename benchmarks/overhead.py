@@ -19,7 +19,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 import tf_stdprune
-from tf_stdprune._keras import keras
+from tf_stdprune.keras2.engine import keras
 from tf_stdprune.models import vgg19_bn
 
 from common import interleaved_samples, minor_page_faults, report

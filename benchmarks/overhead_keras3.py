@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 import tf_stdprune
-from tf_stdprune.keras3_prune import wrappers
+from tf_stdprune.keras3.prune import wrappers
 from tf_stdprune.models import vgg19_bn
 
 from common import interleaved_samples, report
@@ -66,8 +66,8 @@ def mask_update_contenders(width):
 
     import tensorflow as tf  # the tf_keras path runs on TensorFlow whatever the backend
 
-    from tf_stdprune.prune import all_layers
-    from tf_stdprune.wrapper import PruneLowStd
+    from tf_stdprune.keras2.prune import all_layers
+    from tf_stdprune.keras2.wrapper import PruneLowStd
 
     tf_model = tf_stdprune.prune_low_std(vgg19_bn(width=width))
     tf_model(tf.zeros([1, 32, 32, 3]))

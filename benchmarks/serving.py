@@ -33,12 +33,12 @@ from absl import app, flags
 import numpy as np
 import tensorflow as tf
 
-from tf_stdprune._keras import keras
+from tf_stdprune.keras2.engine import keras
 from tf_stdprune.data import digits_arrays
-from tf_stdprune.export import disk_size, export_dense_saved_model, export_sparse_saved_model
+from tf_stdprune.keras2.export import disk_size, export_dense_saved_model, export_sparse_saved_model
 from tf_stdprune.models import vgg19_bn
-from tf_stdprune.quantize import quantize_weights
-from tf_stdprune.tflite import export_tflite
+from tf_stdprune.keras2.quantize import quantize_weights
+from tf_stdprune.keras2.tflite import export_tflite
 
 from common import interleaved_samples, report
 

@@ -15,7 +15,7 @@ import statistics
 from absl import app, flags
 
 import tf_stdprune
-from tf_stdprune._keras import keras
+from tf_stdprune.keras2.engine import keras
 from tf_stdprune.mask_rule import STD_MODES
 
 FLAGS = flags.FLAGS

@@ -14,7 +14,7 @@ import json
 from absl import app, flags
 import tensorflow as tf
 
-from tf_stdprune._keras import keras
+from tf_stdprune.keras2.engine import keras
 
 from common import hlo_copies
 from overhead import contender_models, fixed_batch

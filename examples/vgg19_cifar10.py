@@ -71,10 +71,11 @@ with vgg19_config.quiet_start() if __name__ == "__main__" else contextlib.nullco
     import tensorflow as tf
 
     import tf_stdprune
-    from tf_stdprune import data, models, run_state
+    from tf_stdprune import data, models
+    from tf_stdprune.keras2 import run_state
     from tf_stdprune.io import atomic_write, clean_temporaries, write_atomically
-    from tf_stdprune.run_state import check_writable
-    from tf_stdprune.sensitivity import DEFAULT_QUALITIES, SensitivityRow, SensitivityTable
+    from tf_stdprune.keras2.run_state import check_writable
+    from tf_stdprune.procedure.sensitivity import DEFAULT_QUALITIES, SensitivityRow, SensitivityTable
     if __name__ == "__main__":
         tf.config.list_physical_devices()  # the device probing logs its lines here
         tf.get_logger().setLevel("WARNING")  # no INFO lines from savers and converters
@@ -145,7 +146,7 @@ def keras_of(model):
     if is_keras3(model):
         import keras
         return keras
-    from tf_stdprune._keras import keras
+    from tf_stdprune.keras2.engine import keras
     return keras
 
 
@@ -384,7 +385,7 @@ def share_weights(final, cfg, strategy, train_test):
     """Trained quantization: k-means weight sharing (2^b centroids, zeros kept), then
     ``quantize_epochs`` of centroid fine-tuning with Adam at ``quantize_lr``.
     Returns the plain model with the shared values baked in, and the top-1 after each stage.
-    Why Adam: see `tf_stdprune.quantize` (a centroid's gradient sums over its members).
+    Why Adam: see `tf_stdprune.keras2.quantize` (a centroid's gradient sums over its members).
     """
     train, test = train_test
     with strategy.scope():

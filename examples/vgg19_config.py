@@ -119,7 +119,7 @@ class Config:
         if self.keras == "3":
             import keras
             return keras
-        from tf_stdprune._keras import keras
+        from tf_stdprune.keras2.engine import keras
         return keras
 
     def run_settings(self):
@@ -271,7 +271,7 @@ def validate(cfg):
     """Raises `app.UsageError` naming the flag, the value and the fix for every value that
     would fail later (e.g. after the dense baseline trained); warns of LR drops that can
     never fire."""
-    from tf_stdprune.procedure import warn_unreachable_drops  # loads TensorFlow
+    from tf_stdprune.procedure.iterative import warn_unreachable_drops  # loads TensorFlow
 
     _check_positive("initial_lrs", cfg.initial_lrs)
     _check_positive("baseline_lr", [cfg.baseline_lr])

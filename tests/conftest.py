@@ -4,12 +4,14 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import socket  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tf_stdprune._keras import keras  # noqa: E402
+from tf_stdprune import registry  # noqa: E402
+from tf_stdprune.keras2.engine import keras  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +65,27 @@ def fresh_run_inputs(tmp_path_factory):
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     return (*tiny_arrays(), str(tmp_path_factory.mktemp("run")))
+
+
+def zero_out(model, fraction, seed=0):
+    """Sets a random ``fraction`` of every kernel / BN gamma to 0 (numpy, in place)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        for attribute in registry.prunable_attributes(layer) or []:
+            variable = getattr(layer, attribute)
+            value = variable.numpy()
+            if attribute == "gamma":
+                value = rng.uniform(0.5, 1.5, value.shape).astype(np.float32)
+            value[rng.random(value.shape) < fraction] = 0.0
+            variable.assign(value)
+    return model
+
+
+def free_port():
+    """A TCP port on localhost that nothing listens on now (for multi-worker TF_CONFIG)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

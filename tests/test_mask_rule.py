@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import tf_stdprune
 from tf_stdprune import mask_rule
-from tf_stdprune._keras import keras
+from tf_stdprune.keras2.engine import keras
 
 MARGIN = 1e-4
 QUALITIES = (0.3, 0.7, 1.0, 1.4)

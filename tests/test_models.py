@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 import tf_stdprune
-from tf_stdprune._keras import keras
+from tf_stdprune.keras2.engine import keras
 from tf_stdprune.models import vgg19_bn
 
 # The reference experiment's table, written out again here (not imported from the module under test).

@@ -6,7 +6,7 @@ import pytest
 import tensorflow_model_optimization as tfmot
 
 import tf_stdprune
-from tf_stdprune._keras import keras
+from tf_stdprune.keras2.engine import keras
 from tf_stdprune.report import LayerSparsity, SparsityReport
 
 L = keras.layers

@@ -8,7 +8,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
 from tf_stdprune import StdPruningSchedule
-from tf_stdprune._keras import keras
+from tf_stdprune.keras2.engine import keras
 
 
 def _expected(step, qualities, steps_per_iteration, begin_step=0, end_step=-1):

@@ -66,7 +66,7 @@ def test_check_bits_refuses_out_of_range_floats_bools_and_strings(bits):
     (dict(initial_lrs=0.1, epochs_per_iteration=2, drops=(1.5,)), r"drops\[0\] must be an integer"),
 ])
 def test_learning_rate_callback_arguments_get_messages_not_raw_errors(kwargs, message):
-    from tf_stdprune.callbacks import IterationLearningRate
+    from tf_stdprune.keras2.callbacks import IterationLearningRate
 
     with pytest.raises(ValueError, match=message):
         IterationLearningRate(**kwargs)

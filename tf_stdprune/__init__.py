@@ -24,8 +24,8 @@ def prune_low_std(to_prune, *args, **kwargs):
     """Wraps every prunable layer of a model (or a layer, or a list of layers) so that
     weights with ``|w| < q * std`` are pruned during training.
 
-    Routed to `tf_stdprune.prune.prune_low_std` for tf_keras objects and to
-    `tf_stdprune.keras3_prune.prune_low_std` for Keras 3 objects; see those for the
+    Routed to `tf_stdprune.keras2.prune.prune_low_std` for tf_keras objects and to
+    `tf_stdprune.keras3.prune.prune_low_std` for Keras 3 objects; see those for the
     arguments (``pruning_schedule``, ``std_mode``, ``layer_quality``, ...).
 
     Examples:
@@ -49,8 +49,8 @@ def strip_pruning(model):
 
 def quantize_weights(model, *args, **kwargs):
     """Weight sharing (Han, Mao and Dally 2016): every prunable tensor's nonzeros clustered
-    into ``2^bits`` shared values, centroids trainable; see `tf_stdprune.quantize` (tf_keras)
-    and `tf_stdprune.keras3_quantize` (Keras 3).
+    into ``2^bits`` shared values, centroids trainable; see `tf_stdprune.keras2.quantize` (tf_keras)
+    and `tf_stdprune.keras3.quantize` (Keras 3).
 
     Examples:
       >>> quantized = tf_stdprune.quantize_weights(tf_stdprune.strip_pruning(pruned))
@@ -67,7 +67,7 @@ def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, *args, **kwa
     """The callbacks of the reference experiment's iterative procedure (either Keras):
     learning-rate list and drops, pruning at each iteration's start, BN recalibration,
     dropout rescaling, history, checkpoints and figures in ``run_dir``; see
-    `tf_stdprune.procedure.iterative_callbacks` for the arguments. Each callback becomes
+    `tf_stdprune.procedure.iterative.iterative_callbacks` for the arguments. Each callback becomes
     the model's Keras's when ``fit`` hands it the model.
 
     Examples:
@@ -75,7 +75,7 @@ def iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, *args, **kwa
       >>> pruned.fit(x, y, epochs=3 * E, initial_epoch=initial_epoch,
       ...            callbacks=tf_stdprune.iterative_callbacks("runs/a", E, [0.05, 0.01]))
     """
-    procedure = importlib.import_module("tf_stdprune.procedure")
+    procedure = importlib.import_module("tf_stdprune.procedure.iterative")
     return procedure.iterative_callbacks(run_dir, epochs_per_iteration, initial_lrs, *args,
                                          **kwargs)
 
@@ -84,8 +84,8 @@ def restore_run(model, run_dir, *args, **kwargs):
     """Restores the last finished iteration of ``run_dir`` into the compiled ``model``
     and returns the epoch to pass as ``fit(initial_epoch=...)`` (0 for a new run);
     refuses a directory made with other settings. Routed to
-    `tf_stdprune.run_state.restore_run` (tf_keras) or
-    `tf_stdprune.keras3_iterative.restore_run` (Keras 3).
+    `tf_stdprune.keras2.run_state.restore_run` (tf_keras) or
+    `tf_stdprune.keras3.iterative.restore_run` (Keras 3).
 
     Examples:
       >>> initial_epoch = tf_stdprune.restore_run(pruned, "runs/a", fall_back=True)
@@ -95,7 +95,7 @@ def restore_run(model, run_dir, *args, **kwargs):
 
 def recalibrate_batchnorm(model, data, batches):
     """Fresh BatchNormalization moving statistics: the mean of ``batches`` batches' own
-    statistics of ``data`` (either Keras; see `tf_stdprune.recalibration`).
+    statistics of ``data`` (either Keras; see `tf_stdprune.keras2.recalibration`).
 
     Examples:
       >>> tf_stdprune.recalibrate_batchnorm(pruned, batches_of_x, 20)
@@ -112,7 +112,7 @@ def strip_quantization(model):
 def export_sparse_saved_model(model, path, overwrite=False, sparse_compute=False):
     """Writes ``model`` (stripped, or with pruning/quantization wrappers) as a SavedModel
     whose prunable tensors are stored sparsely and decoded once when it is loaded (see
-    `tf_stdprune.serving`); returns the absolute path. tf_keras models, and Keras 3
+    `tf_stdprune.compression.serving`); returns the absolute path. tf_keras models, and Keras 3
     models on the TensorFlow backend (another backend raises before writing anything).
 
     ``sparse_compute``: ``"auto"``, ``True`` or ``False``: whether eligible Dense and
@@ -145,17 +145,17 @@ def export_dense_saved_model(model, path, overwrite=False):
 # Names that only the tf_keras path has (so far): loaded, with tf_keras and tfmot, on
 # first use.
 _LAZY = {
-    "CompressedFileError": "compressed_file", "compress": "compressed_file",
-    "decompress": "compressed_file", "read_weights": "compressed_file",
-    "CompressionReport": "compression_stages", "compression_report": "compression_stages",
-    "plot_compression_stages": "compression_stages",
-    "disk_size": "serving", "export_tflite": "tflite",  # disk_size: any path
-    "PruningSummaries": "callbacks",
-    "prune_scope": "prune", "PruneLowStd": "wrapper",
-    "QuantizeWeights": "quantize", "linear_kmeans": "kmeans",
+    "CompressedFileError": "compression.compressed_file", "compress": "compression.compressed_file",
+    "decompress": "compression.compressed_file", "read_weights": "compression.compressed_file",
+    "CompressionReport": "compression.stages", "compression_report": "compression.stages",
+    "plot_compression_stages": "compression.stages",
+    "disk_size": "compression.serving", "export_tflite": "keras2.tflite",  # disk_size: any path
+    "PruningSummaries": "keras2.callbacks",
+    "prune_scope": "keras2.prune", "PruneLowStd": "keras2.wrapper",
+    "QuantizeWeights": "keras2.quantize", "linear_kmeans": "compression.kmeans",
     "SparsityReport": "report", "sparsity_report": "report",
-    "sensitivity_analysis": "sensitivity", "suggest_layer_quality": "sensitivity",
-    "SensitivityTable": "sensitivity",
+    "sensitivity_analysis": "procedure.sensitivity", "suggest_layer_quality": "procedure.sensitivity",
+    "SensitivityTable": "procedure.sensitivity",
 }
 _SUBMODULES = ("models", "data")
 

@@ -17,7 +17,7 @@ import tempfile
 from tf_stdprune import plots
 from tf_stdprune.io import write_atomically
 from tf_stdprune.report import SparsityReport
-from tf_stdprune.run_directory import parse_history
+from tf_stdprune.procedure.run_directory import parse_history
 
 def _print_report(run_dir):
     try:

@@ -15,15 +15,15 @@ TF_KERAS, KERAS3 = "tf_keras", "keras3"
 
 # Per world, the module that implements each public function of the package.
 MODULES = {
-    TF_KERAS: {"prune": "tf_stdprune.prune", "callbacks": "tf_stdprune.callbacks",
-               "quantize": "tf_stdprune.quantize", "procedure": "tf_stdprune.iterative",
-               "run": "tf_stdprune.run_state", "recalibration": "tf_stdprune.recalibration",
-               "export": "tf_stdprune.export"},
-    KERAS3: {"prune": "tf_stdprune.keras3_prune", "callbacks": "tf_stdprune.keras3_prune",
-             "quantize": "tf_stdprune.keras3_quantize",
-             "procedure": "tf_stdprune.keras3_iterative", "run": "tf_stdprune.keras3_iterative",
-             "recalibration": "tf_stdprune.keras3_iterative",
-             "export": "tf_stdprune.keras3_export"},
+    TF_KERAS: {"prune": "tf_stdprune.keras2.prune", "callbacks": "tf_stdprune.keras2.callbacks",
+               "quantize": "tf_stdprune.keras2.quantize", "procedure": "tf_stdprune.keras2.iterative",
+               "run": "tf_stdprune.keras2.run_state", "recalibration": "tf_stdprune.keras2.recalibration",
+               "export": "tf_stdprune.keras2.export"},
+    KERAS3: {"prune": "tf_stdprune.keras3.prune", "callbacks": "tf_stdprune.keras3.prune",
+             "quantize": "tf_stdprune.keras3.quantize",
+             "procedure": "tf_stdprune.keras3.iterative", "run": "tf_stdprune.keras3.iterative",
+             "recalibration": "tf_stdprune.keras3.iterative",
+             "export": "tf_stdprune.keras3.export"},
 }
 
 
@@ -58,6 +58,15 @@ def world(obj, what):
         f"{what} takes a Keras layer or model (Keras 3 or tf_keras), got "
         f"{type(obj).__name__}."
     )
+
+
+def keras_module(name):
+    """The Keras module of world ``name``: ``keras`` for Keras 3; for tf_keras, ``tf_keras``
+    as the tf_keras world loads it (through `tf_stdprune.keras2.engine`, which keeps the
+    user's ``tf.keras`` and environment as they were)."""
+    if name == KERAS3:
+        return importlib.import_module("keras")
+    return importlib.import_module("tf_stdprune.keras2.engine").keras
 
 
 def module_for(obj, role, what):
@@ -160,15 +169,15 @@ def _procedure_callback(name, doc, check=None):
 
 
 # The callbacks of `procedure.iterative_callbacks`, for either Keras (see each world's
-# module: `iterative` for tf_keras, `keras3_iterative` for Keras 3).
+# module: `keras2.iterative` for tf_keras, `keras3.iterative` for Keras 3).
 procedure_callbacks = types.SimpleNamespace(
     UpdatePruningStep=UpdatePruningStep,
     IterationLearningRate=_procedure_callback(
         "IterationLearningRate", "The per-iteration learning rate, for either Keras.",
-        "tf_stdprune.procedure:IterationLearningRateLogic"),
+        "tf_stdprune.procedure.iterative:IterationLearningRateLogic"),
     IterativePruning=_procedure_callback(
         "IterativePruning", "The iterative procedure's callback, for either Keras.",
-        "tf_stdprune.procedure:IterativePruningLogic"),
+        "tf_stdprune.procedure.iterative:IterativePruningLogic"),
     DropoutRescaling=_procedure_callback(
         "DropoutRescaling", "Dropout rescaling after pruning, for either Keras."),
     TargetAccuracy=_procedure_callback(

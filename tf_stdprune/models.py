@@ -17,6 +17,8 @@ model has exactly 38,969,930 parameters (BN moving statistics included) of which
 
 The same function builds it with tf_keras (default) or with Keras 3 (``keras_module=keras``).
 """
+from tf_stdprune import dispatch
+
 
 VGG19_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
                 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
@@ -50,9 +52,7 @@ def vgg19_bn(num_classes=10, width=1.0, dropout=0.5, weight_decay=5e-4,
         raise ValueError(f"dropout must be in [0, 1) (the reference experiment uses 0.5), got {dropout!r}.")
     if weight_decay is not None and not weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0 (the reference experiment uses 5e-4), got {weight_decay!r}.")
-    if keras_module is None:
-        from tf_stdprune._keras import keras as keras_module
-    keras = keras_module
+    keras = dispatch.keras_module(dispatch.TF_KERAS) if keras_module is None else keras_module
     layers = keras.layers
     l2 = keras.regularizers.l2(weight_decay) if weight_decay else None
     model = keras.Sequential(name=name)

@@ -21,10 +21,10 @@ import numpy as np  # noqa: E402
 import tf_stdprune  # noqa: E402
 from keras3.helpers import BATCH, pruned_for_iterations, state_arrays, tiny_data  # noqa: E402
 
-TF_KERAS_MODULES = ("tf_keras", "tensorflow_model_optimization", "tf_stdprune._keras",
-                    "tf_stdprune.wrapper", "tf_stdprune.prune", "tf_stdprune.callbacks",
-                    "tf_stdprune.iterative", "tf_stdprune.run_state",
-                    "tf_stdprune.recalibration")
+TF_KERAS_MODULES = ("tf_keras", "tensorflow_model_optimization", "tf_stdprune.keras2.engine",
+                    "tf_stdprune.keras2.wrapper", "tf_stdprune.keras2.prune", "tf_stdprune.keras2.callbacks",
+                    "tf_stdprune.keras2.iterative", "tf_stdprune.keras2.run_state",
+                    "tf_stdprune.keras2.recalibration")
 
 
 def run(run_dir, kill_after_batches=None, iterations=3):

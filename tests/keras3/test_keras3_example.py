@@ -1,6 +1,6 @@
 """examples/vgg19_cifar10.py with --keras=3: a tiny run end to end on the backend under test.
 
-The run happens in-process through the example's absl ``main``, as in tests/test_example.py;
+The run happens in-process through the example's absl ``main``, as in tests/examples/test_example.py;
 its outputs are checked against the saved Keras 3 model re-evaluated with NumPy.
 """
 import os
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import tf_stdprune
-from tf_stdprune.run_state import read_history
+from tf_stdprune.keras2.run_state import read_history
 from keras3.helpers import BACKEND
 from example_runs import EXAMPLES, digits_test_set, example_flags, run_example, summary_rows
 

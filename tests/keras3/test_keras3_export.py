@@ -12,7 +12,7 @@ import pytest
 from keras3.helpers import BACKEND, tiny_cnn
 
 import tf_stdprune
-from tf_stdprune.keras3_prune import wrappers
+from tf_stdprune.keras3.prune import wrappers
 
 tf = pytest.importorskip("tensorflow")
 on_tensorflow = pytest.mark.skipif(BACKEND != "tensorflow",
@@ -196,7 +196,7 @@ def test_a_tf_keras_object_mixed_in_is_refused_and_nothing_is_written(tmp_path):
     for export in (tf_stdprune.export_sparse_saved_model, tf_stdprune.export_dense_saved_model):
         with pytest.raises(TypeError, match="mixes tf_keras and Keras 3"):
             export([tiny_cnn(), tf_keras_model], tmp_path / "out")
-    from tf_stdprune.keras3_export import private_plain_copy
+    from tf_stdprune.keras3.export import private_plain_copy
     with pytest.raises(TypeError, match="Keras 3 Model"):
         private_plain_copy(tf_keras_model)
     assert os.listdir(tmp_path) == []
@@ -222,7 +222,7 @@ def test_another_backend_gets_a_clear_error_and_nothing_is_written(tmp_path):
 
 
 def test_the_keras3_export_loads_neither_tf_keras_nor_tfmot():
-    code = ("import sys, tf_stdprune.keras3_export; print(sorted(k for k in sys.modules "
+    code = ("import sys, tf_stdprune.keras3.export; print(sorted(k for k in sys.modules "
             "if k.split('.')[0] in ('tf_keras', 'tensorflow_model_optimization')))")
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

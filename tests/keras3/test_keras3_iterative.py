@@ -13,9 +13,9 @@ import pytest
 from keras3.helpers import BATCH, pruned_for_iterations, state_arrays, tiny_data
 
 import tf_stdprune
-from tf_stdprune import dropout
-from tf_stdprune.keras3_prune import wrappers
-from tf_stdprune.run_directory import NonFiniteError, RunDirectoryError, read_history
+from tf_stdprune.procedure import dropout
+from tf_stdprune.keras3.prune import wrappers
+from tf_stdprune.procedure.run_directory import NonFiniteError, RunDirectoryError, read_history
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "iterative_run.py")

@@ -6,7 +6,7 @@ import pytest
 
 import tf_stdprune
 from tf_stdprune import registry
-from tf_stdprune.keras3_prune import wrappers
+from tf_stdprune.keras3.prune import wrappers
 
 L = keras.layers
 

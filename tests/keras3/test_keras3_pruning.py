@@ -12,8 +12,8 @@ from keras3.helpers import BACKEND, tiny_cnn
 from reference import reference_step
 
 import tf_stdprune
-from tf_stdprune.keras3_prune import wrappers
-from tf_stdprune.keras3_wrapper import PruneLowStd, optimizer_slots
+from tf_stdprune.keras3.prune import wrappers
+from tf_stdprune.keras3.wrapper import PruneLowStd, optimizer_slots
 
 
 def schedule(qualities=(0.6, 1.0), steps=4):

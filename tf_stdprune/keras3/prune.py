@@ -1,0 +1,209 @@
+"""`prune_low_std`, `strip_pruning` and `UpdatePruningStep` for Keras 3 models.
+
+Pruning happens between training steps: `UpdatePruningStep` counts optimizer steps and,
+before each batch at whose step a wrapper's schedule prunes, calls
+`PruneLowStd.update_masks` with that step's ``q``. Steps are numbered as on the tf_keras
+path and in tfmot: the k-th training call is step ``k`` (``optimizer.iterations + 1``
+while it runs), so with
+``StdPruningSchedule(qualities, steps_per_iteration=E * steps_per_epoch)`` pruning falls
+on the first batch of every ``E``-th epoch, as on the tf_keras path. With
+``steps_per_execution = k`` Keras runs ``k`` steps between two callback calls; pruning
+steps must then be multiples of ``k`` (checked at the start of training).
+
+On the JAX backend ``fit`` keeps the training state outside the model's variables during
+an epoch; the callback writes it back (``model.jax_state_sync()``) before it changes
+masks, weights and slots, and Keras reads the variables again for the next step.
+"""
+from absl import logging
+import keras
+
+from tf_stdprune import registry
+from tf_stdprune.procedure.dropout import restore_dropout
+from tf_stdprune.keras3.wrapper import DEFAULT_STD_MODE, PruneLowStd
+from tf_stdprune.validate import check_quality
+
+
+def all_layers(model):
+    """Every layer of ``model``, nested models' layers included, depth first."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
+
+
+def wrappers(model):
+    """The `PruneLowStd` layers of a Keras 3 model (nested models included)."""
+    return [layer for layer in all_layers(model) if isinstance(layer, PruneLowStd)]
+
+
+def _check_graph_model(model):
+    if isinstance(model, keras.Sequential) or getattr(model, "_is_graph_network", False) or \
+            type(model).__name__ == "Functional":
+        return
+    raise ValueError(
+        f"prune_low_std cannot reach the layers of the subclassed model {model.name!r} "
+        f"({type(model).__name__}): rebuild it as a Sequential or functional model, or wrap "
+        "its prunable layers yourself with tf_stdprune.keras3.wrapper.PruneLowStd(layer) "
+        "inside the model's __init__."
+    )
+
+
+def _unknown_layer_error(layer):
+    return ValueError(
+        f"Layer {layer.name!r} ({type(layer).__name__}) holds trainable kernels that "
+        "tf_stdprune does not know how to prune. Pass skip=[{!r}] to leave it dense on "
+        "purpose, or replace it by layers that tf_stdprune prunes (Dense, Conv*, Embedding, "
+        "LSTM, MultiHeadAttention, ...).".format(layer.name)
+    )
+
+
+def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
+                  layer_quality=None, prune_batchnorm=True, skip=()):
+    """Wraps every prunable layer of a Keras 3 model (or one layer) in `PruneLowStd`.
+
+    A weight ``w`` of layer ``l`` is pruned at a pruning step of quality ``q`` when
+    ``|w| < q * layer_quality.get(l, 1) * sigma_l`` (see `mask_rule`).
+
+    Args:
+      to_prune: a Keras 3 layer, a list of layers, or a Sequential / functional model
+        (nested ones included).
+      pruning_schedule: a `StdPruningSchedule`; default ``q = 1.0`` every 100 steps.
+      std_mode: ``"initial"``, ``"surviving"`` or ``"all"``.
+      layer_quality: ``{layer_name: factor}`` multiplying ``q`` per layer.
+      prune_batchnorm: also prune BatchNormalization ``gamma``.
+      skip: names of layers to leave dense on purpose.
+
+    Returns:
+      A new model of the same kind whose prunable layers are wrapped (the layers
+      themselves, and so their weights, are shared with ``to_prune``), or the wrapped
+      layer. A layer with trainable kernels that `registry` does not know raises
+      ``ValueError`` unless it is named in ``skip``: nothing is left dense silently.
+
+    Examples:
+      >>> schedule = StdPruningSchedule([0.5, 1.0], steps_per_iteration=3 * steps)
+      >>> pruned = prune_low_std(model, pruning_schedule=schedule)
+      >>> pruned.fit(x, y, epochs=6, callbacks=[UpdatePruningStep()])
+    """
+    layer_quality = dict(layer_quality or {})
+    for name, factor in layer_quality.items():
+        check_quality(factor, f"layer_quality[{name!r}]")
+    skip = set(skip)
+    settings = dict(pruning_schedule=pruning_schedule, std_mode=std_mode,
+                    prune_batchnorm=prune_batchnorm)
+
+    def wrap(layer):
+        if isinstance(layer, keras.Model):
+            return layer
+        if layer.name in skip or isinstance(layer, PruneLowStd):
+            return layer
+        if registry.prunable_attributes(layer, prune_batchnorm):
+            return PruneLowStd(layer, layer_quality=layer_quality.get(layer.name, 1.0),
+                               **settings)
+        if registry.unknown_kernels(layer):
+            raise _unknown_layer_error(layer)
+        return layer
+
+    if isinstance(to_prune, (list, tuple)):
+        return [wrap(layer) for layer in to_prune]
+    if not isinstance(to_prune, keras.Model):
+        return wrap(to_prune)
+    _check_graph_model(to_prune)
+    names = {layer.name for layer in all_layers(to_prune)}
+    unknown = (set(layer_quality) | skip) - names
+    if unknown:
+        raise ValueError(f"layer_quality/skip name layers that are not in the model: "
+                         f"{sorted(unknown)}. Use the names printed by model.summary().")
+    for layer in all_layers(to_prune):
+        if isinstance(layer, keras.Model):
+            _check_graph_model(layer)
+    pruned = keras.models.clone_model(to_prune, clone_function=wrap, recursive=True)
+    if not wrappers(pruned):
+        logging.warning("prune_low_std: %s has no prunable layer.", to_prune.name)
+    return pruned
+
+
+def strip_pruning(model):
+    """A model without pruning wrappers: each `PruneLowStd` is replaced by its layer.
+
+    The layers (and weights) are shared with ``model``; each pruned tensor is set to
+    ``w * m`` first, so the result holds exact zeros, and Dropout rates rescaled during
+    pruning get their original rate back (`dropout.restore_dropout`). Works on nested
+    models.
+    """
+    restore_dropout(model)
+    if isinstance(model, PruneLowStd):
+        model.apply_masks()
+        return model.layer
+    for wrapper in wrappers(model):
+        wrapper.apply_masks()
+
+    def unwrap(layer):
+        return layer.layer if isinstance(layer, PruneLowStd) else layer
+
+    return keras.models.clone_model(model, clone_function=unwrap, recursive=True)
+
+
+def prune_due(pruning_wrappers, step, optimizer=None):
+    """Prunes each wrapper whose schedule prunes at ``step`` and that has not pruned at
+    that step yet: its masks shrink with the step's ``q`` (`PruneLowStd.update_masks`),
+    its optimizer slots are masked, and the step is recorded on it (``pruned_step``), so
+    that a mask update made before the step's batch (`tf_stdprune.keras3.iterative.IterativePruning`
+    prunes at an iteration's start) is not repeated by `UpdatePruningStep`. Returns the
+    last ``q`` used, or None if none pruned.
+    """
+    quality = None
+    for wrapper in pruning_wrappers:
+        schedule = wrapper.pruning_schedule
+        if schedule.should_prune(step) and getattr(wrapper, "pruned_step", None) != step:
+            quality = float(schedule.quality(schedule.iteration(step)))
+            wrapper.update_masks(quality, optimizer)
+            wrapper.pruned_step = step
+    return quality
+
+
+class UpdatePruningStep(keras.callbacks.Callback):
+    """Prunes every `PruneLowStd` of the model at the steps its schedule names.
+
+    At the start of training every tensor is re-masked and the optimizer's slots are
+    multiplied by the masks (whatever happened to the weights before ``fit``). Before each
+    batch whose step is a pruning step of a wrapper's schedule, that wrapper's masks shrink
+    (`PruneLowStd.update_masks`) and its slots are masked. Costs nothing on other batches.
+    """
+
+    def on_train_begin(self, logs=None):
+        self._wrappers = wrappers(self.model)
+        unbuilt = [w.name for w in self._wrappers if not w.built]
+        if unbuilt:
+            raise ValueError(
+                f"The pruned model is not built yet ({unbuilt[0]} has no weights), so it "
+                "cannot be pruned at the first step: give the model a keras.Input(shape), or "
+                "call model.build(input_shape) before fit."
+            )
+        optimizer = self.model.optimizer
+        if not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        self._taken = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        self._per_call = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        for wrapper in self._wrappers:
+            wrapper.apply_masks(optimizer)
+            wrapper.pruned_step = None  # a new fit may count its steps anew
+            schedule = wrapper.pruning_schedule
+            if self._per_call > 1 and (schedule.steps_per_iteration % self._per_call
+                                       or schedule.begin_step % self._per_call):
+                raise ValueError(
+                    f"{wrapper.name}: with steps_per_execution={self._per_call} pruning can "
+                    "only happen every steps_per_execution steps; make the schedule's "
+                    "steps_per_iteration and begin_step multiples of it."
+                )
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = self._taken + 1  # tfmot's numbering: the k-th training call is step k
+        if not any(w.pruning_schedule.should_prune(step) for w in self._wrappers):
+            return
+        sync = getattr(self.model, "jax_state_sync", None)
+        if sync is not None:
+            sync()
+        prune_due(self._wrappers, step, self.model.optimizer)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._taken += self._per_call
