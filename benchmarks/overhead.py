@@ -10,6 +10,7 @@ allocates new weight buffers at every step, and at full width that shows).
     python benchmarks/overhead.py --width=1.0 --batch_size=32 --rounds=5
     python benchmarks/overhead.py --width=1.0 --batch_size=8 --clock=page_faults
     KERAS_BACKEND=jax python benchmarks/overhead.py --keras=3   # see overhead_keras3.py
+    KERAS_BACKEND=jax python benchmarks/overhead.py --keras=3 --model=bert
 """
 import time
 
@@ -43,6 +44,9 @@ flags.DEFINE_bool("with_kernels_only", False,
 flags.DEFINE_enum("keras", "2", ["2", "3"],
                   "2: tf_keras (dense, tfmot, ours); 3: Keras 3 on KERAS_BACKEND (dense, ours) "
                   "and the mask update vs the tf_keras path.")
+flags.DEFINE_enum("model", "vgg", ["vgg", "bert", "gpt2"],
+                  "vgg: VGG19-BN at --width; bert, gpt2: a small KerasHub task model "
+                  "(--keras=3 only; see overhead_keras3.py).")
 flags.DEFINE_bool("mixed_precision", False,
                   "mixed_float16 on GPU, mixed_bfloat16 on CPU (masks stay float32).")
 
@@ -117,8 +121,11 @@ def main(_):
     if FLAGS.keras == "3":
         import overhead_keras3
 
-        overhead_keras3.run(FLAGS.width, FLAGS.batch_size, FLAGS.steps, FLAGS.rounds)
+        overhead_keras3.run(FLAGS.width, FLAGS.batch_size, FLAGS.steps, FLAGS.rounds,
+                            FLAGS.model)
         return
+    if FLAGS.model != "vgg":
+        raise app.UsageError(f"--model={FLAGS.model} is a KerasHub model: add --keras=3.")
     data = tf.data.Dataset.from_tensors(fixed_batch()).repeat()
     contenders = {name: _runner(model, data, callback)
                   for name, (model, callback) in contender_models().items()}

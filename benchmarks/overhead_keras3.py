@@ -9,6 +9,11 @@ recomputes every mask of the model once (`PruneLowStd.update_masks`, slots inclu
 the Keras 3 model and on the tf_keras model (`pruning_obj.update_masks`), interleaved.
 
     KERAS_BACKEND=jax python benchmarks/overhead.py --keras=3 --width=0.25 --batch_size=64
+    KERAS_BACKEND=jax python benchmarks/overhead.py --keras=3 --model=gpt2 --batch_size=16
+
+``--model=bert|gpt2`` times a small KerasHub task instead (`hub_models`): a
+``BertTextClassifier`` or a ``GPT2CausalLM`` on random token ids, every Dense, EinsumDense
+and embedding kernel at every depth pruned; the mask update is not timed there.
 """
 import keras
 import numpy as np
@@ -33,8 +38,51 @@ def _fit_runner(model, x, y, batch_size, steps, callbacks):
     return run
 
 
-def train_step_contenders(width, batch_size, steps):
+# The KerasHub configurations of ``--model``: small, yet every kind of nested kernel.
+HUB_CONFIG = {"vocabulary_size": 1000, "num_layers": 2, "num_heads": 4, "hidden_dim": 128,
+              "intermediate_dim": 512, "max_sequence_length": 128}
+SEQUENCE_LENGTH = 128
+
+
+def hub_models(name):
+    """``(dense, pruned, inputs_and_targets(batch))``: two copies with the same weights of
+    a small ``bert`` classifier or ``gpt2`` causal LM, the second pruned at every depth."""
+    import keras_hub
+
+    def build():
+        keras.utils.set_random_seed(0)
+        if name == "bert":
+            backbone = keras_hub.models.BertBackbone(**HUB_CONFIG)
+            return keras_hub.models.BertTextClassifier(backbone, num_classes=2,
+                                                       preprocessor=None)
+        backbone = keras_hub.models.GPT2Backbone(**HUB_CONFIG)
+        return keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
+
+    def data(batch):
+        rng = np.random.default_rng(0)
+        ids = rng.integers(1, HUB_CONFIG["vocabulary_size"], size=(batch, SEQUENCE_LENGTH))
+        x = {"token_ids": ids.astype("int32"), "padding_mask": np.ones_like(ids, "int32")}
+        if name == "bert":
+            x["segment_ids"] = np.zeros_like(ids, "int32")
+            return x, rng.integers(0, 2, size=batch)
+        return x, np.roll(ids, -1, axis=1).astype("int32")
+
+    dense, copy = build(), build()
+    copy.set_weights(dense.get_weights())
+    schedule = tf_stdprune.StdPruningSchedule([1.0], steps_per_iteration=10**9)
+    return dense, tf_stdprune.prune_low_std(copy, pruning_schedule=schedule), data
+
+
+def train_step_contenders(width, batch_size, steps, model="vgg"):
     """``{"dense": run, "prune_low_std": run}`` on the same data and initial weights."""
+    if model != "vgg":
+        dense, pruned, data = hub_models(model)
+        x, y = data(batch_size * steps)
+        return {
+            "dense": _fit_runner(_compiled(dense), x, y, batch_size, steps, []),
+            "prune_low_std": _fit_runner(_compiled(pruned), x, y, batch_size, steps,
+                                         [tf_stdprune.UpdatePruningStep()]),
+        }
     keras.utils.set_random_seed(0)
     dense = vgg19_bn(width=width, keras_module=keras)
     weights = dense.get_weights()
@@ -85,15 +133,19 @@ def mask_update_contenders(width):
     return {"keras3": keras3, "tf_keras": tf_keras}
 
 
-def run(width, batch_size, steps, rounds):
-    """Prints both reports (JSON, then a table) and returns their rows."""
+def run(width, batch_size, steps, rounds, model="vgg"):
+    """Prints both reports (JSON, then a table; for a KerasHub ``model`` the train step
+    only) and returns their rows."""
     backend = keras.backend.backend()
-    config = {"backend": backend, "width": width, "batch_size": batch_size, "steps": steps,
-              "rounds": rounds}
-    samples = interleaved_samples(train_step_contenders(width, batch_size, steps), rounds)
+    config = {"backend": backend, "model": model, "batch_size": batch_size, "steps": steps,
+              "rounds": rounds, **({"width": width} if model == "vgg" else HUB_CONFIG)}
+    samples = interleaved_samples(train_step_contenders(width, batch_size, steps, model),
+                                  rounds)
     per_step = {name: [t / steps for t in times] for name, times in samples.items()}
-    train = report(f"Keras 3 train step ({backend})", config, per_step, "dense",
-                   items=batch_size)
+    title = "Keras 3 train step" + ("" if model == "vgg" else f", KerasHub {model}")
+    train = report(f"{title} ({backend})", config, per_step, "dense", items=batch_size)
+    if model != "vgg":
+        return {"train_step": train}
     updates = interleaved_samples(mask_update_contenders(width), rounds)
     masks = report(f"mask update, all layers (Keras 3 on {backend} vs tf_keras)",
                    {"backend": backend, "width": width, "rounds": rounds}, updates, "tf_keras")

@@ -59,6 +59,13 @@ BENCHMARKS = (
               ("--keras=3", "--width=0.25", "--batch_size=64", "--steps=4", "--rounds=20"),
               env=(("KERAS_BACKEND", "jax"),),
               about="Keras 3 train step (JAX backend) pruned vs dense; mask update"),
+    *(Benchmark(f"overhead_{model}_{short}", "overhead.py",
+                ("--keras=3", f"--model={model}", "--batch_size=16", "--steps=2", "--rounds=6"),
+                ("--keras=3", f"--model={model}", "--batch_size=16", "--steps=4", "--rounds=20"),
+                env=(("KERAS_BACKEND", backend),),
+                about=f"Keras 3 train step ({backend} backend) of a small KerasHub {model}, "
+                      "pruned at every depth vs dense")
+      for model in ("bert", "gpt2") for backend, short in (("jax", "jax"), ("tensorflow", "tf"))),
     Benchmark("xla_copies", "xla_copies.py",
               ("--width=0.25", "--batch_size=8", "--with_kernels_only"),
               ("--width=0.25", "--batch_size=8", "--with_kernels_only"),
