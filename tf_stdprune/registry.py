@@ -65,6 +65,9 @@ TABLE = {
 NOT_PRUNED = frozenset({
     "LayerNormalization", "GroupNormalization", "UnitNormalization", "PReLU",
     "Normalization", "RMSNormalization",
+    # KerasHub's learned position tables: every row is read at every step, and they are
+    # small next to the token embedding; kept dense on purpose.
+    "PositionEmbedding",
 })
 
 # Layers tfmot refuses to prune; so do we, with the same exception type.
@@ -78,9 +81,9 @@ ALIASES = {"depthwise_kernel": "kernel"}
 
 
 def is_keras_class(cls):
-    """True for a class that tf_keras or Keras 3 itself defines."""
+    """True for a class that tf_keras, Keras 3 or KerasHub defines."""
     root = cls.__module__.split(".")[0]
-    return root in ("keras", "tf_keras")
+    return root in ("keras", "tf_keras", "keras_hub")
 
 
 def keras_class_name(layer):
@@ -152,6 +155,8 @@ def prunable_attributes(layer, prune_batchnorm=True):
         return _rnn_cell_paths(layer)
     if entry.kind == BATCHNORM_KIND and not (prune_batchnorm and getattr(layer, "scale", True)):
         return []
+    if getattr(layer, "tie_weights", True) is False and hasattr(layer, "reverse_embeddings"):
+        return [*entry.attributes, "reverse_embeddings"]  # an untied ReversibleEmbedding
     return list(entry.attributes)
 
 

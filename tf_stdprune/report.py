@@ -132,14 +132,43 @@ def unwrapped(layer):
     return layer
 
 
+def sublayers(layer):
+    """The layers ``layer`` tracks directly (either Keras's own layer tree)."""
+    flatten = getattr(layer, "_flatten_layers", None)
+    return list(flatten(include_self=False, recursive=False)) if flatten else []
+
+
+def layer_paths(model):
+    """``(path, layer)`` of every layer the report counts, pruning wrappers replaced by the
+    layers they wrap. Nested models are flattened (their layers keep their own names);
+    a layer that is neither a model nor prunable itself but holds sublayers (a KerasHub
+    transformer block, a custom layer of Dense sublayers) comes first, then its sublayers
+    under ``its/path/child``."""
+    def walk(layers, prefix):
+        for layer in layers:
+            if is_model(layer):
+                yield from walk(layer.layers, prefix)
+                continue
+            layer = unwrapped(layer)
+            path = f"{prefix}/{layer.name}" if prefix else layer.name
+            yield path, layer
+            if not prunable_attributes(layer, prune_batchnorm=True):
+                yield from walk(sublayers(layer), path)
+
+    yield from walk(model.layers, "")
+
+
 def leaf_layers(model):
-    """The layers of ``model`` with nested models flattened and pruning wrappers replaced
-    by the layers they wrap."""
-    for layer in model.layers:
-        if is_model(layer):
-            yield from leaf_layers(layer)
-        else:
-            yield unwrapped(layer)
+    """The layers of `layer_paths`, without their paths."""
+    for _, layer in layer_paths(model):
+        yield layer
+
+
+def pruning_state_variables(model):
+    """Ids of the pruning state (masks, thresholds, sigmas) attached in place to layers."""
+    return {id(v) for layer in leaf_layers(model)
+            for v in getattr(getattr(layer, "tf_stdprune_pruning", None),
+                             "pruning_variables", ())}
 
 
 def counted_tensors(layer):
@@ -164,17 +193,22 @@ def prunable_layers(model):
 
 
 def sparsity_report(model):
-    """The `SparsityReport` of a tf_keras or Keras 3 model (see the module docstring)."""
+    """The `SparsityReport` of a tf_keras or Keras 3 model (see the module docstring);
+    each layer's row is named by its path (`layer_paths`)."""
+    counted = pruning_state_variables(model)  # never parameters
     total_parameters, layers, seen = 0, [], set()
-    for leaf in leaf_layers(model):
+    for path, leaf in layer_paths(model):
         if id(leaf) in seen:  # a layer shared between branches counts once
             continue
         seen.add(id(leaf))
         layer, values = counted_tensors(leaf)
-        total_parameters += sum(int(np.prod(w.shape)) for w in layer.weights)
+        for weight in layer.weights:
+            if id(weight) not in counted:
+                counted.add(id(weight))
+                total_parameters += int(np.prod(weight.shape))
         if values:
             layers.append(LayerSparsity(
-                layer.name, layer_kind(layer),
+                path, layer_kind(layer),
                 total=sum(v.size for v in values),
                 zeros=sum(int(np.count_nonzero(v == 0)) for v in values),
             ))

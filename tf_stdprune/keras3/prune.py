@@ -18,6 +18,7 @@ from absl import logging
 import keras
 
 from tf_stdprune import registry
+from tf_stdprune.keras3 import nested
 from tf_stdprune.procedure.dropout import restore_dropout
 from tf_stdprune.keras3.wrapper import DEFAULT_STD_MODE, PruneLowStd
 from tf_stdprune.validate import check_quality
@@ -32,20 +33,29 @@ def all_layers(model):
 
 
 def wrappers(model):
-    """The `PruneLowStd` layers of a Keras 3 model (nested models included)."""
-    return [layer for layer in all_layers(model) if isinstance(layer, PruneLowStd)]
+    """The pruned layers of a Keras 3 model: its `PruneLowStd` wrappers (nested models
+    included) and the `nested.NestedPruning` states attached at any depth."""
+    return [layer for layer in all_layers(model) if isinstance(layer, PruneLowStd)] + \
+        nested.states(model)
 
 
-def _check_graph_model(model):
-    if isinstance(model, keras.Sequential) or getattr(model, "_is_graph_network", False) or \
-            type(model).__name__ == "Functional":
-        return
-    raise ValueError(
-        f"prune_low_std cannot reach the layers of the subclassed model {model.name!r} "
-        f"({type(model).__name__}): rebuild it as a Sequential or functional model, or wrap "
-        "its prunable layers yourself with tf_stdprune.keras3.wrapper.PruneLowStd(layer) "
-        "inside the model's __init__."
-    )
+def is_flat(model):
+    """True for a Sequential or functional model (of the classes Keras itself defines)
+    whose layers, and those of its nested flat models, hold no prunable layer inside a
+    layer of another kind: `PruneLowStd` wrappers reach all of it. Any other model is
+    pruned in place on a copy (`nested`)."""
+    if type(model) not in (keras.Sequential, keras.Model) and \
+            type(model).__name__ not in ("Functional", "Sequential"):
+        return False
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            if not is_flat(layer):
+                return False
+        elif not registry.prunable_attributes(layer) and any(
+                registry.prunable_attributes(inner) or nested.own_kernels(inner)
+                for _, inner in nested.layer_tree(layer)):
+            return False
+    return True
 
 
 def _unknown_layer_error(layer):
@@ -65,18 +75,23 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
     ``|w| < q * layer_quality.get(l, 1) * sigma_l`` (see `mask_rule`).
 
     Args:
-      to_prune: a Keras 3 layer, a list of layers, or a Sequential / functional model
-        (nested ones included).
+      to_prune: a Keras 3 layer, a list of layers, or any Keras 3 model: Sequential,
+        functional, functional subclasses (KerasHub Backbones and Tasks), subclassed
+        models, with prunable layers at any depth (inside custom layers and nested
+        models; see `tf_stdprune.keras3.nested`).
       pruning_schedule: a `StdPruningSchedule`; default ``q = 1.0`` every 100 steps.
       std_mode: ``"initial"``, ``"surviving"`` or ``"all"``.
-      layer_quality: ``{layer_name: factor}`` multiplying ``q`` per layer.
+      layer_quality: ``{layer name or path: factor}`` multiplying ``q`` per layer.
       prune_batchnorm: also prune BatchNormalization ``gamma``.
-      skip: names of layers to leave dense on purpose.
+      skip: names or paths (``"backbone/transformer_layer_0"``) of layers to leave dense
+        on purpose; a path also covers the layers under it.
 
     Returns:
-      A new model of the same kind whose prunable layers are wrapped (the layers
-      themselves, and so their weights, are shared with ``to_prune``), or the wrapped
-      layer. A layer with trainable kernels that `registry` does not know raises
+      For a flat Sequential or functional model, a new model of the same kind whose
+      prunable layers are wrapped (the layers themselves, and so their weights, are
+      shared with ``to_prune``); for any other model a copy of the same class and config
+      with pruning attached in place (``to_prune`` is not changed); for a layer, the
+      wrapped layer. A layer with trainable kernels that `registry` does not know raises
       ``ValueError`` unless it is named in ``skip``: nothing is left dense silently.
 
     Examples:
@@ -107,15 +122,19 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
         return [wrap(layer) for layer in to_prune]
     if not isinstance(to_prune, keras.Model):
         return wrap(to_prune)
-    _check_graph_model(to_prune)
+    if nested.states(to_prune):
+        raise ValueError(f"{to_prune.name!r} is already pruned; strip_pruning(model) first "
+                         "to prune it again.")
+    if not is_flat(to_prune):
+        pruned = nested.copy_model(to_prune)
+        if not nested.prune_in_place(pruned, layer_quality, skip, **settings):
+            logging.warning("prune_low_std: %s has no prunable layer.", to_prune.name)
+        return pruned
     names = {layer.name for layer in all_layers(to_prune)}
     unknown = (set(layer_quality) | skip) - names
     if unknown:
         raise ValueError(f"layer_quality/skip name layers that are not in the model: "
                          f"{sorted(unknown)}. Use the names printed by model.summary().")
-    for layer in all_layers(to_prune):
-        if isinstance(layer, keras.Model):
-            _check_graph_model(layer)
     pruned = keras.models.clone_model(to_prune, clone_function=wrap, recursive=True)
     if not wrappers(pruned):
         logging.warning("prune_low_std: %s has no prunable layer.", to_prune.name)
@@ -134,6 +153,8 @@ def strip_pruning(model):
     if isinstance(model, PruneLowStd):
         model.apply_masks()
         return model.layer
+    if nested.states(model):
+        return nested.strip(model)
     for wrapper in wrappers(model):
         wrapper.apply_masks()
 

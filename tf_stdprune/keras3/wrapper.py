@@ -98,8 +98,92 @@ class SubstitutingWrapper(keras.layers.Wrapper):
             *args, **self._layer_arguments(kwargs, training=training, mask=mask))
 
 
+MASK_DTYPE = "uint8"  # a mask costs a quarter of a float32 tensor's bytes
+
+
+class MaskedTensors:
+    """The pruning state of one layer's tensors and the rule applied to it, shared by the
+    `PruneLowStd` wrapper and by pruning attached in place (`tf_stdprune.keras3.nested`).
+
+    A user sets ``layer`` (the layer holding the tensors), ``paths`` (their attribute
+    paths), ``pruning_schedule``, ``std_mode`` and ``layer_quality``, then calls
+    `add_pruning_variables` once the layer is built: per tensor a ``uint8`` mask
+    (1 = kept), the last ``threshold`` and ``sigma``, all non-trainable.
+    """
+
+    def add_pruning_variables(self, owner, layer):
+        """Creates the masks, thresholds and sigmas as ``owner``'s weights, each mask
+        distributed as its tensor is (`keras.distribution`: the same layout)."""
+        self.masks, self.thresholds, self.sigmas = [], [], []
+        for path in self.paths:
+            weight = registry.get_tensor(layer, path)
+            name = path.replace(".", "_").lstrip("_")
+            self.masks.append(owner.add_weight(name=f"{name}_mask", shape=weight.shape,
+                                               initializer="ones", dtype=MASK_DTYPE,
+                                               trainable=False))
+            layout = variable_layout(weight)
+            if layout is not None:
+                self.masks[-1]._layout = layout
+                self.masks[-1].assign(self.masks[-1].value)  # placed as the layout says
+            self.thresholds.append(owner.add_weight(name=f"{name}_threshold", shape=(),
+                                                    initializer="zeros", trainable=False))
+            self.sigmas.append(owner.add_weight(
+                name=f"{name}_sigma", shape=(), trainable=False,
+                initializer=keras.initializers.Constant(mask_rule.UNSET_SIGMA)))
+
+    @property
+    def pruning_variables(self):
+        """Every variable of the pruning state: masks, thresholds, sigmas."""
+        return [*self.masks, *self.thresholds, *self.sigmas]
+
+    @property
+    def pruned_weights(self):
+        """The layer's prunable variables, in `paths` order."""
+        return [registry.get_tensor(self.layer, path) for path in self.paths]
+
+    def substitutes(self):
+        """``w * m`` for each pruned tensor: what the layer computes with."""
+        return [ops.multiply(w, ops.cast(m, w.dtype))
+                for w, m in zip(self.pruned_weights, self.masks)]
+
+    def update_masks(self, quality, optimizer=None):
+        """Applies the rule once with quality ``q``, now (eagerly, between steps).
+
+        Per tensor: ``threshold = q * layer_quality * sigma``, ``m = m AND |w| >= threshold``,
+        ``w = w * m``; with ``optimizer``, each of its slots ``s`` of ``w`` becomes ``s * m``.
+        """
+        q = float(quality) * self.layer_quality
+        rule_ops = mask_rule.keras3_ops()
+        for weight, mask, threshold, sigma in zip(self.pruned_weights, self.masks,
+                                                  self.thresholds, self.sigmas):
+            new_mask, new_threshold, new_sigma, new_weight = mask_rule.std_rule(
+                weight.value, ops.cast(mask.value, "float32"), q, self.std_mode, sigma.value,
+                rule_ops)
+            mask.assign(ops.cast(new_mask, mask.dtype))
+            threshold.assign(new_threshold)
+            sigma.assign(new_sigma)
+            weight.assign(ops.cast(new_weight, weight.dtype))
+        if optimizer is not None:
+            self.apply_masks(optimizer)
+
+    def apply_masks(self, optimizer=None):
+        """``w = w * m``, and with ``optimizer`` ``s = s * m`` for each of its slots ``s``."""
+        rule_ops = mask_rule.keras3_ops()
+        for weight, mask in zip(self.pruned_weights, self.masks):
+            weight.assign(mask_rule.apply_mask(weight.value, mask.value, rule_ops))
+            for slot in optimizer_slots(optimizer, weight) if optimizer is not None else []:
+                slot.assign(slot * ops.cast(mask, slot.dtype))
+
+
+def variable_layout(variable):
+    """The layout under which the active `keras.distribution` places ``variable`` (None
+    without a distribution)."""
+    distribution = keras.distribution.distribution()
+    return None if distribution is None else distribution.get_variable_layout(variable)
+
+
 @keras.saving.register_keras_serializable(package="tf_stdprune")
-class PruneLowStd(SubstitutingWrapper):
+class PruneLowStd(MaskedTensors, SubstitutingWrapper):
     """Wraps a Keras 3 layer so that weights with ``|w| < q * layer_quality * sigma`` are
     pruned when the schedule says so (module docstring).
 
@@ -149,54 +233,7 @@ class PruneLowStd(SubstitutingWrapper):
 
     def build(self, input_shape=None):
         super().build(input_shape)
-        self.masks, self.thresholds, self.sigmas = [], [], []
-        for path in self.paths:
-            weight = registry.get_tensor(self.layer, path)
-            name = path.replace(".", "_").lstrip("_")
-            self.masks.append(self.add_weight(name=f"{name}_mask", shape=weight.shape,
-                                              initializer="ones", dtype=weight.dtype,
-                                              trainable=False))
-            self.thresholds.append(self.add_weight(name=f"{name}_threshold", shape=(),
-                                                   initializer="zeros", trainable=False))
-            self.sigmas.append(self.add_weight(
-                name=f"{name}_sigma", shape=(), trainable=False,
-                initializer=keras.initializers.Constant(mask_rule.UNSET_SIGMA)))
-
-    @property
-    def pruned_weights(self):
-        """The wrapped layer's prunable variables, in `paths` order."""
-        return [registry.get_tensor(self.layer, path) for path in self.paths]
-
-    def substitutes(self):
-        """``w * m`` for each pruned tensor: what the wrapped layer computes with."""
-        return [ops.multiply(w, m) for w, m in zip(self.pruned_weights, self.masks)]
-
-    def update_masks(self, quality, optimizer=None):
-        """Applies the rule once with quality ``q``, now (eagerly, between steps).
-
-        Per tensor: ``threshold = q * layer_quality * sigma``, ``m = m AND |w| >= threshold``,
-        ``w = w * m``; with ``optimizer``, each of its slots ``s`` of ``w`` becomes ``s * m``.
-        """
-        q = float(quality) * self.layer_quality
-        rule_ops = mask_rule.keras3_ops()
-        for weight, mask, threshold, sigma in zip(self.pruned_weights, self.masks,
-                                                  self.thresholds, self.sigmas):
-            new_mask, new_threshold, new_sigma, new_weight = mask_rule.std_rule(
-                weight.value, mask.value, q, self.std_mode, sigma.value, rule_ops)
-            mask.assign(ops.cast(new_mask, mask.dtype))
-            threshold.assign(new_threshold)
-            sigma.assign(new_sigma)
-            weight.assign(ops.cast(new_weight, weight.dtype))
-        if optimizer is not None:
-            self.apply_masks(optimizer)
-
-    def apply_masks(self, optimizer=None):
-        """``w = w * m``, and with ``optimizer`` ``s = s * m`` for each of its slots ``s``."""
-        rule_ops = mask_rule.keras3_ops()
-        for weight, mask in zip(self.pruned_weights, self.masks):
-            weight.assign(mask_rule.apply_mask(weight.value, mask.value, rule_ops))
-            for slot in optimizer_slots(optimizer, weight) if optimizer is not None else []:
-                slot.assign(slot * ops.cast(mask, slot.dtype))
+        self.add_pruning_variables(self, self.layer)
 
     def get_config(self):
         return {

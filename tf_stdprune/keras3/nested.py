@@ -1,0 +1,191 @@
+"""Pruning attached in place to the layers of any Keras 3 model, at any depth.
+
+`prune_low_std` wraps the layers of a flat Sequential or functional model in `PruneLowStd`
+(a new graph around the same layers). Every other model — a functional subclass (every
+KerasHub Backbone and Task), a subclassed model with a hand-written ``call``, a custom
+layer made of Dense sublayers, at any depth — is pruned here instead, on a copy:
+
+1. The copy: ``deserialize_keras_object(serialize_keras_object(model))`` rebuilds the same
+   class from its config (KerasHub classes and any class registered with
+   ``keras.saving.register_keras_serializable``), then ``set_weights`` copies the values.
+   The user's model is never touched.
+2. The walk: every layer of the copy's layer tree, depth first through each layer's
+   sublayers (``Layer._flatten_layers(include_self=False, recursive=False)``, the tree
+   Keras itself tracks), with its path ``parent/child/...`` of layer names. A layer that
+   `registry` names (Dense, EinsumDense, Conv*, Embedding and so KerasHub's
+   ``ReversibleEmbedding``, the recurrent layers, ``MultiHeadAttention`` and so KerasHub's
+   ``CachedMultiHeadAttention``, ...) is pruned as a whole and not entered. Any other
+   layer is entered; if it holds trainable tensors of rank >= 2 of its own (not in a
+   sublayer) it raises ``ValueError`` naming its path and ``skip=``.
+3. The attachment, as Keras 3's own ``Dense.enable_lora`` and ``quantize`` change a layer
+   in place: a `NestedPruning` state is set on the layer (attribute ``tf_stdprune_pruning``),
+   its masks, thresholds and sigmas are added to the layer as non-trainable weights (the
+   layer's variable tracker is unlocked for this, as ``enable_lora`` does), and the layer's
+   ``call`` is replaced, on this instance only, by one that computes with ``w * m`` in place
+   of each pruned tensor (`wrapper.substituted`) and then runs the class's own ``call``.
+   The graph, the class and the config of every layer stay as they were, so KerasHub's
+   functional graphs and hand-written ``call`` methods run unchanged, tied weights (a
+   ``ReversibleEmbedding`` used for the input and, reversed, for the logits) are one
+   tensor with one mask, and a layer reached by two paths is pruned once.
+
+The masks are model variables (``model.non_trainable_variables``), so JAX's stateless
+training sees their current values, `UpdatePruningStep` changes them between steps, and
+the run directory's checkpoints hold them. `strip_pruning` rebuilds the same class from
+the same config and sets every weight (``w * m`` for pruned tensors): the result is the
+model the user would have built, with exact zeros. A pruned model's own ``.keras`` file
+does not hold the masks: save `strip_pruning`'s result, or use the run directory.
+
+Dropout inside transformer blocks (KerasHub's attention and feedforward dropouts, set by
+a constructor argument and kept in the config) is left at its rate: dropout rescaling
+(`procedure.dropout`) changes only ``keras.layers.Dropout`` layers whose input comes from a
+pruned layer in a functional graph.
+"""
+import keras
+
+from tf_stdprune import registry
+from tf_stdprune.keras3.wrapper import DEFAULT_STD_MODE, MaskedTensors, substituted, \
+    default_schedule
+from tf_stdprune.validate import check_quality
+
+ATTRIBUTE = "tf_stdprune_pruning"
+
+
+class NestedPruning(MaskedTensors):
+    """The pruning state of one layer pruned in place (module docstring): the same
+    interface as `PruneLowStd` (``update_masks``, ``apply_masks``, ``masks``, ``paths``,
+    ``pruning_schedule``, ...) for the callbacks, the procedure and the exports.
+
+    Args:
+      layer: a built Keras 3 layer that `registry` names.
+      path: the layer's path in the model (``backbone/transformer_layer_0/...``).
+    """
+
+    def __init__(self, layer, path, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
+                 layer_quality=1.0, prune_batchnorm=True):
+        self.layer, self.name = layer, path
+        self.paths = registry.prunable_attributes(layer, prune_batchnorm)
+        self.pruning_schedule = pruning_schedule or default_schedule()
+        self.std_mode = std_mode
+        self.layer_quality = check_quality(layer_quality, f"layer_quality of {path!r}")
+        self.prune_batchnorm = bool(prune_batchnorm)
+        tracker = getattr(layer, "_tracker", None)
+        if tracker is not None:
+            tracker.unlock()
+        try:
+            self.add_pruning_variables(layer, layer)
+        finally:
+            if tracker is not None:
+                tracker.lock()
+        original_call = layer.call
+
+        def call(*args, **kwargs):
+            with substituted(layer, self.paths, self.substitutes()):
+                return original_call(*args, **kwargs)
+
+        object.__setattr__(layer, "call", call)
+        object.__setattr__(layer, ATTRIBUTE, self)
+
+    @property
+    def built(self):
+        return self.layer.built
+
+
+def sublayers(layer):
+    """The layers ``layer`` tracks directly (Keras's own layer tree)."""
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def layer_tree(model):
+    """``(path, layer)`` for every layer under ``model``, depth first; a layer reached by
+    two paths comes once, under the first."""
+    seen = set()
+
+    def walk(layer, prefix):
+        for child in sublayers(layer):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            path = f"{prefix}/{child.name}" if prefix else child.name
+            yield path, child
+            yield from walk(child, path)
+
+    yield from walk(model, "")
+
+
+def states(model):
+    """The `NestedPruning` states attached anywhere in ``model``."""
+    return [getattr(layer, ATTRIBUTE) for layer in model._flatten_layers(include_self=False)
+            if hasattr(layer, ATTRIBUTE)]
+
+
+def own_kernels(layer):
+    """Trainable tensors of rank >= 2 that ``layer`` holds itself (not in a sublayer)."""
+    inner = {id(w) for child in sublayers(layer) for w in child.weights}
+    return [w for w in layer.trainable_weights if id(w) not in inner and len(w.shape) >= 2]
+
+
+def copy_model(model):
+    """A new model of the same class and config with the same weights (module docstring)."""
+    try:
+        copy = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+    except Exception as error:  # Keras raises several types for an unrebuildable class
+        raise ValueError(
+            f"prune_low_std prunes a copy of {model.name!r} ({type(model).__name__}), made "
+            f"from its config, and the copy failed: {error}. Give the class (and each custom "
+            "layer) a get_config() that its __init__ accepts and register it with "
+            "@keras.saving.register_keras_serializable().") from error
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def matches(path, names):
+    """True if ``names`` holds the layer's name, its path, or the path of a parent."""
+    parts = path.split("/")
+    return parts[-1] in names or any("/".join(parts[:i]) in names
+                                     for i in range(1, len(parts) + 1))
+
+
+def prune_in_place(model, layer_quality, skip, **settings):
+    """Attaches `NestedPruning` to every prunable layer of ``model`` (already a copy),
+    at any depth; ``skip`` and ``layer_quality`` take layer names or paths (a path also
+    covers the layers under it). Returns the states."""
+    tree = list(layer_tree(model))
+    known = {part for path, _ in tree for part in (path, path.split("/")[-1])}
+    unknown = (set(layer_quality) | set(skip)) - known
+    if unknown:
+        raise ValueError(f"layer_quality/skip name layers that are not in the model: "
+                         f"{sorted(unknown)}. Use layer names or paths such as "
+                         f"{tree[0][0] if tree else 'name'!r} (see tf_stdprune.sparsity_report).")
+    attached, covered = [], []
+    for path, layer in tree:
+        if matches(path, skip) or any(path.startswith(p + "/") for p in covered):
+            continue
+        if registry.refused(layer):
+            raise ValueError(f"{path} ({type(layer).__name__}) cannot be pruned (as in "
+                             f"tfmot); pass skip=[{path!r}] to leave it dense.")
+        if registry.prunable_attributes(layer, settings["prune_batchnorm"]):
+            covered.append(path)
+            quality = next((layer_quality[k] for k in (path, layer.name) if k in layer_quality),
+                           1.0)
+            attached.append(NestedPruning(layer, path, layer_quality=quality, **settings))
+        elif registry.lookup(layer) is None and own_kernels(layer) and \
+                registry.keras_class_name(layer) not in registry.NOT_PRUNED:
+            shapes = [tuple(w.shape) for w in own_kernels(layer)]
+            raise ValueError(
+                f"Layer {path} ({type(layer).__name__}) holds trainable tensors of shapes "
+                f"{shapes} that tf_stdprune does not know how to prune. Pass "
+                f"skip=[{path!r}] to leave it (and the layers under it) dense on purpose.")
+    return attached
+
+
+def strip(model):
+    """The same class and config without the pruning state, every weight set, pruned
+    tensors as ``w * m`` (exact zeros)."""
+    pruning = states(model)
+    for state in pruning:
+        state.apply_masks()
+    excluded = {id(v) for state in pruning for v in state.pruning_variables}
+    values = [keras.ops.convert_to_numpy(v) for v in model.weights if id(v) not in excluded]
+    stripped = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+    stripped.set_weights(values)
+    return stripped
