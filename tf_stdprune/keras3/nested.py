@@ -40,6 +40,8 @@ a constructor argument and kept in the config) is left at its rate: dropout resc
 (`procedure.dropout`) changes only ``keras.layers.Dropout`` layers whose input comes from a
 pruned layer in a functional graph.
 """
+import warnings
+
 import keras
 
 from tf_stdprune import registry
@@ -124,10 +126,17 @@ def own_kernels(layer):
     return [w for w in layer.trainable_weights if id(w) not in inner and len(w.shape) >= 2]
 
 
+def rebuilt(model):
+    """``model``'s class rebuilt from its config (the user compiles the result)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*compile.* was not called")
+        return keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+
+
 def copy_model(model):
     """A new model of the same class and config with the same weights (module docstring)."""
     try:
-        copy = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+        copy = rebuilt(model)
     except Exception as error:  # Keras raises several types for an unrebuildable class
         raise ValueError(
             f"prune_low_std prunes a copy of {model.name!r} ({type(model).__name__}), made "
@@ -186,6 +195,6 @@ def strip(model):
         state.apply_masks()
     excluded = {id(v) for state in pruning for v in state.pruning_variables}
     values = [keras.ops.convert_to_numpy(v) for v in model.weights if id(v) not in excluded]
-    stripped = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))
+    stripped = rebuilt(model)
     stripped.set_weights(values)
     return stripped
