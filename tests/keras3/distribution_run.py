@@ -1,0 +1,139 @@
+"""Prunes a small model for a few steps under a distribution, then saves its masks.
+
+Run as a subprocess by test_keras3_distribution.py, since the device count and the
+backend must be set before Keras starts::
+
+    python distribution_run.py OUT.npz single|data|model|mirrored MODEL
+
+``single`` / ``single_tf``: no distribution (JAX / TensorFlow); ``data``/``model``: ``keras.distribution.DataParallel`` /
+``ModelParallel`` on 2 JAX host devices; ``mirrored``: ``tf.distribute.MirroredStrategy``
+over 2 logical CPUs (TensorFlow backend). ``MODEL``: ``dense`` (a functional model whose
+middle layer is a custom layer of two Dense sublayers), ``gpt2`` or ``gemma`` (a tiny
+KerasHub causal LM; Gemma's ModelParallel layout is KerasHub's ``get_layout_map``). OUT.npz holds
+every mask (``layer path:tensor``), ``distinct`` (the number of masks whose whole copies
+on the devices differ) and ``unlike_kernel`` (under ``model``, the masks whose sharding
+differs from their kernel's) and ``sharded`` (the masks split across devices).
+"""
+import contextlib
+import os
+import sys
+
+OUT, MODE, MODEL = sys.argv[1:4]
+os.environ["KERAS_BACKEND"] = "tensorflow" if MODE in ("mirrored", "single_tf") else "jax"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import tf_stdprune  # noqa: E402
+from tf_stdprune.keras3.prune import wrappers  # noqa: E402
+
+
+@keras.saving.register_keras_serializable(package="distribution_run")
+class TwoDense(keras.layers.Layer):
+    """A custom layer made of two Dense sublayers."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.first = keras.layers.Dense(units, activation="relu", name="first")
+        self.second = keras.layers.Dense(units, name="second")
+
+    def call(self, x):
+        return self.second(self.first(x))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+def build():
+    keras.utils.set_random_seed(0)
+    if MODEL in ("gpt2", "gemma"):
+        import keras_hub
+
+        if MODEL == "gpt2":
+            backbone = keras_hub.models.GPT2Backbone(
+                vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,
+                intermediate_dim=32, max_sequence_length=8, dropout=0.0)
+            return keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
+        backbone = keras_hub.models.GemmaBackbone(
+            vocabulary_size=64, num_layers=1, num_query_heads=2, num_key_value_heads=2,
+            hidden_dim=16, intermediate_dim=32, head_dim=8)
+        return keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
+    inputs = keras.Input((8,))
+    hidden = TwoDense(16, name="two_dense")(keras.layers.Dense(16, name="dense_in")(inputs))
+    return keras.Model(inputs, keras.layers.Dense(4, name="dense_out")(hidden))
+
+
+def data():
+    rng = np.random.default_rng(0)
+    if MODEL in ("gpt2", "gemma"):
+        ids = rng.integers(0, 64, size=(16, 8)).astype("int32")
+        return {"token_ids": ids, "padding_mask": np.ones_like(ids)}, np.roll(ids, -1, 1)
+    return rng.normal(size=(16, 8)).astype("float32"), rng.normal(size=(16, 4)).astype("float32")
+
+
+def distribution_scope():
+    if MODE == "mirrored":
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope()
+    if MODE == "data":
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+    if MODE == "model":
+        devices = keras.distribution.list_devices()
+        mesh = keras.distribution.DeviceMesh((1, 2), ["batch", "model"], devices)
+        if MODEL == "gemma":
+            import keras_hub
+
+            layout_map = keras_hub.models.GemmaBackbone.get_layout_map(mesh)
+        else:
+            layout_map = keras.distribution.LayoutMap(mesh)
+            layout_map["dense_(in|out)/kernel"] = (None, "model")
+            layout_map["two_dense/.*/kernel"] = ("model", None)
+        keras.distribution.set_distribution(
+            keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
+    return contextlib.nullcontext()
+
+
+def copies(variable):
+    """The variable's value as each device holds it (whole copies only)."""
+    value = variable.value
+    if MODE == "mirrored":
+        return [v.numpy() for v in getattr(value, "values", [value])]
+    whole = tuple(slice(None) for _ in variable.shape)
+    shards = [np.asarray(shard.data) for shard in getattr(value, "addressable_shards", [])
+              if all(s == slice(None) or (s.start in (None, 0) and s.stop in (None, n))
+                     for s, n in zip(shard.index, variable.shape))]
+    return shards or [np.asarray(value)]
+
+
+def main():
+    with distribution_scope():
+        model = build()
+        schedule = tf_stdprune.StdPruningSchedule([0.8, 1.2], steps_per_iteration=2)
+        pruned = tf_stdprune.prune_low_std(model, pruning_schedule=schedule)
+        pruned.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                       keras.losses.MeanSquaredError() if MODEL == "dense" else
+                       keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    pruned.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0,
+               callbacks=[tf_stdprune.UpdatePruningStep()])
+    result, distinct, unlike, sharded, copies_seen = {}, 0, 0, 0, 0
+    for state in wrappers(pruned):
+        for path, mask, weight in zip(state.paths, state.masks, state.pruned_weights):
+            result[f"{state.name}:{path}"] = keras.ops.convert_to_numpy(mask)
+            values = copies(mask)
+            copies_seen = max(copies_seen, len(values))
+            distinct += any(not np.array_equal(values[0], other) for other in values[1:])
+            if MODE == "model":
+                unlike += mask.value.sharding.spec != weight.value.sharding.spec
+                sharded += any(axis is not None for axis in mask.value.sharding.spec)
+    np.savez(OUT, distinct=np.array(distinct), unlike_kernel=np.array(unlike),
+             sharded=np.array(sharded), copies=np.array(copies_seen), **result)
+
+
+main()
