@@ -42,7 +42,7 @@ VOCABULARY = 256  # one token per byte
 class Config:
     """Every setting of the run; each is a flag of the same name."""
     out_dir: str = "runs/gpt2_text"
-    train_bytes: int = 300_000
+    train_bytes: int = 200_000
     held_out_bytes: int = 40_000
     sequence_length: int = 64
     num_layers: int = 2
@@ -52,8 +52,8 @@ class Config:
     dropout: float = 0.0
     batch_size: int = 32
     learning_rate: float = 2e-3
-    baseline_epochs: int = 4
-    qualities: tuple = (0.8, 1.2, 1.5, 1.7)
+    baseline_epochs: int = 6
+    qualities: tuple = (0.8, 1.2, 1.5, 1.8)
     epochs_per_iteration: int = 2
     retrain_learning_rate: float = 1e-3
     seed: int = 0
