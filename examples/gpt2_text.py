@@ -15,7 +15,10 @@ depth of the model, and `tf_stdprune.iterative_callbacks` runs the iterations: p
 the last finished iteration (--out_dir/run). The summary (--out_dir/summary.md, also
 printed) gives dense and pruned perplexity on the held-out text,
 ``exp(mean cross-entropy)``, the zero weights of the Dense/EinsumDense kernels and of the
-whole model, the compression rate and the wall time of the process.
+whole model, the compression rate and the wall time of the process. The pruned model
+has trained --baseline_epochs plus its retraining epochs, so a dense model short of
+convergence can read worse than the pruned one. The stripped pruned model is
+--out_dir/final.keras.
 """
 import dataclasses
 import glob
