@@ -66,6 +66,9 @@ BENCHMARKS = (
                 about=f"Keras 3 train step ({backend} backend) of a small KerasHub {model}, "
                       "pruned at every depth vs dense")
       for model in ("bert", "gpt2") for backend, short in (("jax", "jax"), ("tensorflow", "tf"))),
+    Benchmark("memory_keras3", "memory_keras3.py", ("--hidden_dim=128", "--num_layers=2"),
+              ("--hidden_dim=256", "--num_layers=4"), env=(("KERAS_BACKEND", "jax"),),
+              about="Keras 3 GPT-2: variable bytes and peak RSS, pruned at every depth vs dense"),
     Benchmark("xla_copies", "xla_copies.py",
               ("--width=0.25", "--batch_size=8", "--with_kernels_only"),
               ("--width=0.25", "--batch_size=8", "--with_kernels_only"),
