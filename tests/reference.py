@@ -24,3 +24,28 @@ def reference_step(weights, mask, q, std_mode, initial_sigma=None):
     with np.errstate(invalid="ignore"):
         keep = np.abs(weights.astype(np.float64)) >= q * sigma
     return mask & keep, sigma
+
+
+def reference_m_by_n_mask(weights, mask, m, n):
+    """N:M selection by sorting: in each group of ``n`` consecutive kept entries along the
+    input axis (axis 0 of ``[in, out]``, axis 2 of ``[h, w, in, out]``) the ``n - m`` largest
+    ``|w|`` are kept, ties to the lower index; pruned entries are never chosen."""
+    weights = np.asarray(weights, np.float64)
+    mask = np.asarray(mask, bool)
+    axis = 0 if weights.ndim == 2 else 2
+    w = np.moveaxis(weights, axis, -1).reshape(-1, weights.shape[axis])
+    k = np.moveaxis(mask, axis, -1).reshape(w.shape)
+    out = np.zeros_like(k)
+    for row in range(w.shape[0]):
+        for start in range(0, w.shape[1], n):
+            alive = [i for i in range(start, min(start + n, w.shape[1])) if k[row, i]]
+            alive.sort(key=lambda i: (-abs(w[row, i]), i))
+            out[row, alive[: n - m]] = True
+    shape = list(np.moveaxis(mask, axis, -1).shape)
+    return np.moveaxis(out.reshape(shape), -1, axis)
+
+
+def reference_m_by_n_step(weights, mask, q, std_mode, m, n, initial_sigma=None):
+    """N:M first, then the std rule on what is left (sigma per ``std_mode``)."""
+    chosen = reference_m_by_n_mask(weights, mask, m, n)
+    return reference_step(weights, chosen, q, std_mode, initial_sigma)

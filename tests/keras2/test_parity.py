@@ -222,10 +222,30 @@ def test_block_sparsity_refuses_kernels_that_are_not_2d_like_tfmot():
                                                      block_size=(2, 2))])
 
 
-def test_sparsity_m_by_n_raises_not_implemented():
-    with pytest.raises(NotImplementedError, match="sparsity_m_by_n"):
-        tf_stdprune.prune_low_std(keras.Sequential([L.Dense(2, input_shape=(4,))]),
-                                  sparsity_m_by_n=(2, 4))
+def test_sparsity_m_by_n_at_q_0_chooses_the_same_weights_as_tfmot():
+    """With q = 0 only the N:M step prunes: the masks equal tfmot's m_by_n masks."""
+    def build():
+        return keras.Sequential([L.Conv2D(6, 3, input_shape=(5, 5, 8), name="c"), L.Flatten(),
+                                 L.Dense(5, name="d")])
+
+    ours_model, theirs_model = build(), build()
+    theirs_model.set_weights(ours_model.get_weights())
+    ours = tf_stdprune.prune_low_std(ours_model, sparsity_m_by_n=(2, 4),
+                                     pruning_schedule=tf_stdprune.StdPruningSchedule([0.0], 1))
+    theirs = TFMOT.prune_low_magnitude(theirs_model, sparsity_m_by_n=(2, 4))
+    x = np.random.default_rng(0).normal(size=(2, 5, 5, 8)).astype(np.float32)
+    for model, callback in ((ours, tf_stdprune.UpdatePruningStep()), (theirs, TFMOT.UpdatePruningStep())):
+        model.compile(keras.optimizers.SGD(0.0), "mse")
+        model.fit(x, np.zeros((2, 5)), epochs=1, verbose=0, callbacks=[callback])
+    masks = [[l.pruning_vars[0][1].numpy() for l in m.layers
+              if isinstance(l, PruneLowMagnitude) and l.pruning_vars] for m in (ours, theirs)]
+    assert len(masks[0]) == len(masks[1]) == 2
+    for mine, tfmots in zip(*masks):
+        np.testing.assert_array_equal(mine, tfmots)
+    assert tf_stdprune.check_m_by_n_sparsity(ours, 2, 4)
+    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils
+
+    assert all(pruning_utils.is_pruned_m_by_n(l.layer.kernel) for l in ours.layers[::2])
 
 
 def test_unknown_keywords_raise_type_error_naming_them_for_models_and_layers():

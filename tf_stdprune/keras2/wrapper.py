@@ -175,9 +175,14 @@ class StdPruning:
     def _rule(self, weight, mask, quality, sigma):
         wrapper = self._wrapper
         if not isinstance(wrapper.pruning_schedule, StdPruningSchedule):
+            if wrapper.sparsity_m_by_n is not None:
+                mask = mask_rule.m_by_n_mask(weight, mask, wrapper.sparsity_m_by_n)
             new_mask, threshold, new_weight = mask_rule.sparsity_prune(weight, mask, quality)
             return new_mask, threshold, sigma, new_weight
         quality = quality * wrapper.layer_quality
+        if wrapper.sparsity_m_by_n is not None:
+            return mask_rule.std_prune(weight, mask, quality, wrapper.std_mode, sigma,
+                                       wrapper.sparsity_m_by_n)
         if tuple(wrapper.block_size) != (1, 1):
             return mask_rule.std_prune_blocks(weight, mask, quality, wrapper.std_mode, sigma,
                                               tuple(wrapper.block_size), wrapper.block_pooling_type)
@@ -237,18 +242,21 @@ def check_flag(value, name):
     return value
 
 
-def check_block_arguments(block_size, block_pooling_type, sparsity_m_by_n):
-    """Validates tfmot's structured-sparsity arguments; returns ``block_size`` as a tuple."""
-    if sparsity_m_by_n is not None:
-        raise NotImplementedError(
-            f"sparsity_m_by_n={sparsity_m_by_n!r}: m-by-n sparsity is not combined with the std "
-            "rule; use tfmot's prune_low_magnitude for it, or block_size for structured pruning."
-        )
+def check_block_arguments(block_size, block_pooling_type, sparsity_m_by_n=None):
+    """Validates tfmot's structured-sparsity arguments; returns ``block_size`` as a tuple.
+
+    ``sparsity_m_by_n`` (see `mask_rule.check_m_by_n`) and a ``block_size`` other than
+    ``(1, 1)`` exclude each other.
+    """
     if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
             or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block_size)):
         raise ValueError(f"block_size must be two integers >= 1 (rows, columns), got {block_size!r}.")
     if block_pooling_type not in ("AVG", "MAX"):
         raise ValueError(f"block_pooling_type must be 'AVG' or 'MAX', got {block_pooling_type!r}.")
+    if mask_rule.check_m_by_n(sparsity_m_by_n) is not None and tuple(block_size) != (1, 1):
+        raise ValueError(
+            f"sparsity_m_by_n={sparsity_m_by_n!r} and block_size={block_size!r} exclude each "
+            "other: N:M sparsity chooses single weights; keep block_size=(1, 1) with it.")
     return tuple(block_size)
 
 
@@ -325,7 +333,9 @@ class PruneLowStd(PruneLowMagnitude):
       block_size: ``(rows, columns)``; other than ``(1, 1)`` the rule prunes whole blocks of
         a 2-D kernel on pooled magnitudes (`mask_rule.std_prune_blocks`).
       block_pooling_type: ``"AVG"`` or ``"MAX"``, the pooling of ``|w|`` over a block.
-      sparsity_m_by_n: only ``None``; anything else raises NotImplementedError.
+      sparsity_m_by_n: ``(m, n)``: at least ``m`` zeros in every ``n`` consecutive weights
+        along the input dimension (Dense and Conv2D kernels), chosen before the std rule
+        (order in `mask_rule`); None (default) for none.
       **kwargs: tf_keras layer arguments (``name``, ...); an unknown one raises TypeError.
 
     ``pruning_step`` counts training calls, as in tfmot: a layer shared by two branches
@@ -355,6 +365,7 @@ class PruneLowStd(PruneLowMagnitude):
         # patches them; ours takes the registry's layers and subclasses, so it is skipped.
         keras.layers.Wrapper.__init__(self, layer, **kwargs)
         self._set_tfmot_attributes(layer, pruning_schedule, block_size, block_pooling_type)
+        self.sparsity_m_by_n = mask_rule.check_m_by_n(sparsity_m_by_n)
         self.std_mode = std_mode
         self.layer_quality = float(layer_quality)
         self.prune_batchnorm = prune_batchnorm
@@ -390,6 +401,8 @@ class PruneLowStd(PruneLowMagnitude):
                 f"has shapes {[tuple(w.shape) for w in self.prunable_weights]}: use "
                 "block_size=(1, 1) for it."
             )
+        mask_rule.check_m_by_n_ranks(self.layer.name, self.prunable_weights,
+                                      self.sparsity_m_by_n)
         if getattr(self.layer, "get_prunable_weights", None) is None:
             object.__setattr__(self.layer, "get_prunable_weights",
                                RegistryWeights(self.layer, self._weight_attributes))
@@ -461,6 +474,7 @@ class PruneLowStd(PruneLowMagnitude):
             "prune_batchnorm": self.prune_batchnorm,
             "block_size": list(self.block_size),
             "block_pooling_type": self.block_pooling_type,
+            "sparsity_m_by_n": None if self.sparsity_m_by_n is None else list(self.sparsity_m_by_n),
         })
         return config
 

@@ -17,7 +17,7 @@ masks, weights and slots, and Keras reads the variables again for the next step.
 from absl import logging
 import keras
 
-from tf_stdprune import registry
+from tf_stdprune import mask_rule, registry
 from tf_stdprune.procedure.dropout import restore_dropout
 from tf_stdprune.keras3.wrapper import DEFAULT_STD_MODE, PruneLowStd
 from tf_stdprune.validate import check_quality
@@ -58,7 +58,8 @@ def _unknown_layer_error(layer):
 
 
 def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
-                  layer_quality=None, prune_batchnorm=True, skip=()):
+                  layer_quality=None, prune_batchnorm=True, skip=(), sparsity_m_by_n=None,
+                  pruning_policy=None):
     """Wraps every prunable layer of a Keras 3 model (or one layer) in `PruneLowStd`.
 
     A weight ``w`` of layer ``l`` is pruned at a pruning step of quality ``q`` when
@@ -72,6 +73,11 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
       layer_quality: ``{layer_name: factor}`` multiplying ``q`` per layer.
       prune_batchnorm: also prune BatchNormalization ``gamma``.
       skip: names of layers to leave dense on purpose.
+      sparsity_m_by_n: ``(m, n)``, e.g. ``(2, 4)``: at least ``m`` zeros in every ``n``
+        consecutive weights along the input dimension of Dense and Conv2D kernels, before
+        the std rule (`mask_rule`); other tensors need ``skip`` / ``prune_batchnorm=False``.
+      pruning_policy: e.g. `tf_stdprune.PruneForLatencyOnXNNPack()` (models only): only the
+        layers it allows are wrapped, after its ``ensure_model_supports_pruning(model)``.
 
     Returns:
       A new model of the same kind whose prunable layers are wrapped (the layers
@@ -89,12 +95,18 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
         check_quality(factor, f"layer_quality[{name!r}]")
     skip = set(skip)
     settings = dict(pruning_schedule=pruning_schedule, std_mode=std_mode,
-                    prune_batchnorm=prune_batchnorm)
+                    prune_batchnorm=prune_batchnorm,
+                    sparsity_m_by_n=mask_rule.check_m_by_n(sparsity_m_by_n))
+    if pruning_policy is not None and not isinstance(to_prune, keras.Model):
+        raise TypeError("pruning_policy applies to models only; pass the layers it allows "
+                        "to prune_low_std instead.")
 
     def wrap(layer):
         if isinstance(layer, keras.Model):
             return layer
         if layer.name in skip or isinstance(layer, PruneLowStd):
+            return layer
+        if pruning_policy is not None and not pruning_policy.allow_pruning(layer):
             return layer
         if registry.prunable_attributes(layer, prune_batchnorm):
             return PruneLowStd(layer, layer_quality=layer_quality.get(layer.name, 1.0),
@@ -116,6 +128,8 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
     for layer in all_layers(to_prune):
         if isinstance(layer, keras.Model):
             _check_graph_model(layer)
+    if pruning_policy is not None:
+        pruning_policy.ensure_model_supports_pruning(to_prune)
     pruned = keras.models.clone_model(to_prune, clone_function=wrap, recursive=True)
     if not wrappers(pruned):
         logging.warning("prune_low_std: %s has no prunable layer.", to_prune.name)

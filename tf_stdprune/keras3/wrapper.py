@@ -109,6 +109,9 @@ class PruneLowStd(SubstitutingWrapper):
       std_mode: ``"initial"``, ``"surviving"`` or ``"all"`` (see `mask_rule`).
       layer_quality: this layer's factor on ``q``.
       prune_batchnorm: whether BatchNormalization's ``gamma`` is pruned.
+      sparsity_m_by_n: ``(m, n)``: at least ``m`` zeros in every ``n`` consecutive
+        weights along the input dimension of Dense and Conv2D kernels, chosen before the
+        std rule (order and sigma in `mask_rule`); None (default) for none.
 
     Examples:
       >>> wrapped = PruneLowStd(keras.layers.Dense(10))
@@ -117,7 +120,7 @@ class PruneLowStd(SubstitutingWrapper):
     """
 
     def __init__(self, layer, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
-                 layer_quality=1.0, prune_batchnorm=True, **kwargs):
+                 layer_quality=1.0, prune_batchnorm=True, sparsity_m_by_n=None, **kwargs):
         if not isinstance(layer, keras.layers.Layer) or isinstance(layer, keras.Model):
             raise TypeError(
                 f"PruneLowStd wraps one Keras 3 layer, got {type(layer).__name__}; to prune "
@@ -146,10 +149,12 @@ class PruneLowStd(SubstitutingWrapper):
         self.std_mode = std_mode
         self.layer_quality = check_quality(layer_quality, f"layer_quality of {layer.name!r}")
         self.prune_batchnorm = bool(prune_batchnorm)
+        self.sparsity_m_by_n = mask_rule.check_m_by_n(sparsity_m_by_n)
 
     def build(self, input_shape=None):
         super().build(input_shape)
         self.masks, self.thresholds, self.sigmas = [], [], []
+        mask_rule.check_m_by_n_ranks(self.layer.name, self.pruned_weights, self.sparsity_m_by_n)
         for path in self.paths:
             weight = registry.get_tensor(self.layer, path)
             name = path.replace(".", "_").lstrip("_")
@@ -182,7 +187,8 @@ class PruneLowStd(SubstitutingWrapper):
         for weight, mask, threshold, sigma in zip(self.pruned_weights, self.masks,
                                                   self.thresholds, self.sigmas):
             new_mask, new_threshold, new_sigma, new_weight = mask_rule.std_rule(
-                weight.value, mask.value, q, self.std_mode, sigma.value, rule_ops)
+                weight.value, mask.value, q, self.std_mode, sigma.value, rule_ops,
+                self.sparsity_m_by_n)
             mask.assign(ops.cast(new_mask, mask.dtype))
             threshold.assign(new_threshold)
             sigma.assign(new_sigma)
@@ -205,6 +211,7 @@ class PruneLowStd(SubstitutingWrapper):
             "std_mode": self.std_mode,
             "layer_quality": self.layer_quality,
             "prune_batchnorm": self.prune_batchnorm,
+            "sparsity_m_by_n": None if self.sparsity_m_by_n is None else list(self.sparsity_m_by_n),
         }
 
     @classmethod
