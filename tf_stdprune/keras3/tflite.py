@@ -10,7 +10,8 @@ flatbuffer runs and the atomic write are `tf_stdprune.compression.litert`'s.
 Which backend writes which format with Keras 3.15's ``model.export``: TensorFlow writes
 ``"tf_saved_model"``, ``"litert"`` and ``"onnx"`` (with tf2onnx); JAX writes
 ``"tf_saved_model"`` (jax2tf) and ``"onnx"`` (with jax2onnx), not ``"litert"``; PyTorch
-writes ``"onnx"`` (torch.onnx) and ``"litert"`` (with litert-torch). This function, like
+writes ``"onnx"`` (torch.onnx), ``"litert"`` (with litert-torch) and ``"tf_saved_model"``
+(with torch_xla). The TensorFlow and JAX rows are the ones the tests run. This function, like
 the SavedModel exports, needs the TensorFlow backend.
 """
 import os
