@@ -58,3 +58,21 @@ def test_fit_strip_and_save_keep_the_2_of_4_pattern(tmp_path):
 def test_m_by_n_refuses_batchnorm_gammas_naming_the_fix():
     with pytest.raises(ValueError, match="prune_batchnorm=False"):
         tf_stdprune.prune_low_std(_model(), sparsity_m_by_n=(2, 4))
+
+
+def test_strip_pruning_of_a_functional_model_with_a_residual_gives_the_masked_layers():
+    """A functional model (wrapped Conv2D whose call takes no mask) strips to plain layers
+    holding w * m, and the pruned model still calls as before."""
+    inputs = keras.Input((8, 8, 3))
+    outputs = keras.layers.Add()([keras.layers.Conv2D(3, 1, name="c")(inputs), inputs])
+    pruned = tf_stdprune.prune_low_std(keras.Model(inputs, outputs))
+    (wrapper,) = wrappers(pruned)
+    wrapper.update_masks(1.0)
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    stripped = tf_stdprune.strip_pruning(pruned)
+    assert not wrappers(stripped)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(stripped(x)),
+                               keras.ops.convert_to_numpy(pruned(x)), atol=1e-6)
+    kernel = keras.ops.convert_to_numpy(stripped.get_layer("c").kernel)
+    np.testing.assert_array_equal(kernel == 0, keras.ops.convert_to_numpy(wrapper.masks[0]) == 0)
+    tf_stdprune.strip_pruning(pruned)  # the wrapped model's recorded calls are intact

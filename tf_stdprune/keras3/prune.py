@@ -14,6 +14,9 @@ On the JAX backend ``fit`` keeps the training state outside the model's variable
 an epoch; the callback writes it back (``model.jax_state_sync()``) before it changes
 masks, weights and slots, and Keras reads the variables again for the next step.
 """
+import contextlib
+import inspect
+
 from absl import logging
 import keras
 
@@ -154,7 +157,30 @@ def strip_pruning(model):
     def unwrap(layer):
         return layer.layer if isinstance(layer, PruneLowStd) else layer
 
-    return keras.models.clone_model(model, clone_function=unwrap, recursive=True)
+    with without_unused_masks(wrappers(model)):
+        return keras.models.clone_model(model, clone_function=unwrap, recursive=True)
+
+
+@contextlib.contextmanager
+def without_unused_masks(pruning_wrappers):
+    """Leaves out, while a functional model is cloned with its wrappers replaced by their
+    layers, the ``mask=None`` that Keras recorded for each wrapper's call (a wrapper's
+    ``call`` takes a mask) where the inner layer's ``call`` takes none, so the clone calls
+    that layer as Keras would; the recorded calls are restored afterwards."""
+    changed = []
+    for wrapper in pruning_wrappers:
+        if "mask" in inspect.signature(wrapper.layer.call).parameters:
+            continue
+        for node in wrapper._inbound_nodes:
+            kwargs = node.arguments.kwargs
+            if "mask" in kwargs and kwargs["mask"] is None:
+                del kwargs["mask"]
+                changed.append(kwargs)
+    try:
+        yield
+    finally:
+        for kwargs in changed:
+            kwargs["mask"] = None
 
 
 def prune_due(pruning_wrappers, step, optimizer=None):
