@@ -50,6 +50,8 @@ flags.DEFINE_list("runtimes", ["tf_lite", "ai_edge_litert"], "Interpreters.")
 flags.DEFINE_integer("rounds", 5, "Interleaved rounds per pair.")
 flags.DEFINE_integer("calls", 5, "Invocations per contender per round.")
 
+SUMMARY = []  # one row per timed pair, printed at the end
+
 
 def interpreter_class(runtime):
     if runtime == "tf_lite":
@@ -92,10 +94,14 @@ def time_pair(name, config, paths, x):
             outputs = [it.get_tensor(it.get_output_details()[0]["index"])
                        for it in interpreters.values()]
             difference = float(np.max(np.abs(outputs[0] - outputs[1])))
-            report(f"{name} {runtime} threads={threads}",
-                   dict(config, runtime=runtime, threads=threads, batch=1, calls=FLAGS.calls,
-                        rounds=FLAGS.rounds, max_output_difference=difference),
-                   samples, "dense")
+            rows = report(f"{name} {runtime} threads={threads}",
+                          dict(config, runtime=runtime, threads=threads, batch=1,
+                               calls=FLAGS.calls, rounds=FLAGS.rounds,
+                               max_output_difference=difference),
+                          samples, "dense")
+            SUMMARY.append((name, runtime, threads, rows["dense"]["median_ms"],
+                            rows["sparse"]["median_ms"], rows["sparse"]["paired_ratio_vs_dense"],
+                            difference))
 
 
 # ---- MobileNetV2 (Keras 3) -----------------------------------------------------------
@@ -242,14 +248,27 @@ def dense_models(names, directory):
                           {"dense": dense, "sparse": sparse}, x)
 
 
+def print_summary():
+    """Every pair in one table: medians, sparse / dense per round, output difference."""
+    print(f"\n{'model':<48} {'runtime':<15} {'thr':>3} {'dense ms':>9} {'sparse ms':>9} "
+          f"{'sparse / dense per round':>26} {'max |diff|':>10}")
+    for name, runtime, threads, dense, sparse, (median, low, high), difference in SUMMARY:
+        print(f"{name:<48} {runtime:<15} {threads:>3} {dense:>9.3f} {sparse:>9.3f} "
+              f"{f'{median:.3f} [{low:.3f}, {high:.3f}]':>26} {difference:>10.1e}")
+
+
 def main(argv):
     del argv
+    unknown = set(FLAGS.model) - {"mobilenet_v2", "dense4096", "mlp"}
+    if unknown:
+        raise SystemExit(f"--model: unknown {sorted(unknown)}; use mobilenet_v2, dense4096, mlp.")
     with tempfile.TemporaryDirectory() as directory:
         if "mobilenet_v2" in FLAGS.model:
             mobilenet(directory)
         dense_names = [m for m in FLAGS.model if m in ("dense4096", "mlp")]
         if dense_names:
             dense_models(dense_names, directory)
+    print_summary()
 
 
 if __name__ == "__main__":

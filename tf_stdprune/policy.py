@@ -45,7 +45,7 @@ def producers(layer):
     """The layers whose outputs ``layer`` consumes (either Keras's graph nodes)."""
     found = []
     for node in layer._inbound_nodes:
-        if hasattr(node, "parent_nodes"):  # Keras 3
+        if hasattr(node, "operation"):  # Keras 3
             found += [parent.operation for parent in node.parent_nodes]
         else:  # tf_keras
             inbound = node.inbound_layers

@@ -45,9 +45,13 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
       layer_quality: ``{layer_name: factor}`` multiplying ``q`` per layer.
       prune_batchnorm: also prune BatchNormalization ``gamma`` (the reference experiment counts them).
       block_size, block_pooling_type: structured pruning of 2-D kernels: a block is kept
-        iff ``pool(|w|) >= q * sigma(pool(|w|))`` (`mask_rule.std_prune_blocks`).
-      pruning_policy: a tfmot `PruningPolicy` (models only): the layers it refuses stay
-        dense, and the model is checked by its ``ensure_model_supports_pruning``.
+        iff ``pool(|w|) >= q * sigma(pool(|w|))`` (`mask_rule.std_prune_blocks`). Blocks
+        are ``(rows, columns)`` of the ``[in, out]`` kernel: TFLite's block-sparse
+        FullyConnected kernel (1x4 blocks of its ``[out, in]`` weights) runs
+        ``block_size=(4, 1)`` after ``export_tflite(..., sparse=True)``.
+      pruning_policy: `tf_stdprune.PruneForLatencyOnXNNPack()` or any tfmot
+        `PruningPolicy` (models only): the layers it refuses stay dense, and the model is
+        checked by its ``ensure_model_supports_pruning``.
       sparsity_m_by_n: ``(m, n)``, e.g. ``(2, 4)``: at least ``m`` zeros in every ``n``
         consecutive weights along the input dimension of Dense and Conv2D kernels, chosen
         by magnitude before the std rule prunes more (order and sigma: `mask_rule`);
