@@ -49,3 +49,16 @@ def reference_m_by_n_step(weights, mask, q, std_mode, m, n, initial_sigma=None):
     """N:M first, then the std rule on what is left (sigma per ``std_mode``)."""
     chosen = reference_m_by_n_mask(weights, mask, m, n)
     return reference_step(weights, chosen, q, std_mode, initial_sigma)
+
+
+def fit_briefly(model, keras, input_shape, outputs, samples=32, epochs=2):
+    """Compiles ``model`` (SGD with momentum, MSE) and fits it on Gaussian data with the
+    pruning callback; ``keras`` is the model's Keras module (either world)."""
+    import tf_stdprune
+
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "mse")
+    rng = np.random.default_rng(0)
+    model.fit(rng.normal(size=(samples, *input_shape)), rng.normal(size=(samples, outputs)),
+              batch_size=8, epochs=epochs, verbose=0,
+              callbacks=[tf_stdprune.UpdatePruningStep()])
+    return model

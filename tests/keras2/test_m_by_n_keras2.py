@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from reference import reference_m_by_n_step
+from reference import fit_briefly, reference_m_by_n_step
 
 import tf_stdprune
 from tf_stdprune.keras2.engine import keras
@@ -36,11 +36,7 @@ def test_a_pruning_step_follows_the_n_m_then_std_oracle():
 
 def test_fit_strip_save_and_tflite_keep_the_2_of_4_pattern(tmp_path):
     """After fit the stripped model, its .keras reload and its TFLite weights are 2:4."""
-    model = _pruned()
-    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "mse")
-    rng = np.random.default_rng(0)
-    model.fit(rng.normal(size=(32, 6, 6, 6)), rng.normal(size=(32, 3)), batch_size=8, epochs=2,
-              verbose=0, callbacks=[tf_stdprune.UpdatePruningStep()])
+    model = fit_briefly(_pruned(), keras, (6, 6, 6), 3)
     stripped = tf_stdprune.strip_pruning(model)
     assert tf_stdprune.check_m_by_n_sparsity(stripped, 2, 4)
     zeros = np.mean(stripped.get_layer("dense").kernel.numpy() == 0)

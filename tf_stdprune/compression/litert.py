@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_stdprune import io as atomic_io
+from tf_stdprune.compression.serving import check_pruned
 
 MAX_CALIBRATION_SAMPLES = 256
 TFLITE_IDENTIFIER = b"TFL3"
@@ -117,6 +118,25 @@ def write(path, flatbuffer, overwrite):
             os.fsync(f.fileno())
 
     return atomic_io.write_atomically(path, save, overwrite=overwrite)
+
+
+def export(model, path, sparse, int8, representative_data, overwrite, plain_copy, convert):
+    """The export both worlds share: checks the arguments and the target, takes the
+    world's ``plain_copy(model)``, checks it has one input (and, with ``sparse``, a pruned
+    weight), gets the flatbuffer from the world's ``convert(copy, input_shape)``, runs it
+    once and writes it atomically; returns the absolute path."""
+    check_arguments(sparse, int8, overwrite, representative_data)
+    path = prepare_target(path, overwrite)
+    copy = plain_copy(model)
+    if len(copy.inputs) != 1:
+        raise ValueError(f"export_tflite supports models with one input; {copy.name!r} has "
+                         f"{len(copy.inputs)}.")
+    if sparse:
+        check_pruned(copy, "export_tflite(sparse=True)")
+    input_shape = tuple(copy.inputs[0].shape[1:])
+    flatbuffer = convert(copy, input_shape)
+    check_runs(flatbuffer, input_shape, copy.name)
+    return write(path, flatbuffer, overwrite)
 
 
 def constant_tensors(flatbuffer):

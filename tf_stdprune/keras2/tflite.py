@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from tf_stdprune.compression import litert
 from tf_stdprune.compression.litert import run_tflite  # noqa: F401  (public here too)
-from tf_stdprune.keras2.export import check_pruned, private_plain_copy
+from tf_stdprune.keras2.export import private_plain_copy
 from tf_stdprune.keras2.prune import all_layers
 
 
@@ -79,14 +79,6 @@ def export_tflite(model, path, sparse=True, int8=False, representative_data=None
         export_tflite(pruned, "exports/model_int8.tflite", int8=True,
                       representative_data=x_train[:256])
     """
-    litert.check_arguments(sparse, int8, overwrite, representative_data)
-    path = litert.prepare_target(path, overwrite)
-    copy = private_plain_copy(model)
-    if len(copy.inputs) != 1:
-        raise ValueError(f"export_tflite supports models with one input; {copy.name!r} has "
-                         f"{len(copy.inputs)}.")
-    if sparse:
-        check_pruned(copy, "export_tflite(sparse=True)")
-    flatbuffer = _convert(copy, sparse, int8, representative_data)
-    litert.check_runs(flatbuffer, copy.inputs[0].shape[1:], copy.name)
-    return litert.write(path, flatbuffer, overwrite)
+    return litert.export(model, path, sparse, int8, representative_data, overwrite,
+                         private_plain_copy,
+                         lambda copy, _: _convert(copy, sparse, int8, representative_data))

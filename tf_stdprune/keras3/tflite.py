@@ -20,7 +20,6 @@ import tempfile
 import tensorflow as tf
 
 from tf_stdprune.compression import litert
-from tf_stdprune.compression.serving import check_pruned
 from tf_stdprune.keras3.export import check_backend, private_plain_copy
 
 
@@ -45,15 +44,14 @@ def export_tflite(model, path, sparse=True, int8=False, representative_data=None
         export_tflite(strip_pruning(pruned), "exports/model.tflite")
     """
     check_backend("export_tflite")
-    litert.check_arguments(sparse, int8, overwrite, representative_data)
-    path = litert.prepare_target(path, overwrite)
-    copy = private_plain_copy(model)
-    if len(copy.inputs) != 1:
-        raise ValueError(f"export_tflite supports models with one input; {copy.name!r} has "
-                         f"{len(copy.inputs)}.")
-    if sparse:
-        check_pruned(copy, "export_tflite(sparse=True)")
-    input_shape = tuple(copy.inputs[0].shape[1:])
+    return litert.export(model, path, sparse, int8, representative_data, overwrite,
+                         private_plain_copy,
+                         lambda copy, shape: convert(copy, shape, sparse, int8,
+                                                     representative_data))
+
+
+def convert(copy, input_shape, sparse, int8, representative_data):
+    """The flatbuffer of the plain ``copy``, written by Keras's LiteRT export."""
     settings = converter_settings(sparse, int8, representative_data, input_shape)
     with tempfile.TemporaryDirectory() as directory:
         target = os.path.join(directory, "model.tflite")
@@ -66,6 +64,4 @@ def export_tflite(model, path, sparse=True, int8=False, representative_data=None
                 "the layers it names with layers built from TFLite builtin ops, or serve "
                 "the model as a SavedModel (export_sparse_saved_model).") from error
         with open(target, "rb") as f:
-            flatbuffer = f.read()
-    litert.check_runs(flatbuffer, input_shape, copy.name)
-    return litert.write(path, flatbuffer, overwrite)
+            return f.read()
