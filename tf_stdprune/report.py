@@ -214,6 +214,7 @@ def check_m_by_n_sparsity(tensor_or_model, m=2, n=4):
     Examples:
       >>> pruned = tf_stdprune.prune_low_std(model, sparsity_m_by_n=(2, 4),
       ...                                    prune_batchnorm=False)
+      >>> pruned.fit(x, y, epochs=2, callbacks=[tf_stdprune.UpdatePruningStep()])
       >>> tf_stdprune.check_m_by_n_sparsity(tf_stdprune.strip_pruning(pruned), 2, 4)
       True
     """
