@@ -72,3 +72,18 @@ def test_strip_pruning_of_a_functional_model_with_a_residual_gives_the_masked_la
     kernel = keras.ops.convert_to_numpy(stripped.get_layer("c").kernel)
     np.testing.assert_array_equal(kernel == 0, keras.ops.convert_to_numpy(wrapper.masks[0]) == 0)
     tf_stdprune.strip_pruning(pruned)  # the wrapped model's recorded calls are intact
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TFLite needs TensorFlow")
+def test_export_tflite_keeps_the_2_of_4_pattern_in_tflite_layout(tmp_path):
+    """The flatbuffer's kernels ([out, h, w, in], [out, in]) are 2:4 along their last axis."""
+    from tf_stdprune.compression import litert
+
+    stripped = tf_stdprune.strip_pruning(fit_briefly(_pruned(), keras, (6, 6, 6), 3))
+    path = tf_stdprune.export_tflite(stripped, tmp_path / "m.tflite", sparse=False)
+    with open(path, "rb") as f:
+        kernels = {a.shape: a for a in litert.constant_tensors(f.read()).values()}
+    assert tf_stdprune.check_m_by_n_sparsity(np.transpose(kernels[(8, 3, 3, 6)], (1, 2, 3, 0)),
+                                             2, 4)
+    np.testing.assert_array_equal(kernels[(3, 128)].T,
+                                  keras.ops.convert_to_numpy(stripped.get_layer("dense").kernel))
