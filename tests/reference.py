@@ -62,3 +62,14 @@ def fit_briefly(model, keras, input_shape, outputs, samples=32, epochs=2):
               batch_size=8, epochs=epochs, verbose=0,
               callbacks=[tf_stdprune.UpdatePruningStep()])
     return model
+
+
+def reference_pooled(weights, block, pooling):
+    """Pooled ``|w|`` over ``block`` blocks of a 2-D array, edge blocks partial."""
+    rows, cols = block
+    out = np.zeros((-(-weights.shape[0] // rows), -(-weights.shape[1] // cols)))
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            part = np.abs(weights[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols]).astype(np.float64)
+            out[i, j] = part.max() if pooling == "MAX" else part.mean()
+    return out

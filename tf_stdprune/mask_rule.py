@@ -60,7 +60,7 @@ TF_OPS = types.SimpleNamespace(
     logical_and=tf.logical_and, max=tf.reduce_max, maximum=tf.maximum, ones_like=tf.ones_like,
     sqrt=tf.sqrt, square=tf.square, sum=tf.reduce_sum, where=tf.where, zeros_like=tf.zeros_like,
     transpose=tf.transpose, reshape=tf.reshape, pad=tf.pad, expand_dims=tf.expand_dims,
-    logical_or=tf.logical_or,
+    logical_or=tf.logical_or, repeat=tf.repeat,
 )
 
 
@@ -70,7 +70,7 @@ def keras3_ops():
 
     names = ("abs", "cast", "isfinite", "logical_and", "max", "maximum", "ones_like",
              "sqrt", "square", "sum", "where", "zeros_like", "transpose", "reshape", "pad",
-             "expand_dims", "logical_or")
+             "expand_dims", "logical_or", "repeat")
     # Both branches are cheap reductions: ``where`` evaluates them eagerly, where a
     # backend ``cond`` (JAX's lax.cond) would trace and compile the branches on every call.
     return types.SimpleNamespace(cond=lambda pred, true_fn, false_fn: ops.where(
@@ -246,44 +246,71 @@ def std_prune(weights, mask, quality, std_mode, stored_sigma, m_by_n=None):
     return compiled_m_by_n_rule(weights, mask, quality, std_mode, stored_sigma, tuple(m_by_n))
 
 
-def block_magnitudes(weights, block_size, pooling):
+def block_magnitudes(weights, block_size, pooling, ops=TF_OPS):
     """``P[b] = pool(|w|)`` over ``block_size`` blocks of a 2-D tensor (``"AVG"``/``"MAX"``).
 
     The tensor is padded with zeros to whole blocks; an edge block's mean is taken over
     its real entries only.
     """
     rows, cols = block_size
-    height, width = weights.shape
+    height, width = (int(d) for d in weights.shape)
     pad = [[0, -height % rows], [0, -width % cols]]
-    shape = [(height + pad[0][1]) // rows, rows, (width + pad[1][1]) // cols, cols]
-    magnitudes = tf.reshape(tf.pad(tf.abs(tf.cast(weights, tf.float32)), pad), shape)
+    shape = ((height + pad[0][1]) // rows, rows, (width + pad[1][1]) // cols, cols)
+    magnitudes = ops.reshape(ops.pad(ops.abs(ops.cast(weights, "float32")), pad), shape)
     if pooling == "MAX":
-        return tf.reduce_max(magnitudes, axis=[1, 3])
-    counts = tf.reshape(tf.pad(tf.ones([height, width]), pad), shape)
-    return tf.reduce_sum(magnitudes, axis=[1, 3]) / tf.reduce_sum(counts, axis=[1, 3])
+        return ops.max(magnitudes, axis=(1, 3))
+    counts = ops.reshape(ops.pad(np.ones((height, width), np.float32), pad), shape)
+    return ops.sum(magnitudes, axis=(1, 3)) / ops.sum(counts, axis=(1, 3))
 
 
-def expand_blocks(block_values, block_size, shape):
+def expand_blocks(block_values, block_size, shape, ops=TF_OPS):
     """Repeats each block's value over its entries, cropped to ``shape``."""
     rows, cols = block_size
-    expanded = tf.repeat(tf.repeat(block_values, rows, axis=0), cols, axis=1)
+    expanded = ops.repeat(ops.repeat(block_values, rows, axis=0), cols, axis=1)
     return expanded[: shape[0], : shape[1]]
 
 
-def std_prune_blocks(weights, mask, quality, std_mode, stored_sigma, block_size, pooling):
+def std_prune_blocks(weights, mask, quality, std_mode, stored_sigma, block_size, pooling,
+                     ops=TF_OPS):
     """The rule on pooled block magnitudes (see the module docstring).
 
     Returns ``(m_new, threshold, sigma, w * m_new)`` like `std_prune`; ``m_new`` is
     ``m`` AND the kept blocks expanded to entries, so a pruned entry never comes back.
     """
-    weights = tf.cast(weights, tf.float32)
-    pooled = block_magnitudes(weights, block_size, pooling)
-    alive = block_magnitudes(mask, block_size, "MAX")  # 1 for a block with a kept entry
-    sigma = layer_sigma(pooled, alive, std_mode, stored_sigma)
-    threshold = std_threshold(quality, sigma)
-    keep = expand_blocks(tf.cast(pooled >= threshold, mask.dtype), block_size, weights.shape)
+    weights = ops.cast(weights, "float32")
+    pooled = block_magnitudes(weights, block_size, pooling, ops)
+    alive = block_magnitudes(mask, block_size, "MAX", ops)  # 1 for a block with a kept entry
+    sigma = layer_sigma(pooled, alive, std_mode, stored_sigma, ops)
+    threshold = std_threshold(quality, sigma, ops)
+    keep = expand_blocks(ops.cast(pooled >= threshold, mask.dtype), block_size,
+                         tuple(weights.shape), ops)
     new_mask = mask * keep
-    return new_mask, threshold, sigma, apply_mask(weights, new_mask)
+    return new_mask, threshold, sigma, apply_mask(weights, new_mask, ops)
+
+
+def check_block_arguments(block_size, block_pooling_type, sparsity_m_by_n=None):
+    """Validates the structured-sparsity arguments (tfmot's names); returns ``block_size``
+    as a tuple. ``sparsity_m_by_n`` (see `check_m_by_n`) and a ``block_size`` other than
+    ``(1, 1)`` exclude each other.
+    """
+    if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block_size)):
+        raise ValueError(f"block_size must be two integers >= 1 (rows, columns), got {block_size!r}.")
+    if block_pooling_type not in ("AVG", "MAX"):
+        raise ValueError(f"block_pooling_type must be 'AVG' or 'MAX', got {block_pooling_type!r}.")
+    if check_m_by_n(sparsity_m_by_n) is not None and tuple(block_size) != (1, 1):
+        raise ValueError(
+            f"sparsity_m_by_n={sparsity_m_by_n!r} and block_size={block_size!r} exclude each "
+            "other: N:M sparsity chooses single weights; keep block_size=(1, 1) with it.")
+    return tuple(block_size)
+
+
+def check_block_ranks(layer_name, tensors, block_size):
+    """Raises ValueError unless every tensor is 2-D when ``block_size`` is not ``(1, 1)``."""
+    if tuple(block_size) != (1, 1) and any(len(w.shape) != 2 for w in tensors):
+        raise ValueError(
+            f"block_size={tuple(block_size)} needs 2-D kernels, but layer {layer_name!r} has "
+            f"shapes {[tuple(w.shape) for w in tensors]}: use block_size=(1, 1) for it.")
 
 
 def sparsity_prune(weights, mask, sparsity):

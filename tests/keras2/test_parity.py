@@ -3,7 +3,6 @@
 Each test builds the same tiny model for both wrappers and compares them, with the std rule
 checked against the float64 numpy reference (`reference.reference_step`).
 """
-import math
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import tf_stdprune
 from tf_stdprune.keras2.engine import PruneLowMagnitude, keras, tfmot
 from tf_stdprune.keras2.wrapper import optimizer_slots
 
-from reference import reference_step
+from reference import reference_pooled, reference_step
 
 L = keras.layers
 TFMOT = tfmot.sparsity.keras
@@ -188,24 +187,13 @@ def test_pruning_policy_wraps_the_same_layers_as_tfmot():
                                   pruning_policy=policy)
 
 
-def _pooled(weights, block, pooling):
-    """Numpy reference: pool |w| over blocks, edge blocks partial."""
-    rows, cols = block
-    out = np.zeros((math.ceil(weights.shape[0] / rows), math.ceil(weights.shape[1] / cols)))
-    for i in range(out.shape[0]):
-        for j in range(out.shape[1]):
-            part = np.abs(weights[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols]).astype(np.float64)
-            out[i, j] = part.max() if pooling == "MAX" else part.mean()
-    return out
-
-
 @pytest.mark.parametrize("block, pooling", [((2, 3), "AVG"), ((3, 2), "MAX"), ((1, 4), "AVG")])
 def test_block_sparsity_keeps_blocks_whose_pooled_magnitude_reaches_q_sigma(block, pooling):
     dense = L.Dense(7, input_shape=(8,))
     wrapper = tf_stdprune.prune_low_std(dense, block_size=block, block_pooling_type=pooling)
     keras.Sequential([wrapper])
     kernel = dense.kernel.numpy()
-    pooled = _pooled(kernel, block, pooling)
+    pooled = reference_pooled(kernel, block, pooling)
     middle = np.sort(pooled, axis=None)[pooled.size // 2 - 1: pooled.size // 2 + 1].mean()
     q = float(middle / np.std(pooled))  # half the blocks fall below q * sigma, none near it
     wrapper.pruning_obj.update_masks(q)

@@ -45,6 +45,7 @@ import tensorflow as tf
 from tf_stdprune import mask_rule, registry
 from tf_stdprune.registry import RegistryWeights, prunable_attributes  # noqa: F401 (public here too)
 from tf_stdprune.keras2.engine import PruneLowMagnitude, check_keras2, keras, tfmot
+from tf_stdprune.mask_rule import check_block_arguments  # noqa: F401 (public here too)
 from tf_stdprune.schedule import StdPruningSchedule, check_quality
 
 # Measured with benchmarks/std_mode.py: at the same q, "initial" gives the most sparsity
@@ -242,24 +243,6 @@ def check_flag(value, name):
     return value
 
 
-def check_block_arguments(block_size, block_pooling_type, sparsity_m_by_n=None):
-    """Validates tfmot's structured-sparsity arguments; returns ``block_size`` as a tuple.
-
-    ``sparsity_m_by_n`` (see `mask_rule.check_m_by_n`) and a ``block_size`` other than
-    ``(1, 1)`` exclude each other.
-    """
-    if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
-            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block_size)):
-        raise ValueError(f"block_size must be two integers >= 1 (rows, columns), got {block_size!r}.")
-    if block_pooling_type not in ("AVG", "MAX"):
-        raise ValueError(f"block_pooling_type must be 'AVG' or 'MAX', got {block_pooling_type!r}.")
-    if mask_rule.check_m_by_n(sparsity_m_by_n) is not None and tuple(block_size) != (1, 1):
-        raise ValueError(
-            f"sparsity_m_by_n={sparsity_m_by_n!r} and block_size={block_size!r} exclude each "
-            "other: N:M sparsity chooses single weights; keep block_size=(1, 1) with it.")
-    return tuple(block_size)
-
-
 def check_schedule(schedule):
     """Returns ``schedule`` (default ``q = 1.0`` every 100 steps) if it is a pruning schedule.
 
@@ -351,7 +334,8 @@ class PruneLowStd(PruneLowMagnitude):
             raise ValueError(f"std_mode must be one of {mask_rule.STD_MODES}, got {std_mode!r}.")
         check_quality(layer_quality, f"layer_quality of layer {layer.name!r}")
         check_flag(prune_batchnorm, "prune_batchnorm")
-        block_size = check_block_arguments(block_size, block_pooling_type, sparsity_m_by_n)
+        block_size = mask_rule.check_block_arguments(block_size, block_pooling_type,
+                                                  sparsity_m_by_n)
         pruning_schedule = check_schedule(pruning_schedule)
         check_prunable(layer)
         self._weight_attributes = prunable_attributes(layer, prune_batchnorm)
@@ -395,12 +379,7 @@ class PruneLowStd(PruneLowMagnitude):
         if not self._weight_attributes:
             raise ValueError(f"Layer {self.layer.name!r}: get_prunable_weights() returned nothing.")
         self.prunable_weights = [registry.get_tensor(self.layer, a) for a in self._weight_attributes]
-        if tuple(self.block_size) != (1, 1) and any(len(w.shape) != 2 for w in self.prunable_weights):
-            raise ValueError(
-                f"block_size={self.block_size} needs 2-D kernels, but layer {self.layer.name!r} "
-                f"has shapes {[tuple(w.shape) for w in self.prunable_weights]}: use "
-                "block_size=(1, 1) for it."
-            )
+        mask_rule.check_block_ranks(self.layer.name, self.prunable_weights, self.block_size)
         mask_rule.check_m_by_n_ranks(self.layer.name, self.prunable_weights,
                                       self.sparsity_m_by_n)
         if getattr(self.layer, "get_prunable_weights", None) is None:

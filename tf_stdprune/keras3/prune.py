@@ -62,7 +62,7 @@ def _unknown_layer_error(layer):
 
 def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
                   layer_quality=None, prune_batchnorm=True, skip=(), sparsity_m_by_n=None,
-                  pruning_policy=None):
+                  pruning_policy=None, block_size=(1, 1), block_pooling_type="AVG"):
     """Wraps every prunable layer of a Keras 3 model (or one layer) in `PruneLowStd`.
 
     A weight ``w`` of layer ``l`` is pruned at a pruning step of quality ``q`` when
@@ -81,6 +81,9 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
         the std rule (`mask_rule`); other tensors need ``skip`` / ``prune_batchnorm=False``.
       pruning_policy: e.g. `tf_stdprune.PruneForLatencyOnXNNPack()` (models only): only the
         layers it allows are wrapped, after its ``ensure_model_supports_pruning(model)``.
+      block_size, block_pooling_type: whole blocks of 2-D kernels kept or pruned by their
+        pooled ``|w|`` (``(rows, columns)`` of the ``[in, out]`` kernel; TFLite's
+        block-sparse FullyConnected runs ``(4, 1)``), as on the tf_keras path.
 
     Returns:
       A new model of the same kind whose prunable layers are wrapped (the layers
@@ -99,7 +102,10 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
     skip = set(skip)
     settings = dict(pruning_schedule=pruning_schedule, std_mode=std_mode,
                     prune_batchnorm=prune_batchnorm,
-                    sparsity_m_by_n=mask_rule.check_m_by_n(sparsity_m_by_n))
+                    sparsity_m_by_n=mask_rule.check_m_by_n(sparsity_m_by_n),
+                    block_size=mask_rule.check_block_arguments(block_size, block_pooling_type,
+                                                               sparsity_m_by_n),
+                    block_pooling_type=block_pooling_type)
     if pruning_policy is not None and not isinstance(to_prune, keras.Model):
         raise TypeError("pruning_policy applies to models only; pass the layers it allows "
                         "to prune_low_std instead.")

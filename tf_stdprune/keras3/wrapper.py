@@ -112,6 +112,8 @@ class PruneLowStd(SubstitutingWrapper):
       sparsity_m_by_n: ``(m, n)``: at least ``m`` zeros in every ``n`` consecutive
         weights along the input dimension of Dense and Conv2D kernels, chosen before the
         std rule (order and sigma in `mask_rule`); None (default) for none.
+      block_size, block_pooling_type: other than ``(1, 1)``, the rule keeps or prunes
+        whole blocks of a 2-D kernel by their pooled ``|w|`` (`mask_rule.std_prune_blocks`).
 
     Examples:
       >>> wrapped = PruneLowStd(keras.layers.Dense(10))
@@ -120,7 +122,8 @@ class PruneLowStd(SubstitutingWrapper):
     """
 
     def __init__(self, layer, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
-                 layer_quality=1.0, prune_batchnorm=True, sparsity_m_by_n=None, **kwargs):
+                 layer_quality=1.0, prune_batchnorm=True, sparsity_m_by_n=None,
+                 block_size=(1, 1), block_pooling_type="AVG", **kwargs):
         if not isinstance(layer, keras.layers.Layer) or isinstance(layer, keras.Model):
             raise TypeError(
                 f"PruneLowStd wraps one Keras 3 layer, got {type(layer).__name__}; to prune "
@@ -150,11 +153,15 @@ class PruneLowStd(SubstitutingWrapper):
         self.layer_quality = check_quality(layer_quality, f"layer_quality of {layer.name!r}")
         self.prune_batchnorm = bool(prune_batchnorm)
         self.sparsity_m_by_n = mask_rule.check_m_by_n(sparsity_m_by_n)
+        self.block_size = mask_rule.check_block_arguments(block_size, block_pooling_type,
+                                                          sparsity_m_by_n)
+        self.block_pooling_type = block_pooling_type
 
     def build(self, input_shape=None):
         super().build(input_shape)
         self.masks, self.thresholds, self.sigmas = [], [], []
         mask_rule.check_m_by_n_ranks(self.layer.name, self.pruned_weights, self.sparsity_m_by_n)
+        mask_rule.check_block_ranks(self.layer.name, self.pruned_weights, self.block_size)
         for path in self.paths:
             weight = registry.get_tensor(self.layer, path)
             name = path.replace(".", "_").lstrip("_")
@@ -186,9 +193,14 @@ class PruneLowStd(SubstitutingWrapper):
         rule_ops = mask_rule.keras3_ops()
         for weight, mask, threshold, sigma in zip(self.pruned_weights, self.masks,
                                                   self.thresholds, self.sigmas):
-            new_mask, new_threshold, new_sigma, new_weight = mask_rule.std_rule(
-                weight.value, mask.value, q, self.std_mode, sigma.value, rule_ops,
-                self.sparsity_m_by_n)
+            if self.block_size != (1, 1):
+                new_mask, new_threshold, new_sigma, new_weight = mask_rule.std_prune_blocks(
+                    weight.value, mask.value, q, self.std_mode, sigma.value, self.block_size,
+                    self.block_pooling_type, rule_ops)
+            else:
+                new_mask, new_threshold, new_sigma, new_weight = mask_rule.std_rule(
+                    weight.value, mask.value, q, self.std_mode, sigma.value, rule_ops,
+                    self.sparsity_m_by_n)
             mask.assign(ops.cast(new_mask, mask.dtype))
             threshold.assign(new_threshold)
             sigma.assign(new_sigma)
@@ -212,6 +224,8 @@ class PruneLowStd(SubstitutingWrapper):
             "layer_quality": self.layer_quality,
             "prune_batchnorm": self.prune_batchnorm,
             "sparsity_m_by_n": None if self.sparsity_m_by_n is None else list(self.sparsity_m_by_n),
+            "block_size": list(self.block_size),
+            "block_pooling_type": self.block_pooling_type,
         }
 
     @classmethod
