@@ -92,6 +92,16 @@ BENCHMARKS = (
     Benchmark("sparse_matmul", "serving.py",
               ("--matmul", "--rounds=9", "--calls=20"), ("--matmul", "--rounds=20", "--calls=20"),
               about="one 4096x4096 Dense kernel: dense vs sparse products by zeros and batch"),
+    Benchmark("xnnpack_sparse", "xnnpack_sparse.py",
+              ("--model=mobilenet_v2", "--rounds=5", "--calls=3"),
+              ("--model=mobilenet_v2", "--rounds=15", "--calls=5"),
+              about="MobileNetV2, 1x1 convs at 70/80/90 % zeros: dense vs sparse TFLite, "
+                    "tf.lite and ai-edge-litert, 1 and 2 threads, batch 1"),
+    Benchmark("block_sparse_dense", "xnnpack_sparse.py",
+              ("--model=dense4096,mlp", "--zeros=0.9", "--rounds=5", "--calls=10"),
+              ("--model=dense4096,mlp", "--rounds=15", "--calls=20"),
+              about="4096x4096 Dense and a 3x1024 MLP, 90 % zero blocks of 4: dense vs "
+                    "sparse TFLite (block-sparse FullyConnected), 1 and 2 threads, batch 1"),
 )
 
 
@@ -159,7 +169,8 @@ def cpu_model(cpuinfo="/proc/cpuinfo"):
 def machine():
     """The machine a run measures: CPU, cores, OS, Python and library versions."""
     versions = {name: _version(name) for name in (
-        "tensorflow", "tf-keras", "keras", "jax", "tensorflow-model-optimization")}
+        "tensorflow", "tf-keras", "keras", "jax", "tensorflow-model-optimization",
+        "ai-edge-litert")}
     return {"cpu": cpu_model(), "cores": os.cpu_count(),
             "os": f"{platform.system()} {platform.release()}",
             "python": platform.python_version(), **versions}

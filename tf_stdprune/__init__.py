@@ -7,7 +7,8 @@ package sets no environment variable and loads neither tf_keras nor tfmot; they 
 when a tf_keras object is first handed in.
 
 Pruning:      prune_low_std, strip_pruning, StdPruningSchedule, UpdatePruningStep,
-              sparsity_report, PruneLowStd, prune_scope, PruningSummaries
+              sparsity_report, PruneLowStd, prune_scope, PruningSummaries,
+              check_m_by_n_sparsity, PruneForLatencyOnXNNPack
 Procedure:    iterative_callbacks, IterativePruning, IterationLearningRate, restore_run,
               recalibrate_batchnorm, sensitivity_analysis, suggest_layer_quality
 Compression:  quantize_weights, strip_quantization, QuantizeWeights, linear_kmeans,
@@ -142,6 +143,25 @@ def export_dense_saved_model(model, path, overwrite=False):
     return module.export_dense_saved_model(model, path, overwrite)
 
 
+def export_tflite(model, path, sparse=True, int8=False, representative_data=None,
+                  overwrite=False):
+    """Writes ``model`` (stripped, or with pruning/quantization wrappers; not changed) as a
+    TFLite (LiteRT) flatbuffer at ``path``; returns the absolute path. tf_keras models, and
+    Keras 3 models on the TensorFlow backend (through Keras's ``export(format="litert")``).
+
+    ``sparse``: pruned weights stored in TFLite's sparse format, which also asks XNNPACK
+    for its sparse inference of 1x1 convolutions; ``int8``: full-integer quantization
+    calibrated on ``representative_data``. See `tf_stdprune.compression.litert`.
+
+    Examples:
+      >>> tf_stdprune.export_tflite(tf_stdprune.strip_pruning(pruned), "out/model.tflite")
+      >>> tf_stdprune.export_tflite(pruned, "out/int8.tflite", int8=True,
+      ...                           representative_data=x_train[:256])
+    """
+    module = module_for(model, "tflite", "export_tflite")
+    return module.export_tflite(model, path, sparse, int8, representative_data, overwrite)
+
+
 # Names that only the tf_keras path has (so far): loaded, with tf_keras and tfmot, on
 # first use.
 _LAZY = {
@@ -149,11 +169,12 @@ _LAZY = {
     "decompress": "compression.compressed_file", "read_weights": "compression.compressed_file",
     "CompressionReport": "compression.stages", "compression_report": "compression.stages",
     "plot_compression_stages": "compression.stages",
-    "disk_size": "compression.serving", "export_tflite": "keras2.tflite",  # disk_size: any path
+    "disk_size": "compression.serving",  # any path
     "PruningSummaries": "keras2.callbacks",
     "prune_scope": "keras2.prune", "PruneLowStd": "keras2.wrapper",
     "QuantizeWeights": "keras2.quantize", "linear_kmeans": "compression.kmeans",
     "SparsityReport": "report", "sparsity_report": "report",
+    "check_m_by_n_sparsity": "report", "PruneForLatencyOnXNNPack": "policy",
     "sensitivity_analysis": "procedure.sensitivity", "suggest_layer_quality": "procedure.sensitivity",
     "SensitivityTable": "procedure.sensitivity",
 }
@@ -176,6 +197,6 @@ def __dir__():
 
 __all__ = sorted(["IterationLearningRate", "IterativePruning", "StdPruningSchedule",
                   "UpdatePruningStep", "iterative_callbacks",
-                  "export_dense_saved_model", "export_sparse_saved_model",
+                  "export_dense_saved_model", "export_sparse_saved_model", "export_tflite",
                   "prune_low_std", "quantize_weights", "recalibrate_batchnorm", "restore_run",
                   "strip_pruning", "strip_quantization", *_LAZY])

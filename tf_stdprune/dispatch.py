@@ -18,12 +18,12 @@ MODULES = {
     TF_KERAS: {"prune": "tf_stdprune.keras2.prune", "callbacks": "tf_stdprune.keras2.callbacks",
                "quantize": "tf_stdprune.keras2.quantize", "procedure": "tf_stdprune.keras2.iterative",
                "run": "tf_stdprune.keras2.run_state", "recalibration": "tf_stdprune.keras2.recalibration",
-               "export": "tf_stdprune.keras2.export"},
+               "export": "tf_stdprune.keras2.export", "tflite": "tf_stdprune.keras2.tflite"},
     KERAS3: {"prune": "tf_stdprune.keras3.prune", "callbacks": "tf_stdprune.keras3.prune",
              "quantize": "tf_stdprune.keras3.quantize",
              "procedure": "tf_stdprune.keras3.iterative", "run": "tf_stdprune.keras3.iterative",
              "recalibration": "tf_stdprune.keras3.iterative",
-             "export": "tf_stdprune.keras3.export"},
+             "export": "tf_stdprune.keras3.export", "tflite": "tf_stdprune.keras3.tflite"},
 }
 
 

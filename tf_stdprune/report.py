@@ -24,6 +24,7 @@ import json
 
 import numpy as np
 
+from tf_stdprune.mask_rule import check_m_by_n, m_by_n_groups
 from tf_stdprune.registry import get_tensor, layer_kind, prunable_attributes
 
 # Pruning wrappers whose inner layer the report counts in their place (either Keras);
@@ -152,7 +153,9 @@ def layer_paths(model):
             layer = unwrapped(layer)
             path = f"{prefix}/{layer.name}" if prefix else layer.name
             yield path, layer
-            if not prunable_attributes(layer, prune_batchnorm=True):
+            counts_itself = prunable_attributes(layer, prune_batchnorm=True) or callable(
+                getattr(layer, "effective_tensors", None))  # a quantization wrapper
+            if not counts_itself:
                 yield from walk(sublayers(layer), path)
 
     yield from walk(model.layers, "")
@@ -207,8 +210,9 @@ def sparsity_report(model):
                 counted.add(id(weight))
                 total_parameters += int(np.prod(weight.shape))
         if values:
+            parent = path.rpartition("/")[0]  # named by the layer counted, not its wrapper
             layers.append(LayerSparsity(
-                path, layer_kind(layer),
+                f"{parent}/{layer.name}" if parent else layer.name, layer_kind(layer),
                 total=sum(v.size for v in values),
                 zeros=sum(int(np.count_nonzero(v == 0)) for v in values),
             ))
@@ -218,3 +222,46 @@ def sparsity_report(model):
         zero_weights=sum(l.zeros for l in layers),
         layers=layers,
     )
+
+
+def m_by_n_holds(values, m, n):
+    """True iff every group of ``n`` consecutive entries of the rank-2 or rank-4 array
+    ``values`` along its input dimension (grouping of `mask_rule.m_by_n_groups`) has at
+    least ``m`` zeros; a partial last group of ``r`` entries may keep ``min(r, n - m)``."""
+    values = np.asarray(values)
+    perm, rows, inputs, pad = m_by_n_groups(values.shape, n)
+    nonzero = np.transpose(values, perm).reshape(rows, inputs) != 0
+    nonzero = np.pad(nonzero, [(0, 0), (0, pad)]).reshape(rows, -1, n)
+    return bool((nonzero.sum(axis=-1) <= n - m).all())
+
+
+def check_m_by_n_sparsity(tensor_or_model, m=2, n=4):
+    """Whether a kernel, or every Dense and Conv2D kernel of a model, has N:M sparsity:
+    at least ``m`` zeros in every ``n`` consecutive weights along the input dimension.
+
+    ``tensor_or_model``: an array or tensor of rank 2 (``[in, out]``) or 4
+    (``[h, w, in, out]``), or a model of either Keras, wrapped or stripped. For a model,
+    every prunable tensor of rank 2 or 4 of its layers is checked (a wrapped layer's
+    inner layer; layers kept dense count too, so ``skip``-ped layers give False).
+
+    Raises:
+      ValueError: a tensor of another rank, ``not 0 <= m < n``, or a model without such
+        a tensor.
+
+    Examples:
+      >>> pruned = tf_stdprune.prune_low_std(model, sparsity_m_by_n=(2, 4),
+      ...                                    prune_batchnorm=False)
+      >>> pruned.fit(x, y, epochs=2, callbacks=[tf_stdprune.UpdatePruningStep()])
+      >>> tf_stdprune.check_m_by_n_sparsity(tf_stdprune.strip_pruning(pruned), 2, 4)
+      True
+    """
+    check_m_by_n((m, n), "(m, n)")
+    if not is_model(tensor_or_model):
+        return m_by_n_holds(tensor_or_model, m, n)
+    tensors = [(layer.name, np.asarray(get_tensor(layer, path)))
+               for layer, paths in prunable_layers(tensor_or_model) for path in paths]
+    tensors = [(name, value) for name, value in tensors if value.ndim in (2, 4)]
+    if not tensors:
+        raise ValueError(f"Model {tensor_or_model.name!r} has no Dense or Conv2D kernel "
+                         "(rank 2 or 4) to check for N:M sparsity.")
+    return all(m_by_n_holds(value, m, n) for _, value in tensors)

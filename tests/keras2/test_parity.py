@@ -3,7 +3,6 @@
 Each test builds the same tiny model for both wrappers and compares them, with the std rule
 checked against the float64 numpy reference (`reference.reference_step`).
 """
-import math
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import tf_stdprune
 from tf_stdprune.keras2.engine import PruneLowMagnitude, keras, tfmot
 from tf_stdprune.keras2.wrapper import optimizer_slots
 
-from reference import reference_step
+from reference import reference_pooled, reference_step
 
 L = keras.layers
 TFMOT = tfmot.sparsity.keras
@@ -188,24 +187,13 @@ def test_pruning_policy_wraps_the_same_layers_as_tfmot():
                                   pruning_policy=policy)
 
 
-def _pooled(weights, block, pooling):
-    """Numpy reference: pool |w| over blocks, edge blocks partial."""
-    rows, cols = block
-    out = np.zeros((math.ceil(weights.shape[0] / rows), math.ceil(weights.shape[1] / cols)))
-    for i in range(out.shape[0]):
-        for j in range(out.shape[1]):
-            part = np.abs(weights[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols]).astype(np.float64)
-            out[i, j] = part.max() if pooling == "MAX" else part.mean()
-    return out
-
-
 @pytest.mark.parametrize("block, pooling", [((2, 3), "AVG"), ((3, 2), "MAX"), ((1, 4), "AVG")])
 def test_block_sparsity_keeps_blocks_whose_pooled_magnitude_reaches_q_sigma(block, pooling):
     dense = L.Dense(7, input_shape=(8,))
     wrapper = tf_stdprune.prune_low_std(dense, block_size=block, block_pooling_type=pooling)
     keras.Sequential([wrapper])
     kernel = dense.kernel.numpy()
-    pooled = _pooled(kernel, block, pooling)
+    pooled = reference_pooled(kernel, block, pooling)
     middle = np.sort(pooled, axis=None)[pooled.size // 2 - 1: pooled.size // 2 + 1].mean()
     q = float(middle / np.std(pooled))  # half the blocks fall below q * sigma, none near it
     wrapper.pruning_obj.update_masks(q)
@@ -222,10 +210,30 @@ def test_block_sparsity_refuses_kernels_that_are_not_2d_like_tfmot():
                                                      block_size=(2, 2))])
 
 
-def test_sparsity_m_by_n_raises_not_implemented():
-    with pytest.raises(NotImplementedError, match="sparsity_m_by_n"):
-        tf_stdprune.prune_low_std(keras.Sequential([L.Dense(2, input_shape=(4,))]),
-                                  sparsity_m_by_n=(2, 4))
+def test_sparsity_m_by_n_at_q_0_chooses_the_same_weights_as_tfmot():
+    """With q = 0 only the N:M step prunes: the masks equal tfmot's m_by_n masks."""
+    def build():
+        return keras.Sequential([L.Conv2D(6, 3, input_shape=(5, 5, 8), name="c"), L.Flatten(),
+                                 L.Dense(5, name="d")])
+
+    ours_model, theirs_model = build(), build()
+    theirs_model.set_weights(ours_model.get_weights())
+    ours = tf_stdprune.prune_low_std(ours_model, sparsity_m_by_n=(2, 4),
+                                     pruning_schedule=tf_stdprune.StdPruningSchedule([0.0], 1))
+    theirs = TFMOT.prune_low_magnitude(theirs_model, sparsity_m_by_n=(2, 4))
+    x = np.random.default_rng(0).normal(size=(2, 5, 5, 8)).astype(np.float32)
+    for model, callback in ((ours, tf_stdprune.UpdatePruningStep()), (theirs, TFMOT.UpdatePruningStep())):
+        model.compile(keras.optimizers.SGD(0.0), "mse")
+        model.fit(x, np.zeros((2, 5)), epochs=1, verbose=0, callbacks=[callback])
+    masks = [[l.pruning_vars[0][1].numpy() for l in m.layers
+              if isinstance(l, PruneLowMagnitude) and l.pruning_vars] for m in (ours, theirs)]
+    assert len(masks[0]) == len(masks[1]) == 2
+    for mine, tfmots in zip(*masks):
+        np.testing.assert_array_equal(mine, tfmots)
+    assert tf_stdprune.check_m_by_n_sparsity(ours, 2, 4)
+    from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils
+
+    assert all(pruning_utils.is_pruned_m_by_n(l.layer.kernel) for l in ours.layers[::2])
 
 
 def test_unknown_keywords_raise_type_error_naming_them_for_models_and_layers():

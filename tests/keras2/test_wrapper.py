@@ -342,12 +342,12 @@ def test_no_retracing_across_iterations_and_qualities(tiny_data):
     layer = _wrappers(model)[0]
     layer.pruning_obj.update_masks(0.3)
     counts = (model.train_function.experimental_get_tracing_count(),
-              mask_rule.std_prune.experimental_get_tracing_count())
+              mask_rule.compiled_std_rule.experimental_get_tracing_count())
     fit()  # prunes again, with new q values
     for q in (0.9, 1.3, 2):
         layer.pruning_obj.update_masks(q)
     assert (model.train_function.experimental_get_tracing_count(),
-            mask_rule.std_prune.experimental_get_tracing_count()) == counts
+            mask_rule.compiled_std_rule.experimental_get_tracing_count()) == counts
 
 
 def test_inner_layer_gets_its_variables_back(tiny_data):

@@ -1,6 +1,7 @@
 """`prune_low_std` and `strip_pruning`: a drop-in for tfmot's `prune_low_magnitude`."""
 from absl import logging
 
+from tf_stdprune import mask_rule
 from tf_stdprune.keras2.engine import PruneLowMagnitude, check_keras2, keras, tfmot
 from tf_stdprune.schedule import StdPruningSchedule
 from tf_stdprune.keras2.wrapper import (
@@ -44,11 +45,17 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
       layer_quality: ``{layer_name: factor}`` multiplying ``q`` per layer.
       prune_batchnorm: also prune BatchNormalization ``gamma`` (the reference experiment counts them).
       block_size, block_pooling_type: structured pruning of 2-D kernels: a block is kept
-        iff ``pool(|w|) >= q * sigma(pool(|w|))`` (`mask_rule.std_prune_blocks`).
-      pruning_policy: a tfmot `PruningPolicy` (models only): the layers it refuses stay
-        dense, and the model is checked by its ``ensure_model_supports_pruning``.
-      sparsity_m_by_n: not supported with the std rule: anything but ``None`` raises
-        NotImplementedError.
+        iff ``pool(|w|) >= q * sigma(pool(|w|))`` (`mask_rule.std_prune_blocks`). Blocks
+        are ``(rows, columns)`` of the ``[in, out]`` kernel: TFLite's block-sparse
+        FullyConnected kernel (1x4 blocks of its ``[out, in]`` weights) runs
+        ``block_size=(4, 1)`` after ``export_tflite(..., sparse=True)``.
+      pruning_policy: `tf_stdprune.PruneForLatencyOnXNNPack()` or any tfmot
+        `PruningPolicy` (models only): the layers it refuses stay dense, and the model is
+        checked by its ``ensure_model_supports_pruning``.
+      sparsity_m_by_n: ``(m, n)``, e.g. ``(2, 4)``: at least ``m`` zeros in every ``n``
+        consecutive weights along the input dimension of Dense and Conv2D kernels, chosen
+        by magnitude before the std rule prunes more (order and sigma: `mask_rule`);
+        layers with other tensors need ``skip`` (BatchNormalization: ``prune_batchnorm=False``).
       skip: names of layers to keep dense, e.g. layers with kernels the registry does not
         know (which otherwise raise ValueError).
       **kwargs: layer arguments passed to `PruneLowStd` when ``to_prune`` is a single
@@ -69,7 +76,8 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
                     prune_batchnorm=check_flag(prune_batchnorm, "prune_batchnorm"),
                     block_size=check_block_arguments(block_size, block_pooling_type,
                                                      sparsity_m_by_n),
-                    block_pooling_type=block_pooling_type)
+                    block_pooling_type=block_pooling_type,
+                    sparsity_m_by_n=mask_rule.check_m_by_n(sparsity_m_by_n))
     layer_quality, skip = _check_names(layer_quality, skip, to_prune)
     wrap = _wrapper_factory(settings, layer_quality, skip, pruning_policy)
     if isinstance(to_prune, list):
@@ -148,7 +156,8 @@ def _check_same_settings(wrapper, settings, layer_quality):
         return  # tfmot's own wrapper: kept, as tfmot keeps it
     ours = dict(pruning_schedule=wrapper.pruning_schedule.get_config(), std_mode=wrapper.std_mode,
                 prune_batchnorm=wrapper.prune_batchnorm, block_size=tuple(wrapper.block_size),
-                block_pooling_type=wrapper.block_pooling_type, layer_quality=wrapper.layer_quality)
+                block_pooling_type=wrapper.block_pooling_type, layer_quality=wrapper.layer_quality,
+                sparsity_m_by_n=wrapper.sparsity_m_by_n)
     asked = dict(settings, pruning_schedule=settings["pruning_schedule"].get_config(),
                  layer_quality=float(layer_quality.get(wrapper.layer.name, 1.0)))
     differ = sorted(k for k in ours if ours[k] != asked[k])

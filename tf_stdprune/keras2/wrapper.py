@@ -45,6 +45,7 @@ import tensorflow as tf
 from tf_stdprune import mask_rule, registry
 from tf_stdprune.registry import RegistryWeights, prunable_attributes  # noqa: F401 (public here too)
 from tf_stdprune.keras2.engine import PruneLowMagnitude, check_keras2, keras, tfmot
+from tf_stdprune.mask_rule import check_block_arguments  # noqa: F401 (public here too)
 from tf_stdprune.schedule import StdPruningSchedule, check_quality
 
 # Measured with benchmarks/std_mode.py: at the same q, "initial" gives the most sparsity
@@ -175,9 +176,14 @@ class StdPruning:
     def _rule(self, weight, mask, quality, sigma):
         wrapper = self._wrapper
         if not isinstance(wrapper.pruning_schedule, StdPruningSchedule):
+            if wrapper.sparsity_m_by_n is not None:
+                mask = mask_rule.m_by_n_mask(weight, mask, wrapper.sparsity_m_by_n)
             new_mask, threshold, new_weight = mask_rule.sparsity_prune(weight, mask, quality)
             return new_mask, threshold, sigma, new_weight
         quality = quality * wrapper.layer_quality
+        if wrapper.sparsity_m_by_n is not None:
+            return mask_rule.std_prune(weight, mask, quality, wrapper.std_mode, sigma,
+                                       wrapper.sparsity_m_by_n)
         if tuple(wrapper.block_size) != (1, 1):
             return mask_rule.std_prune_blocks(weight, mask, quality, wrapper.std_mode, sigma,
                                               tuple(wrapper.block_size), wrapper.block_pooling_type)
@@ -235,21 +241,6 @@ def check_flag(value, name):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).")
     return value
-
-
-def check_block_arguments(block_size, block_pooling_type, sparsity_m_by_n):
-    """Validates tfmot's structured-sparsity arguments; returns ``block_size`` as a tuple."""
-    if sparsity_m_by_n is not None:
-        raise NotImplementedError(
-            f"sparsity_m_by_n={sparsity_m_by_n!r}: m-by-n sparsity is not combined with the std "
-            "rule; use tfmot's prune_low_magnitude for it, or block_size for structured pruning."
-        )
-    if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
-            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block_size)):
-        raise ValueError(f"block_size must be two integers >= 1 (rows, columns), got {block_size!r}.")
-    if block_pooling_type not in ("AVG", "MAX"):
-        raise ValueError(f"block_pooling_type must be 'AVG' or 'MAX', got {block_pooling_type!r}.")
-    return tuple(block_size)
 
 
 def check_schedule(schedule):
@@ -325,7 +316,9 @@ class PruneLowStd(PruneLowMagnitude):
       block_size: ``(rows, columns)``; other than ``(1, 1)`` the rule prunes whole blocks of
         a 2-D kernel on pooled magnitudes (`mask_rule.std_prune_blocks`).
       block_pooling_type: ``"AVG"`` or ``"MAX"``, the pooling of ``|w|`` over a block.
-      sparsity_m_by_n: only ``None``; anything else raises NotImplementedError.
+      sparsity_m_by_n: ``(m, n)``: at least ``m`` zeros in every ``n`` consecutive weights
+        along the input dimension (Dense and Conv2D kernels), chosen before the std rule
+        (order in `mask_rule`); None (default) for none.
       **kwargs: tf_keras layer arguments (``name``, ...); an unknown one raises TypeError.
 
     ``pruning_step`` counts training calls, as in tfmot: a layer shared by two branches
@@ -341,7 +334,8 @@ class PruneLowStd(PruneLowMagnitude):
             raise ValueError(f"std_mode must be one of {mask_rule.STD_MODES}, got {std_mode!r}.")
         check_quality(layer_quality, f"layer_quality of layer {layer.name!r}")
         check_flag(prune_batchnorm, "prune_batchnorm")
-        block_size = check_block_arguments(block_size, block_pooling_type, sparsity_m_by_n)
+        block_size = mask_rule.check_block_arguments(block_size, block_pooling_type,
+                                                  sparsity_m_by_n)
         pruning_schedule = check_schedule(pruning_schedule)
         check_prunable(layer)
         self._weight_attributes = prunable_attributes(layer, prune_batchnorm)
@@ -355,6 +349,7 @@ class PruneLowStd(PruneLowMagnitude):
         # patches them; ours takes the registry's layers and subclasses, so it is skipped.
         keras.layers.Wrapper.__init__(self, layer, **kwargs)
         self._set_tfmot_attributes(layer, pruning_schedule, block_size, block_pooling_type)
+        self.sparsity_m_by_n = mask_rule.check_m_by_n(sparsity_m_by_n)
         self.std_mode = std_mode
         self.layer_quality = float(layer_quality)
         self.prune_batchnorm = prune_batchnorm
@@ -384,12 +379,9 @@ class PruneLowStd(PruneLowMagnitude):
         if not self._weight_attributes:
             raise ValueError(f"Layer {self.layer.name!r}: get_prunable_weights() returned nothing.")
         self.prunable_weights = [registry.get_tensor(self.layer, a) for a in self._weight_attributes]
-        if tuple(self.block_size) != (1, 1) and any(len(w.shape) != 2 for w in self.prunable_weights):
-            raise ValueError(
-                f"block_size={self.block_size} needs 2-D kernels, but layer {self.layer.name!r} "
-                f"has shapes {[tuple(w.shape) for w in self.prunable_weights]}: use "
-                "block_size=(1, 1) for it."
-            )
+        mask_rule.check_block_ranks(self.layer.name, self.prunable_weights, self.block_size)
+        mask_rule.check_m_by_n_ranks(self.layer.name, self.prunable_weights,
+                                      self.sparsity_m_by_n)
         if getattr(self.layer, "get_prunable_weights", None) is None:
             object.__setattr__(self.layer, "get_prunable_weights",
                                RegistryWeights(self.layer, self._weight_attributes))
@@ -461,6 +453,7 @@ class PruneLowStd(PruneLowMagnitude):
             "prune_batchnorm": self.prune_batchnorm,
             "block_size": list(self.block_size),
             "block_pooling_type": self.block_pooling_type,
+            "sparsity_m_by_n": None if self.sparsity_m_by_n is None else list(self.sparsity_m_by_n),
         })
         return config
 

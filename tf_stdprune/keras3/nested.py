@@ -44,7 +44,7 @@ import warnings
 
 import keras
 
-from tf_stdprune import registry
+from tf_stdprune import mask_rule, registry
 from tf_stdprune.keras3.wrapper import DEFAULT_STD_MODE, MaskedTensors, substituted, \
     default_schedule
 from tf_stdprune.validate import check_quality
@@ -63,9 +63,14 @@ class NestedPruning(MaskedTensors):
     """
 
     def __init__(self, layer, path, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
-                 layer_quality=1.0, prune_batchnorm=True):
+                 layer_quality=1.0, prune_batchnorm=True, sparsity_m_by_n=None,
+                 block_size=(1, 1), block_pooling_type="AVG"):
         self.layer, self.name = layer, path
         self.paths = registry.prunable_attributes(layer, prune_batchnorm)
+        self.sparsity_m_by_n, self.block_size = sparsity_m_by_n, tuple(block_size)
+        self.block_pooling_type = block_pooling_type
+        mask_rule.check_m_by_n_ranks(path, self.pruned_weights, sparsity_m_by_n)
+        mask_rule.check_block_ranks(path, self.pruned_weights, self.block_size)
         self.pruning_schedule = pruning_schedule or default_schedule()
         self.std_mode = std_mode
         self.layer_quality = check_quality(layer_quality, f"layer_quality of {path!r}")
@@ -154,10 +159,11 @@ def matches(path, names):
                                      for i in range(1, len(parts) + 1))
 
 
-def prune_in_place(model, layer_quality, skip, **settings):
+def prune_in_place(model, layer_quality, skip, allow=None, **settings):
     """Attaches `NestedPruning` to every prunable layer of ``model`` (already a copy),
     at any depth; ``skip`` and ``layer_quality`` take layer names or paths (a path also
-    covers the layers under it). Returns the states."""
+    covers the layers under it); ``allow(layer)``, if given (a pruning policy's
+    ``allow_pruning``), must accept a layer for it to be pruned. Returns the states."""
     tree = list(layer_tree(model))
     known = {part for path, _ in tree for part in (path, path.split("/")[-1])}
     unknown = (set(layer_quality) | set(skip)) - known
@@ -174,6 +180,8 @@ def prune_in_place(model, layer_quality, skip, **settings):
                              f"tfmot); pass skip=[{path!r}] to leave it dense.")
         if registry.prunable_attributes(layer, settings["prune_batchnorm"]):
             covered.append(path)
+            if allow is not None and not allow(layer):
+                continue
             quality = next((layer_quality[k] for k in (path, layer.name) if k in layer_quality),
                            1.0)
             attached.append(NestedPruning(layer, path, layer_quality=quality, **settings))

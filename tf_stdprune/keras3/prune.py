@@ -14,10 +14,13 @@ On the JAX backend ``fit`` keeps the training state outside the model's variable
 an epoch; the callback writes it back (``model.jax_state_sync()``) before it changes
 masks, weights and slots, and Keras reads the variables again for the next step.
 """
+import contextlib
+import inspect
+
 from absl import logging
 import keras
 
-from tf_stdprune import registry
+from tf_stdprune import mask_rule, registry
 from tf_stdprune.keras3 import nested
 from tf_stdprune.procedure.dropout import restore_dropout
 from tf_stdprune.keras3.wrapper import DEFAULT_STD_MODE, PruneLowStd
@@ -68,7 +71,8 @@ def _unknown_layer_error(layer):
 
 
 def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
-                  layer_quality=None, prune_batchnorm=True, skip=()):
+                  layer_quality=None, prune_batchnorm=True, skip=(), sparsity_m_by_n=None,
+                  pruning_policy=None, block_size=(1, 1), block_pooling_type="AVG"):
     """Wraps every prunable layer of a Keras 3 model (or one layer) in `PruneLowStd`.
 
     A weight ``w`` of layer ``l`` is pruned at a pruning step of quality ``q`` when
@@ -85,6 +89,14 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
       prune_batchnorm: also prune BatchNormalization ``gamma``.
       skip: names or paths (``"backbone/transformer_layer_0"``) of layers to leave dense
         on purpose; a path also covers the layers under it.
+      sparsity_m_by_n: ``(m, n)``, e.g. ``(2, 4)``: at least ``m`` zeros in every ``n``
+        consecutive weights along the input dimension of Dense and Conv2D kernels, before
+        the std rule (`mask_rule`); other tensors need ``skip`` / ``prune_batchnorm=False``.
+      pruning_policy: e.g. `tf_stdprune.PruneForLatencyOnXNNPack()` (models only): only the
+        layers it allows are wrapped, after its ``ensure_model_supports_pruning(model)``.
+      block_size, block_pooling_type: whole blocks of 2-D kernels kept or pruned by their
+        pooled ``|w|`` (``(rows, columns)`` of the ``[in, out]`` kernel; TFLite's
+        block-sparse FullyConnected runs ``(4, 1)``), as on the tf_keras path.
 
     Returns:
       For a flat Sequential or functional model, a new model of the same kind whose
@@ -104,12 +116,21 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
         check_quality(factor, f"layer_quality[{name!r}]")
     skip = set(skip)
     settings = dict(pruning_schedule=pruning_schedule, std_mode=std_mode,
-                    prune_batchnorm=prune_batchnorm)
+                    prune_batchnorm=prune_batchnorm,
+                    sparsity_m_by_n=mask_rule.check_m_by_n(sparsity_m_by_n),
+                    block_size=mask_rule.check_block_arguments(block_size, block_pooling_type,
+                                                               sparsity_m_by_n),
+                    block_pooling_type=block_pooling_type)
+    if pruning_policy is not None and not isinstance(to_prune, keras.Model):
+        raise TypeError("pruning_policy applies to models only; pass the layers it allows "
+                        "to prune_low_std instead.")
 
     def wrap(layer):
         if isinstance(layer, keras.Model):
             return layer
         if layer.name in skip or isinstance(layer, PruneLowStd):
+            return layer
+        if pruning_policy is not None and not pruning_policy.allow_pruning(layer):
             return layer
         if registry.prunable_attributes(layer, prune_batchnorm):
             return PruneLowStd(layer, layer_quality=layer_quality.get(layer.name, 1.0),
@@ -126,8 +147,11 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
         raise ValueError(f"{to_prune.name!r} is already pruned; strip_pruning(model) first "
                          "to prune it again.")
     if not is_flat(to_prune):
+        if pruning_policy is not None:
+            pruning_policy.ensure_model_supports_pruning(to_prune)
+        allow = pruning_policy.allow_pruning if pruning_policy is not None else None
         pruned = nested.copy_model(to_prune)
-        if not nested.prune_in_place(pruned, layer_quality, skip, **settings):
+        if not nested.prune_in_place(pruned, layer_quality, skip, allow, **settings):
             logging.warning("prune_low_std: %s has no prunable layer.", to_prune.name)
         return pruned
     names = {layer.name for layer in all_layers(to_prune)}
@@ -135,6 +159,8 @@ def prune_low_std(to_prune, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
     if unknown:
         raise ValueError(f"layer_quality/skip name layers that are not in the model: "
                          f"{sorted(unknown)}. Use the names printed by model.summary().")
+    if pruning_policy is not None:
+        pruning_policy.ensure_model_supports_pruning(to_prune)
     pruned = keras.models.clone_model(to_prune, clone_function=wrap, recursive=True)
     if not wrappers(pruned):
         logging.warning("prune_low_std: %s has no prunable layer.", to_prune.name)
@@ -161,7 +187,30 @@ def strip_pruning(model):
     def unwrap(layer):
         return layer.layer if isinstance(layer, PruneLowStd) else layer
 
-    return keras.models.clone_model(model, clone_function=unwrap, recursive=True)
+    with without_unused_masks(wrappers(model)):
+        return keras.models.clone_model(model, clone_function=unwrap, recursive=True)
+
+
+@contextlib.contextmanager
+def without_unused_masks(pruning_wrappers):
+    """Leaves out, while a functional model is cloned with its wrappers replaced by their
+    layers, the ``mask=None`` that Keras recorded for each wrapper's call (a wrapper's
+    ``call`` takes a mask) where the inner layer's ``call`` takes none, so the clone calls
+    that layer as Keras would; the recorded calls are restored afterwards."""
+    changed = []
+    for wrapper in pruning_wrappers:
+        if "mask" in inspect.signature(wrapper.layer.call).parameters:
+            continue
+        for node in wrapper._inbound_nodes:
+            kwargs = node.arguments.kwargs
+            if "mask" in kwargs and kwargs["mask"] is None:
+                del kwargs["mask"]
+                changed.append(kwargs)
+    try:
+        yield
+    finally:
+        for kwargs in changed:
+            kwargs["mask"] = None
 
 
 def prune_due(pruning_wrappers, step, optimizer=None):

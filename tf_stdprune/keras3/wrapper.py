@@ -106,10 +106,13 @@ class MaskedTensors:
     `PruneLowStd` wrapper and by pruning attached in place (`tf_stdprune.keras3.nested`).
 
     A user sets ``layer`` (the layer holding the tensors), ``paths`` (their attribute
-    paths), ``pruning_schedule``, ``std_mode`` and ``layer_quality``, then calls
+    paths), ``pruning_schedule``, ``std_mode``, ``layer_quality`` and, unless the class
+    defaults serve, ``block_size``, ``block_pooling_type`` and ``sparsity_m_by_n``, then calls
     `add_pruning_variables` once the layer is built: per tensor a ``uint8`` mask
     (1 = kept), the last ``threshold`` and ``sigma``, all non-trainable.
     """
+
+    block_size, block_pooling_type, sparsity_m_by_n = (1, 1), "AVG", None
 
     def add_pruning_variables(self, owner, layer):
         """Creates the masks, thresholds and sigmas as ``owner``'s weights, each mask
@@ -156,9 +159,15 @@ class MaskedTensors:
         rule_ops = mask_rule.keras3_ops()
         for weight, mask, threshold, sigma in zip(self.pruned_weights, self.masks,
                                                   self.thresholds, self.sigmas):
-            new_mask, new_threshold, new_sigma, new_weight = mask_rule.std_rule(
-                weight.value, ops.cast(mask.value, "float32"), q, self.std_mode, sigma.value,
-                rule_ops)
+            mask_value = ops.cast(mask.value, "float32")
+            if self.block_size != (1, 1):
+                new_mask, new_threshold, new_sigma, new_weight = mask_rule.std_prune_blocks(
+                    weight.value, mask_value, q, self.std_mode, sigma.value, self.block_size,
+                    self.block_pooling_type, rule_ops)
+            else:
+                new_mask, new_threshold, new_sigma, new_weight = mask_rule.std_rule(
+                    weight.value, mask_value, q, self.std_mode, sigma.value, rule_ops,
+                    self.sparsity_m_by_n)
             mask.assign(ops.cast(new_mask, mask.dtype))
             threshold.assign(new_threshold)
             sigma.assign(new_sigma)
@@ -193,6 +202,11 @@ class PruneLowStd(MaskedTensors, SubstitutingWrapper):
       std_mode: ``"initial"``, ``"surviving"`` or ``"all"`` (see `mask_rule`).
       layer_quality: this layer's factor on ``q``.
       prune_batchnorm: whether BatchNormalization's ``gamma`` is pruned.
+      sparsity_m_by_n: ``(m, n)``: at least ``m`` zeros in every ``n`` consecutive
+        weights along the input dimension of Dense and Conv2D kernels, chosen before the
+        std rule (order and sigma in `mask_rule`); None (default) for none.
+      block_size, block_pooling_type: other than ``(1, 1)``, the rule keeps or prunes
+        whole blocks of a 2-D kernel by their pooled ``|w|`` (`mask_rule.std_prune_blocks`).
 
     Examples:
       >>> wrapped = PruneLowStd(keras.layers.Dense(10))
@@ -201,7 +215,8 @@ class PruneLowStd(MaskedTensors, SubstitutingWrapper):
     """
 
     def __init__(self, layer, pruning_schedule=None, std_mode=DEFAULT_STD_MODE,
-                 layer_quality=1.0, prune_batchnorm=True, **kwargs):
+                 layer_quality=1.0, prune_batchnorm=True, sparsity_m_by_n=None,
+                 block_size=(1, 1), block_pooling_type="AVG", **kwargs):
         if not isinstance(layer, keras.layers.Layer) or isinstance(layer, keras.Model):
             raise TypeError(
                 f"PruneLowStd wraps one Keras 3 layer, got {type(layer).__name__}; to prune "
@@ -230,9 +245,15 @@ class PruneLowStd(MaskedTensors, SubstitutingWrapper):
         self.std_mode = std_mode
         self.layer_quality = check_quality(layer_quality, f"layer_quality of {layer.name!r}")
         self.prune_batchnorm = bool(prune_batchnorm)
+        self.sparsity_m_by_n = mask_rule.check_m_by_n(sparsity_m_by_n)
+        self.block_size = mask_rule.check_block_arguments(block_size, block_pooling_type,
+                                                          sparsity_m_by_n)
+        self.block_pooling_type = block_pooling_type
 
     def build(self, input_shape=None):
         super().build(input_shape)
+        mask_rule.check_m_by_n_ranks(self.layer.name, self.pruned_weights, self.sparsity_m_by_n)
+        mask_rule.check_block_ranks(self.layer.name, self.pruned_weights, self.block_size)
         self.add_pruning_variables(self, self.layer)
 
     def get_config(self):
@@ -242,6 +263,9 @@ class PruneLowStd(MaskedTensors, SubstitutingWrapper):
             "std_mode": self.std_mode,
             "layer_quality": self.layer_quality,
             "prune_batchnorm": self.prune_batchnorm,
+            "sparsity_m_by_n": None if self.sparsity_m_by_n is None else list(self.sparsity_m_by_n),
+            "block_size": list(self.block_size),
+            "block_pooling_type": self.block_pooling_type,
         }
 
     @classmethod
