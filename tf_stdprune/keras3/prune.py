@@ -189,11 +189,12 @@ class UpdatePruningStep(keras.callbacks.Callback):
             wrapper.pruned_step = None  # a new fit may count its steps anew
             schedule = wrapper.pruning_schedule
             if self._per_call > 1 and (schedule.steps_per_iteration % self._per_call
-                                       or schedule.begin_step % self._per_call):
+                                       or (schedule.first_step - 1) % self._per_call):
                 raise ValueError(
                     f"{wrapper.name}: with steps_per_execution={self._per_call} pruning can "
-                    "only happen every steps_per_execution steps; make the schedule's "
-                    "steps_per_iteration and begin_step multiples of it."
+                    "only happen at steps 1, k + 1, 2k + 1, ... (k = steps_per_execution); make "
+                    "the schedule's steps_per_iteration a multiple of k and begin_step one more "
+                    "than a multiple of k."
                 )
 
     def on_train_batch_begin(self, batch, logs=None):
