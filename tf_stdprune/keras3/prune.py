@@ -149,15 +149,19 @@ def prune_due(pruning_wrappers, step, optimizer=None):
     its optimizer slots are masked, and the step is recorded on it (``pruned_step``), so
     that a mask update made before the step's batch (`tf_stdprune.keras3.iterative.IterativePruning`
     prunes at an iteration's start) is not repeated by `UpdatePruningStep`. Returns the
-    last ``q`` used, or None if none pruned.
+    last ``q`` used, or None if none pruned. A due wrapper with NaN or infinite weights
+    raises `tf_stdprune.NonFiniteError` before any wrapper changes.
     """
     quality = None
-    for wrapper in pruning_wrappers:
+    due = [w for w in pruning_wrappers if w.pruning_schedule.should_prune(step)
+           and getattr(w, "pruned_step", None) != step]
+    for wrapper in due:  # every due wrapper checked before any changes
+        wrapper.check_finite(step)
+    for wrapper in due:
         schedule = wrapper.pruning_schedule
-        if schedule.should_prune(step) and getattr(wrapper, "pruned_step", None) != step:
-            quality = float(schedule.quality(schedule.iteration(step)))
-            wrapper.update_masks(quality, optimizer)
-            wrapper.pruned_step = step
+        quality = float(schedule.quality(schedule.iteration(step)))
+        wrapper.update_masks(quality, optimizer, step)
+        wrapper.pruned_step = step
     return quality
 
 

@@ -38,6 +38,7 @@ from absl import logging
 import numpy as np
 
 from tf_stdprune.io import atomic_write, clean_temporaries, write_atomically
+from tf_stdprune.validate import NonFiniteError  # noqa: F401 (its home is validate)
 
 STATE_FILE = "state.json"
 HISTORY_FILE = "history.jsonl"
@@ -52,10 +53,6 @@ EXTENSIBLE_COUNTS = ("iterations",)
 
 class RunDirectoryError(ValueError):
     """A run directory that cannot be resumed as it is (damaged, locked or another run)."""
-
-
-class NonFiniteError(FloatingPointError):
-    """Training produced NaN or infinite weights or losses."""
 
 
 def check_writable(run_dir):
