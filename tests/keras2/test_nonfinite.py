@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import tf_stdprune
+from divergence import assert_divergence_is_refused
 from tf_stdprune.keras2.engine import keras
 from tf_stdprune.keras2.wrapper import optimizer_slots
 
@@ -61,16 +62,7 @@ def test_fit_with_update_pruning_step_raises_naming_layer_tensor_and_step(jit_co
 
 def test_the_divergence_recipe_is_refused_instead_of_pruning_everything():
     """SGD at lr 1e6 on inputs x100 and targets 1e3 diverges; the next pruning raises."""
-    model = _pruned(begin_step=4)
-    model.compile(keras.optimizers.SGD(1e6), "mse")
-    rng = np.random.default_rng(0)
-    x, y = 100 * rng.normal(size=(16, 4)).astype("float32"), np.full((16, 2), 1e3, "float32")
-    with pytest.raises(tf_stdprune.NonFiniteError, match="step 4"):
-        model.fit(x, y, batch_size=4, epochs=2, verbose=0,
-                  callbacks=[tf_stdprune.UpdatePruningStep()])
-    report = tf_stdprune.sparsity_report(model)
-    assert report.zero_weights == 0 and not report.finite  # not "100 % zeros"
-    assert "not finite" in report.summary()
+    assert_divergence_is_refused(_pruned(begin_step=4), keras.optimizers.SGD, step=4)
 
 
 def test_a_custom_loop_raises_at_the_batch_end_of_the_pruning_step():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import tf_stdprune
+from divergence import assert_divergence_is_refused
 from tf_stdprune.keras3.wrapper import optimizer_slots
 
 
@@ -57,15 +58,7 @@ def test_fit_with_update_pruning_step_raises_naming_layer_tensor_and_step_and_ke
 
 def test_the_divergence_recipe_stops_at_the_next_pruning_step():
     """SGD at lr 1e6 on inputs x100 and targets 1e3 diverges; the next pruning step raises."""
-    model = _pruned(begin_step=4)
-    model.compile(keras.optimizers.SGD(1e6), "mse")
-    rng = np.random.default_rng(0)
-    x, y = 100 * rng.normal(size=(16, 4)).astype("float32"), np.full((16, 2), 1e3, "float32")
-    with pytest.raises(tf_stdprune.NonFiniteError, match="step 4"):
-        model.fit(x, y, batch_size=4, epochs=2, verbose=0,
-                  callbacks=[tf_stdprune.UpdatePruningStep()])
-    report = tf_stdprune.sparsity_report(model)
-    assert report.zero_weights == 0 and not report.finite
+    assert_divergence_is_refused(_pruned(begin_step=4), keras.optimizers.SGD, step=4)
 
 
 def test_a_custom_loop_calling_the_callback_hooks_raises_before_pruning():
