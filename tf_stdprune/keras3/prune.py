@@ -14,10 +14,12 @@ On the JAX backend ``fit`` keeps the training state outside the model's variable
 an epoch; the callback writes it back (``model.jax_state_sync()``) before it changes
 masks, weights and slots, and Keras reads the variables again for the next step.
 """
+import inspect
+
 from absl import logging
 import keras
 
-from tf_stdprune import registry
+from tf_stdprune import mask_rule, registry
 from tf_stdprune.procedure.dropout import restore_dropout
 from tf_stdprune.keras3.wrapper import DEFAULT_STD_MODE, PruneLowStd
 from tf_stdprune.validate import check_quality
@@ -140,7 +142,18 @@ def strip_pruning(model):
     def unwrap(layer):
         return layer.layer if isinstance(layer, PruneLowStd) else layer
 
-    return keras.models.clone_model(model, clone_function=unwrap, recursive=True)
+    functional = {} if isinstance(model, keras.Sequential) else dict(
+        call_function=call_taking_only_its_arguments)  # Keras takes it for functional models
+    return keras.models.clone_model(model, clone_function=unwrap, recursive=True, **functional)
+
+
+def call_taking_only_its_arguments(layer, *args, **kwargs):
+    """``layer(*args, **kwargs)`` without the keyword arguments its ``call`` does not take:
+    a wrapper's graph node records ``mask``, which e.g. a bare Dense does not accept."""
+    parameters = inspect.signature(layer.call).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in parameters}
+    return layer(*args, **kwargs)
 
 
 def prune_due(pruning_wrappers, step, optimizer=None):
@@ -165,6 +178,27 @@ def prune_due(pruning_wrappers, step, optimizer=None):
     return quality
 
 
+def check_fresh_optimizer(pruning_wrappers, taken):
+    """Raises ValueError when the optimizer took ``taken > 0`` steps before any of
+    ``pruning_wrappers`` was trained or pruned (an optimizer reused from an earlier fit):
+    the pruning step is ``optimizer.iterations + 1``, so the schedule would be shifted."""
+    if taken == 0 or not pruning_wrappers:
+        return
+    if any(getattr(w, "steps_counted", False) for w in pruning_wrappers):
+        return
+    if any(float(keras.ops.convert_to_numpy(s)) != mask_rule.UNSET_SIGMA
+           for w in pruning_wrappers for s in w.sigmas):
+        return  # pruned before (a restored run, a loaded model): its steps go on
+    first = pruning_wrappers[0].pruning_schedule.first_step
+    raise ValueError(
+        f"The optimizer already took {taken} steps (optimizer.iterations, e.g. in an earlier "
+        f"fit) before this model was pruned; the pruning step is optimizer.iterations + 1, so "
+        f"the schedule's pruning at step {first} would be skipped or shifted. Compile the "
+        "pruned model with a fresh optimizer (an optimizer reused from an earlier fit keeps its "
+        "count), or resume a run with tf_stdprune.restore_run."
+    )
+
+
 class UpdatePruningStep(keras.callbacks.Callback):
     """Prunes every `PruneLowStd` of the model at the steps its schedule names.
 
@@ -187,10 +221,12 @@ class UpdatePruningStep(keras.callbacks.Callback):
         if not optimizer.built:
             optimizer.build(self.model.trainable_variables)
         self._taken = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        check_fresh_optimizer(self._wrappers, self._taken)
         self._per_call = int(getattr(self.model, "steps_per_execution", 1) or 1)
         for wrapper in self._wrappers:
             wrapper.apply_masks(optimizer)
             wrapper.pruned_step = None  # a new fit may count its steps anew
+            wrapper.steps_counted = True  # its optimizer's steps are its pruning steps now
             schedule = wrapper.pruning_schedule
             if self._per_call > 1 and (schedule.steps_per_iteration % self._per_call
                                        or (schedule.first_step - 1) % self._per_call):

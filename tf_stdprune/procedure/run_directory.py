@@ -57,6 +57,10 @@ class RunDirectoryError(ValueError):
 
 def check_writable(run_dir):
     """Raises a clear error now, not after hours of training, if ``run_dir`` is unusable."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunDirectoryError(
+            f"The run directory {run_dir!r} is a file, not a directory: pass the path of a "
+            "directory (a new one for a new run); the file is left as it is.")
     try:
         os.makedirs(run_dir, exist_ok=True)
         atomic_write(os.path.join(run_dir, ".write-test"), "ok")
@@ -537,6 +541,10 @@ def restore_directory(checkpoint, run_dir, settings, fall_back=False, chief=True
     ``fall_back=True`` the newest intact earlier checkpoint is used instead (and the
     history cut back to it). Numpy's and Python's random states are restored too.
     """
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunDirectoryError(
+            f"The run directory {run_dir!r} is a file, not a directory: pass the path of a "
+            "directory (a new one for a new run); the file is left as it is.")
     if not os.path.isdir(run_dir):
         return 0
     took = chief and acquire_lock(run_dir)
