@@ -32,6 +32,12 @@ It subclasses tfmot's `PruneLowMagnitude` and keeps its protocol (``pruning_step
 on it unchanged. The schedule is asked at tfmot's step numbers (the k-th training call is
 step k), so a tfmot schedule fires at the same calls under both wrappers.
 
+A mask update on a tensor whose weights or sigma are NaN or infinite assigns nothing
+(the rule would prune a NaN weight, ``|NaN| >= t`` being false): called eagerly it raises
+`tf_stdprune.NonFiniteError`; inside ``fit``, a ``tf.function`` or XLA, where raising is
+not possible, `UpdatePruningStep` raises it after the batch, seeing the due update missing.
+Each layer decides in its own training call, so finite layers prune as usual.
+
 Where it differs from tfmot by design: stored weights are exactly sparse after every
 batch, so any checkpoint is; subclasses of supported layers are pruned like their parent
 class; BatchNormalization ``gamma`` and depthwise kernels are pruned too; a layer with

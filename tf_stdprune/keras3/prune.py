@@ -206,6 +206,10 @@ class UpdatePruningStep(keras.callbacks.Callback):
     multiplied by the masks (whatever happened to the weights before ``fit``). Before each
     batch whose step is a pruning step of a wrapper's schedule, that wrapper's masks shrink
     (`PruneLowStd.update_masks`) and its slots are masked. Costs nothing on other batches.
+
+    A due wrapper with NaN or infinite weights raises `tf_stdprune.NonFiniteError` before
+    any wrapper changes; an optimizer that took steps before the model was ever pruned
+    raises ValueError at the start of training (`check_fresh_optimizer`).
     """
 
     def on_train_begin(self, logs=None):
