@@ -8,7 +8,7 @@ when a tf_keras object is first handed in.
 
 Pruning:      prune_low_std, strip_pruning, StdPruningSchedule, UpdatePruningStep,
               sparsity_report, PruneLowStd, prune_scope, PruningSummaries,
-              check_m_by_n_sparsity, PruneForLatencyOnXNNPack
+              check_m_by_n_sparsity, PruneForLatencyOnXNNPack, NonFiniteError
 Procedure:    iterative_callbacks, IterativePruning, IterationLearningRate, restore_run,
               recalibrate_batchnorm, sensitivity_analysis, suggest_layer_quality
 Compression:  quantize_weights, strip_quantization, QuantizeWeights, linear_kmeans,
@@ -19,6 +19,7 @@ import importlib
 
 from tf_stdprune.dispatch import UpdatePruningStep, module_for, procedure_callbacks
 from tf_stdprune.schedule import StdPruningSchedule
+from tf_stdprune.validate import NonFiniteError
 
 
 def prune_low_std(to_prune, *args, **kwargs):
@@ -195,7 +196,7 @@ def __dir__():
     return sorted(set(__all__) | set(_SUBMODULES))
 
 
-__all__ = sorted(["IterationLearningRate", "IterativePruning", "StdPruningSchedule",
+__all__ = sorted(["IterationLearningRate", "IterativePruning", "NonFiniteError", "StdPruningSchedule",
                   "UpdatePruningStep", "iterative_callbacks",
                   "export_dense_saved_model", "export_sparse_saved_model", "export_tflite",
                   "prune_low_std", "quantize_weights", "recalibrate_batchnorm", "restore_run",

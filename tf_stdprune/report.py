@@ -15,6 +15,10 @@ Every form of a model gives the same counts: wrapped by `prune_low_std` or
 wraps, with the shared values it computes with; centroids and cluster indices are not
 parameters) and decompressed.
 
+A model with NaN or infinite parameters (a diverged run) is not a compressed model:
+``non_finite_parameters`` counts them, ``compression_rate`` is NaN (``null`` in JSON) and
+the text says "not finite" instead of a rate. A NaN weight is never counted as a zero.
+
 When every parameter is a pruned zero the compression rate is unbounded: the property
 is ``inf``, the JSON forms (`SparsityReport.to_dict`, ``report.json``) hold ``null``
 (strict JSON has no infinity) and the text forms say "all weights pruned".
@@ -50,6 +54,7 @@ class SparsityReport:
     total_weights: int
     zero_weights: int
     layers: list
+    non_finite_parameters: int = 0
 
     @property
     def zero_weights_rate(self):
@@ -60,9 +65,17 @@ class SparsityReport:
         return 100.0 * self.zero_weights / self.total_parameters if self.total_parameters else 0.0
 
     @property
+    def finite(self):
+        """False when a parameter is NaN or infinite: the model is not a compressed model."""
+        return self.non_finite_parameters == 0
+
+    @property
     def compression_rate(self):
         """``total_parameters / (total_parameters - zero_weights)``; 1 if there are no
-        parameters, inf if every parameter is a pruned zero."""
+        parameters, inf if every parameter is a pruned zero, NaN if a parameter is not
+        finite."""
+        if not self.finite:
+            return float("nan")
         nonzero = self.total_parameters - self.zero_weights
         if nonzero == 0:
             return 1.0 if self.total_parameters == 0 else float("inf")
@@ -75,14 +88,17 @@ class SparsityReport:
 
     def to_dict(self):
         """Strict-JSON dict: the reference experiment's fields and the per-layer list (with rates);
-        ``compression_rate`` is None (``null``) when every parameter is pruned."""
+        ``compression_rate`` is None (``null``) when every parameter is pruned or one is
+        not finite."""
         return {
             "total_parameters": self.total_parameters,
             "total_weights": self.total_weights,
             "zero_weights": self.zero_weights,
             "zero_weights_rate": self.zero_weights_rate,
             "zero_parameters_rate": self.zero_parameters_rate,
-            "compression_rate": None if self.all_pruned else self.compression_rate,
+            "compression_rate": (None if self.all_pruned or not self.finite
+                                 else self.compression_rate),
+            "non_finite_parameters": self.non_finite_parameters,
             "layers": [dict(dataclasses.asdict(l), rate=l.rate) for l in self.layers],
         }
 
@@ -90,7 +106,8 @@ class SparsityReport:
     def from_dict(cls, data):
         layers = [LayerSparsity(l["name"], l["kind"], l["total"], l["zeros"])
                   for l in data["layers"]]
-        return cls(data["total_parameters"], data["total_weights"], data["zero_weights"], layers)
+        return cls(data["total_parameters"], data["total_weights"], data["zero_weights"], layers,
+                   data.get("non_finite_parameters", 0))
 
     def to_json(self):
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
@@ -101,8 +118,13 @@ class SparsityReport:
 
     def summary(self):
         """The model totals in the reference experiment's "Final Parameters" format."""
-        rate = ("all weights pruned" if self.all_pruned
-                else f"x{self.compression_rate:.8f} times")
+        if not self.finite:
+            rate = (f"not finite: {self.non_finite_parameters} parameters are NaN or infinite "
+                    "(training diverged), so the model is not compressed")
+        elif self.all_pruned:
+            rate = "all weights pruned"
+        else:
+            rate = f"x{self.compression_rate:.8f} times"
         return (
             "Final Parameters:\n"
             f"total parameters: {self.total_parameters},\n"
@@ -199,7 +221,7 @@ def sparsity_report(model):
     """The `SparsityReport` of a tf_keras or Keras 3 model (see the module docstring);
     each layer's row is named by its path (`layer_paths`)."""
     counted = pruning_state_variables(model)  # never parameters
-    total_parameters, layers, seen = 0, [], set()
+    total_parameters, non_finite, layers, seen = 0, 0, [], set()
     for path, leaf in layer_paths(model):
         if id(leaf) in seen:  # a layer shared between branches counts once
             continue
@@ -209,6 +231,8 @@ def sparsity_report(model):
             if id(weight) not in counted:
                 counted.add(id(weight))
                 total_parameters += int(np.prod(weight.shape))
+                value = np.asarray(weight, dtype=np.float64)
+                non_finite += int(value.size - np.count_nonzero(np.isfinite(value)))
         if values:
             parent = path.rpartition("/")[0]  # named by the layer counted, not its wrapper
             layers.append(LayerSparsity(
@@ -221,6 +245,7 @@ def sparsity_report(model):
         total_weights=sum(l.total for l in layers),
         zero_weights=sum(l.zeros for l in layers),
         layers=layers,
+        non_finite_parameters=non_finite,
     )
 
 

@@ -7,9 +7,40 @@ Booleans are refused wherever a number is expected (``True`` is not a bit width)
 import math
 import numbers
 
+import numpy as np
+
 MAX_BITS = 12  # weight-sharing bits: at most 2^12 shared values per tensor
 # The largest float32: a larger q would overflow to inf in the float32 threshold q * sigma.
 MAX_QUALITY = 3.4028234663852886e38
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced NaN or infinite weights or losses (the run diverged)."""
+
+
+def check_finite(layer, step, tensors):
+    """Raises `NonFiniteError` unless every entry of every ``(name, value)`` of ``tensors``
+    is finite; the message names ``layer``, the first bad tensor and ``step``.
+
+    The pruning rule's ``|w| >= q * sigma`` is false for NaN, so a mask update on such a
+    tensor would prune it whole; the wrappers call this before they change anything.
+
+    Examples:
+      >>> check_finite("dense", 7, [("kernel", [1.0, 2.0])])   # passes
+      >>> check_finite("dense", 7, [("kernel", [1.0, float("nan")])])
+      Traceback (most recent call last):
+      NonFiniteError: Layer 'dense', tensor kernel: 1 of 2 values are NaN or infinite at step 7 ...
+    """
+    for name, value in tensors:
+        array = np.asarray(value, dtype=np.float64)
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise NonFiniteError(
+                f"Layer {layer!r}, tensor {name}: {bad} of {array.size} values are NaN or "
+                f"infinite at step {step}, so it cannot be pruned; its masks, weights and "
+                "optimizer slots were left as they were. Training diverged: lower the "
+                "learning rate (or q) and restart from the last good checkpoint."
+            )
 
 
 def _is_real(value):

@@ -355,13 +355,54 @@ def test_huge_q_never_prunes_a_zero_std_tensor_and_nan_q_is_refused():
 
 def test_std_schedule_prunes_at_the_first_call_of_each_iteration_in_tfmot_step_numbers():
     model = tf_stdprune.prune_low_std(keras.Sequential([L.Dense(3, input_shape=(4,))]),
-                                      tf_stdprune.StdPruningSchedule([0.5, 1.0], 3, begin_step=1))
+                                      tf_stdprune.StdPruningSchedule([0.5, 1.0], 3, begin_step=2))
     model.compile(keras.optimizers.SGD(0.0), "mse")
     wrapper, pruned_at = model.layers[0], []
     for _ in range(8):
         model.fit(np.ones((1, 4)), np.zeros((1, 3)), verbose=0,
                   callbacks=[tf_stdprune.UpdatePruningStep()])
         pruned_at.append(int(wrapper.pruned_at_step.numpy()))
-    # one optimizer step before the first pruning, then every 3: calls (= steps) 2, 5, 8
+    # begin_step=2 as in tfmot: calls (= steps) 2, 5, 8
     assert pruned_at == [-1, 2, 2, 2, 5, 5, 5, 8]
     assert int(wrapper.pruning_step.numpy()) == 8
+
+
+def test_stop_and_restart_prunes_at_the_steps_of_tfmots_wrapper_and_keeps_sparsity():
+    """tfmot's prune_low_magnitude with ConstantSparsity(begin_step=b, end_step=e, frequency=f)
+    and ours with StdPruningSchedule(f, begin_step=b, end_step=e) update their thresholds at
+    the same steps across two fits, and the second fit keeps the first's zeros."""
+    begin, frequency, end = 3, 4, 15
+    tfmot_model = tfmot.sparsity.keras.prune_low_magnitude(
+        keras.Sequential([L.Dense(6, input_shape=(5,))]),
+        pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.5, begin, end, frequency))
+    ours = tf_stdprune.prune_low_std(
+        keras.Sequential([L.Dense(6, input_shape=(5,))]),
+        tf_stdprune.StdPruningSchedule([0.3, 0.6, 0.9, 1.2], frequency, begin_step=begin, end_step=end))
+    steps = {"tfmot": [], "ours": []}
+
+    class Thresholds(keras.callbacks.Callback):
+        def __init__(self, key, threshold):
+            super().__init__()
+            self.key, self.threshold, self.last = key, threshold, 0.0
+
+        def on_train_batch_end(self, batch, logs=None):
+            value = float(self.threshold.numpy())
+            if value != self.last:
+                steps[self.key].append(int(self.model.optimizer.iterations.numpy()))
+            self.last = value
+
+    data = np.random.default_rng(0).normal(size=(20, 5)), np.random.default_rng(1).normal(size=(20, 6))
+    zeros = {}
+    for fit in range(2):  # stop after 10 steps, restart with a new fit and new callbacks
+        for key, model in (("tfmot", tfmot_model), ("ours", ours)):
+            if fit == 0:
+                model.compile(keras.optimizers.SGD(0.05), "mse")
+            step = (tfmot.sparsity.keras.UpdatePruningStep() if key == "tfmot"
+                    else tf_stdprune.UpdatePruningStep())
+            model.fit(*data, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[
+                step, Thresholds(key, model.layers[0].pruning_vars[0][2])])
+            kernel = model.layers[0].pruning_vars[0][0].numpy()
+            if fit == 1:
+                assert np.all(kernel[zeros[key]] == 0.0), key
+            zeros[key] = kernel == 0.0
+    assert steps["ours"] == steps["tfmot"] == [3, 7, 11, 15]

@@ -326,11 +326,10 @@ def test_zero_std_and_nan_weights():
     kernel = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
     kernel[0, 0] = np.nan
     dense.kernel.assign(kernel)
-    wrapped.pruning_obj.update_masks(0.5)
+    with pytest.raises(tf_stdprune.NonFiniteError, match=r"kernel: 1 of 12 values"):
+        wrapped.pruning_obj.update_masks(0.5)  # the rule would prune the NaN: refused
     _, mask, threshold = wrapped.pruning_vars[0]
-    assert not np.isnan(mask.numpy()).any() and np.isfinite(threshold.numpy())
-    assert mask.numpy()[0, 0] == 0 and dense.kernel.numpy()[0, 0] == 0.0
-    assert 0 < (mask.numpy() == 0).sum() < 12
+    assert np.all(mask.numpy() == 1.0) and np.isnan(dense.kernel.numpy()[0, 0])
 
 
 def test_no_retracing_across_iterations_and_qualities(tiny_data):

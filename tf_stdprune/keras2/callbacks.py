@@ -27,6 +27,10 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
     sparsity schedule). Other batches cost no read, so Keras's check of slow batch hooks
     stays quiet.
 
+    A layer that was due to prune in the batch but whose masks did not change found NaN or
+    infinite weights (the mask update then assigns nothing): `NonFiniteError` is raised,
+    naming the layer, the tensor and the step.
+
     At the start of training it does the same for every `PruneLowStd` layer, whatever
     happened to the weights before ``fit`` (a direct assignment, tfmot's callback): each
     then skips its forward ``w * m`` until its masks change again.
@@ -77,10 +81,21 @@ class UpdatePruningStep(tfmot.sparsity.keras.UpdatePruningStep):
 
     def _mask_changed_layers(self):
         flags, steps = self._read_state()
-        self._steps = steps.numpy()
-        for layer, masked in zip(self._std_layers, flags.numpy()):
+        before, self._steps = self._steps, steps.numpy()
+        for layer, masked, old, new in zip(self._std_layers, flags.numpy(), before, self._steps):
             if not masked:
                 layer.mask_optimizer_slots(self.model.optimizer)
+            elif any(prunes_at(layer.pruning_schedule, s) for s in range(int(old) + 1, int(new) + 1)):
+                # due to prune, masks unchanged: the update refused non-finite values
+                layer.check_finite(next(s for s in range(int(old) + 1, int(new) + 1)
+                                        if prunes_at(layer.pruning_schedule, s)))
+
+
+def prunes_at(schedule, step):
+    """Whether ``schedule`` (ours or a tfmot sparsity schedule) prunes at ``step``."""
+    if hasattr(schedule, "should_prune"):
+        return schedule.should_prune(step)
+    return bool(schedule(tf.constant(step, tf.int64))[0])
 
 
 class IterationLearningRate(IterationLearningRateLogic, keras.callbacks.Callback):

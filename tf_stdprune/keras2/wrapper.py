@@ -32,6 +32,12 @@ It subclasses tfmot's `PruneLowMagnitude` and keeps its protocol (``pruning_step
 on it unchanged. The schedule is asked at tfmot's step numbers (the k-th training call is
 step k), so a tfmot schedule fires at the same calls under both wrappers.
 
+A mask update on a tensor whose weights or sigma are NaN or infinite assigns nothing
+(the rule would prune a NaN weight, ``|NaN| >= t`` being false): called eagerly it raises
+`tf_stdprune.NonFiniteError`; inside ``fit``, a ``tf.function`` or XLA, where raising is
+not possible, `UpdatePruningStep` raises it after the batch, seeing the due update missing.
+Each layer decides in its own training call, so finite layers prune as usual.
+
 Where it differs from tfmot by design: stored weights are exactly sparse after every
 batch, so any checkpoint is; subclasses of supported layers are pruned like their parent
 class; BatchNormalization ``gamma`` and depthwise kernels are pruned too; a layer with
@@ -47,6 +53,7 @@ from tf_stdprune.registry import RegistryWeights, prunable_attributes  # noqa: F
 from tf_stdprune.keras2.engine import PruneLowMagnitude, check_keras2, keras, tfmot
 from tf_stdprune.mask_rule import check_block_arguments  # noqa: F401 (public here too)
 from tf_stdprune.schedule import StdPruningSchedule, check_quality
+from tf_stdprune.validate import check_finite
 
 # Measured with benchmarks/std_mode.py: at the same q, "initial" gives the most sparsity
 # for the least accuracy loss; "surviving" compounds from step to step (collapses at the
@@ -207,7 +214,27 @@ class StdPruning:
         so the schedule does not prune a second time at that step inside the call.
         """
         step = lambda: self._wrapper.pruning_step.value() + 1  # noqa: E731
-        return _cross_replica(lambda s: _assign_everywhere(s, self._updates(quality, step())))
+        return _cross_replica(lambda s: self._assign_if_finite(s, quality, step()))
+
+    def _assign_if_finite(self, strategy, quality, step):
+        """Assigns one application of the rule unless a weight, a stored or a new sigma is
+        NaN or infinite. Eagerly that raises `NonFiniteError` (naming layer, tensor, step);
+        in a graph (fit, tf.function, XLA, any strategy) nothing is assigned, and
+        `UpdatePruningStep` raises after the batch, finding the masks unchanged."""
+        wrapper = self._wrapper
+        pairs = self._updates(quality, step)
+        sigma_ids = {id(sigma) for sigma in wrapper.sigmas}
+        new_sigmas = [value for variable, value in pairs if id(variable) in sigma_ids]
+        if tf.executing_eagerly():
+            wrapper.check_finite(int(step))
+            check_finite(wrapper.name, int(step), [
+                (f"{path} (sigma)", sigma.numpy())
+                for path, sigma in zip(wrapper.weight_paths, new_sigmas)])
+            return _assign_everywhere(strategy, pairs)
+        checked = [_float32_value(w) for w, _, _ in wrapper.pruning_vars] + new_sigmas + [
+            tf.convert_to_tensor(sigma) for sigma in wrapper.sigmas]
+        finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(x)) for x in checked]))
+        return tf.cond(finite, lambda: _assign_everywhere(strategy, pairs), tf.no_op)
 
     def conditional_mask_update(self):
         """Applies the rule if the schedule prunes at the current, not yet pruned, step."""
@@ -220,7 +247,7 @@ class StdPruning:
 
             def update():  # q is computed here, so its ops only run at pruning steps
                 quality = wrapper.pruning_schedule(step)[1]
-                return _assign_everywhere(strategy, self._updates(quality, step))
+                return self._assign_if_finite(strategy, quality, step)
 
             return tf.cond(should_prune, update, tf.no_op)
 
@@ -428,6 +455,19 @@ class PruneLowStd(PruneLowMagnitude):
             if "training" in inspect.signature(self.layer.call).parameters:
                 return self.layer.call(inputs, training=training, **kwargs)
             return self.layer.call(inputs, **kwargs)
+
+    @property
+    def weight_paths(self):
+        """The attribute paths of the pruned tensors (see `registry`), in `pruning_vars` order."""
+        return list(self._weight_attributes)
+
+    def check_finite(self, step=None):
+        """Raises `NonFiniteError` if a pruned tensor or its stored sigma holds NaN or
+        infinity (``step``: the step named in the message); reads the variables eagerly."""
+        check_finite(self.name, step, [
+            (name, _float32_value(variable).numpy())
+            for path, (weight, _, _), sigma in zip(self.weight_paths, self.pruning_vars, self.sigmas)
+            for name, variable in ((path, weight), (f"{path} (stored sigma)", sigma))])
 
     def mask_optimizer_slots(self, optimizer):
         """Sets ``w = w * m`` and ``s = s * m`` for every optimizer slot ``s`` of ``w``.

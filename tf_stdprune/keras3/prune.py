@@ -14,7 +14,6 @@ On the JAX backend ``fit`` keeps the training state outside the model's variable
 an epoch; the callback writes it back (``model.jax_state_sync()``) before it changes
 masks, weights and slots, and Keras reads the variables again for the next step.
 """
-import contextlib
 import inspect
 
 from absl import logging
@@ -187,30 +186,18 @@ def strip_pruning(model):
     def unwrap(layer):
         return layer.layer if isinstance(layer, PruneLowStd) else layer
 
-    with without_unused_masks(wrappers(model)):
-        return keras.models.clone_model(model, clone_function=unwrap, recursive=True)
+    functional = {} if isinstance(model, keras.Sequential) else dict(
+        call_function=call_taking_only_its_arguments)  # Keras takes it for functional models
+    return keras.models.clone_model(model, clone_function=unwrap, recursive=True, **functional)
 
 
-@contextlib.contextmanager
-def without_unused_masks(pruning_wrappers):
-    """Leaves out, while a functional model is cloned with its wrappers replaced by their
-    layers, the ``mask=None`` that Keras recorded for each wrapper's call (a wrapper's
-    ``call`` takes a mask) where the inner layer's ``call`` takes none, so the clone calls
-    that layer as Keras would; the recorded calls are restored afterwards."""
-    changed = []
-    for wrapper in pruning_wrappers:
-        if "mask" in inspect.signature(wrapper.layer.call).parameters:
-            continue
-        for node in wrapper._inbound_nodes:
-            kwargs = node.arguments.kwargs
-            if "mask" in kwargs and kwargs["mask"] is None:
-                del kwargs["mask"]
-                changed.append(kwargs)
-    try:
-        yield
-    finally:
-        for kwargs in changed:
-            kwargs["mask"] = None
+def call_taking_only_its_arguments(layer, *args, **kwargs):
+    """``layer(*args, **kwargs)`` without the keyword arguments its ``call`` does not take:
+    a wrapper's graph node records ``mask``, which e.g. a bare Dense does not accept."""
+    parameters = inspect.signature(layer.call).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in parameters}
+    return layer(*args, **kwargs)
 
 
 def prune_due(pruning_wrappers, step, optimizer=None):
@@ -219,16 +206,41 @@ def prune_due(pruning_wrappers, step, optimizer=None):
     its optimizer slots are masked, and the step is recorded on it (``pruned_step``), so
     that a mask update made before the step's batch (`tf_stdprune.keras3.iterative.IterativePruning`
     prunes at an iteration's start) is not repeated by `UpdatePruningStep`. Returns the
-    last ``q`` used, or None if none pruned.
+    last ``q`` used, or None if none pruned. A due wrapper with NaN or infinite weights
+    raises `tf_stdprune.NonFiniteError` before any wrapper changes.
     """
     quality = None
-    for wrapper in pruning_wrappers:
+    due = [w for w in pruning_wrappers if w.pruning_schedule.should_prune(step)
+           and getattr(w, "pruned_step", None) != step]
+    for wrapper in due:  # every due wrapper checked before any changes
+        wrapper.check_finite(step)
+    for wrapper in due:
         schedule = wrapper.pruning_schedule
-        if schedule.should_prune(step) and getattr(wrapper, "pruned_step", None) != step:
-            quality = float(schedule.quality(schedule.iteration(step)))
-            wrapper.update_masks(quality, optimizer)
-            wrapper.pruned_step = step
+        quality = float(schedule.quality(schedule.iteration(step)))
+        wrapper.update_masks(quality, optimizer, step)
+        wrapper.pruned_step = step
     return quality
+
+
+def check_fresh_optimizer(pruning_wrappers, taken):
+    """Raises ValueError when the optimizer took ``taken > 0`` steps before any of
+    ``pruning_wrappers`` was trained or pruned (an optimizer reused from an earlier fit):
+    the pruning step is ``optimizer.iterations + 1``, so the schedule would be shifted."""
+    if taken == 0 or not pruning_wrappers:
+        return
+    if any(getattr(w, "steps_counted", False) for w in pruning_wrappers):
+        return
+    if any(float(keras.ops.convert_to_numpy(s)) != mask_rule.UNSET_SIGMA
+           for w in pruning_wrappers for s in w.sigmas):
+        return  # pruned before (a restored run, a loaded model): its steps go on
+    first = pruning_wrappers[0].pruning_schedule.first_step
+    raise ValueError(
+        f"The optimizer already took {taken} steps (optimizer.iterations, e.g. in an earlier "
+        f"fit) before this model was pruned; the pruning step is optimizer.iterations + 1, so "
+        f"the schedule's pruning at step {first} would be skipped or shifted. Compile the "
+        "pruned model with a fresh optimizer (an optimizer reused from an earlier fit keeps its "
+        "count), or resume a run with tf_stdprune.restore_run."
+    )
 
 
 class UpdatePruningStep(keras.callbacks.Callback):
@@ -238,6 +250,10 @@ class UpdatePruningStep(keras.callbacks.Callback):
     multiplied by the masks (whatever happened to the weights before ``fit``). Before each
     batch whose step is a pruning step of a wrapper's schedule, that wrapper's masks shrink
     (`PruneLowStd.update_masks`) and its slots are masked. Costs nothing on other batches.
+
+    A due wrapper with NaN or infinite weights raises `tf_stdprune.NonFiniteError` before
+    any wrapper changes; an optimizer that took steps before the model was ever pruned
+    raises ValueError at the start of training (`check_fresh_optimizer`).
     """
 
     def on_train_begin(self, logs=None):
@@ -253,17 +269,20 @@ class UpdatePruningStep(keras.callbacks.Callback):
         if not optimizer.built:
             optimizer.build(self.model.trainable_variables)
         self._taken = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        check_fresh_optimizer(self._wrappers, self._taken)
         self._per_call = int(getattr(self.model, "steps_per_execution", 1) or 1)
         for wrapper in self._wrappers:
             wrapper.apply_masks(optimizer)
             wrapper.pruned_step = None  # a new fit may count its steps anew
+            wrapper.steps_counted = True  # its optimizer's steps are its pruning steps now
             schedule = wrapper.pruning_schedule
             if self._per_call > 1 and (schedule.steps_per_iteration % self._per_call
-                                       or schedule.begin_step % self._per_call):
+                                       or (schedule.first_step - 1) % self._per_call):
                 raise ValueError(
                     f"{wrapper.name}: with steps_per_execution={self._per_call} pruning can "
-                    "only happen every steps_per_execution steps; make the schedule's "
-                    "steps_per_iteration and begin_step multiples of it."
+                    "only happen at steps 1, k + 1, 2k + 1, ... (k = steps_per_execution); make "
+                    "the schedule's steps_per_iteration a multiple of k and begin_step one more "
+                    "than a multiple of k."
                 )
 
     def on_train_batch_begin(self, batch, logs=None):

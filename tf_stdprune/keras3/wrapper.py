@@ -32,7 +32,7 @@ from keras import ops
 
 from tf_stdprune import mask_rule, registry
 from tf_stdprune.schedule import StdPruningSchedule
-from tf_stdprune.validate import check_quality
+from tf_stdprune.validate import check_finite, check_quality
 
 keras.saving.register_keras_serializable(package="tf_stdprune")(StdPruningSchedule)
 
@@ -149,31 +149,46 @@ class MaskedTensors:
         return [ops.multiply(w, ops.cast(m, w.dtype))
                 for w, m in zip(self.pruned_weights, self.masks)]
 
-    def update_masks(self, quality, optimizer=None):
+    def update_masks(self, quality, optimizer=None, step=None):
         """Applies the rule once with quality ``q``, now (eagerly, between steps).
 
         Per tensor: ``threshold = q * layer_quality * sigma``, ``m = m AND |w| >= threshold``,
         ``w = w * m``; with ``optimizer``, each of its slots ``s`` of ``w`` becomes ``s * m``.
+        If a weight or a sigma (stored or new) is NaN or infinite, raises
+        `tf_stdprune.NonFiniteError` naming the layer, the tensor and ``step`` before any
+        mask, weight or slot changes.
         """
+        self.check_finite(step)
         q = float(quality) * self.layer_quality
         rule_ops = mask_rule.keras3_ops()
-        for weight, mask, threshold, sigma in zip(self.pruned_weights, self.masks,
-                                                  self.thresholds, self.sigmas):
+        results = []
+        for weight, mask, sigma in zip(self.pruned_weights, self.masks, self.sigmas):
             mask_value = ops.cast(mask.value, "float32")
             if self.block_size != (1, 1):
-                new_mask, new_threshold, new_sigma, new_weight = mask_rule.std_prune_blocks(
+                results.append(mask_rule.std_prune_blocks(
                     weight.value, mask_value, q, self.std_mode, sigma.value, self.block_size,
-                    self.block_pooling_type, rule_ops)
+                    self.block_pooling_type, rule_ops))
             else:
-                new_mask, new_threshold, new_sigma, new_weight = mask_rule.std_rule(
-                    weight.value, mask_value, q, self.std_mode, sigma.value, rule_ops,
-                    self.sparsity_m_by_n)
+                results.append(mask_rule.std_rule(weight.value, mask_value, q, self.std_mode,
+                                                  sigma.value, rule_ops, self.sparsity_m_by_n))
+        check_finite(self.name, step, [(f"{path} (sigma)", ops.convert_to_numpy(new_sigma))
+                                       for path, (_, _, new_sigma, _) in zip(self.paths, results)])
+        for weight, mask, threshold, sigma, (new_mask, new_threshold, new_sigma, new_weight) in zip(
+                self.pruned_weights, self.masks, self.thresholds, self.sigmas, results):
             mask.assign(ops.cast(new_mask, mask.dtype))
             threshold.assign(new_threshold)
             sigma.assign(new_sigma)
             weight.assign(ops.cast(new_weight, weight.dtype))
         if optimizer is not None:
             self.apply_masks(optimizer)
+
+    def check_finite(self, step=None):
+        """Raises `tf_stdprune.NonFiniteError` if a pruned tensor or its stored sigma holds
+        NaN or infinity (``step``: the step named in the message)."""
+        check_finite(self.name, step, [
+            (name, ops.convert_to_numpy(variable.value))
+            for path, weight, sigma in zip(self.paths, self.pruned_weights, self.sigmas)
+            for name, variable in ((path, weight), (f"{path} (stored sigma)", sigma))])
 
     def apply_masks(self, optimizer=None):
         """``w = w * m``, and with ``optimizer`` ``s = s * m`` for each of its slots ``s``."""

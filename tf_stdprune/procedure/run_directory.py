@@ -38,6 +38,7 @@ from absl import logging
 import numpy as np
 
 from tf_stdprune.io import atomic_write, clean_temporaries, write_atomically
+from tf_stdprune.validate import NonFiniteError  # noqa: F401 (its home is validate)
 
 STATE_FILE = "state.json"
 HISTORY_FILE = "history.jsonl"
@@ -54,12 +55,18 @@ class RunDirectoryError(ValueError):
     """A run directory that cannot be resumed as it is (damaged, locked or another run)."""
 
 
-class NonFiniteError(FloatingPointError):
-    """Training produced NaN or infinite weights or losses."""
+def check_not_a_file(run_dir):
+    """Raises `RunDirectoryError` if ``run_dir`` exists and is not a directory (the file
+    is the user's: it is neither replaced nor removed)."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunDirectoryError(
+            f"The run directory {run_dir!r} is a file, not a directory: pass the path of a "
+            "directory (a new one for a new run); the file is left as it is.")
 
 
 def check_writable(run_dir):
     """Raises a clear error now, not after hours of training, if ``run_dir`` is unusable."""
+    check_not_a_file(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
         atomic_write(os.path.join(run_dir, ".write-test"), "ok")
@@ -244,6 +251,7 @@ def acquire_lock(run_dir):
     warning; a live owner raises `RunDirectoryError` naming its pid and host. The lock
     is released by `release_lock` or when the process exits.
     """
+    check_not_a_file(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.realpath(os.path.join(run_dir, LOCK_FILE))
     if path in _HELD:
@@ -540,6 +548,7 @@ def restore_directory(checkpoint, run_dir, settings, fall_back=False, chief=True
     ``fall_back=True`` the newest intact earlier checkpoint is used instead (and the
     history cut back to it). Numpy's and Python's random states are restored too.
     """
+    check_not_a_file(run_dir)
     if not os.path.isdir(run_dir):
         return 0
     took = chief and acquire_lock(run_dir)

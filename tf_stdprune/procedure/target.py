@@ -113,7 +113,7 @@ class TargetAccuracyLogic:
                             f"{type(schedule).__name__}.")
         qualities = schedule.qualities
         start = float(qualities[0]) if isinstance(qualities, list) else float(schedule.quality(0))
-        iterations = max(1, (total_steps - schedule.begin_step) // schedule.steps_per_iteration + 1)
+        iterations = max(1, (total_steps + 1 - schedule.first_step) // schedule.steps_per_iteration + 1)
         layer.pruning_schedule = StdPruningSchedule(
             raised_qualities(start, self.q_step, iterations), schedule.steps_per_iteration,
             schedule.begin_step, schedule.end_step)
