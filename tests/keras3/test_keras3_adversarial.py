@@ -93,7 +93,7 @@ def test_a_multi_input_multi_output_model_prunes_every_branch():
     np.testing.assert_allclose(_np(outputs[1]), _np(pruned([X, xr])[1]), rtol=1e-5, atol=1e-6)
 
 
-def test_mixed_bfloat16_prunes_float32_weights_with_float32_masks():
+def test_mixed_bfloat16_prunes_float32_weights_with_uint8_masks():
     keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
     try:
         pruned = _pruned()
@@ -101,7 +101,7 @@ def test_mixed_bfloat16_prunes_float32_weights_with_float32_masks():
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     wrapper = pruned.layers[0]
-    assert wrapper.masks[0].dtype == "float32" and wrapper.layer.kernel.dtype == "float32"
+    assert wrapper.masks[0].dtype == "uint8" and wrapper.layer.kernel.dtype == "float32"
     _exactly_pruned(wrapper)
 
 
