@@ -7,7 +7,7 @@ package sets no environment variable and loads neither tf_keras nor tfmot; they 
 when a tf_keras object is first handed in.
 
 Pruning:      prune_low_std, strip_pruning, StdPruningSchedule, UpdatePruningStep,
-              sparsity_report, PruneLowStd, prune_scope, PruningSummaries
+              sparsity_report, accuracy_change, PruneLowStd, prune_scope, PruningSummaries
 Procedure:    iterative_callbacks, IterativePruning, IterationLearningRate, restore_run,
               recalibrate_batchnorm, sensitivity_analysis, suggest_layer_quality
 Compression:  quantize_weights, strip_quantization, QuantizeWeights, linear_kmeans,
@@ -154,6 +154,7 @@ _LAZY = {
     "prune_scope": "keras2.prune", "PruneLowStd": "keras2.wrapper",
     "QuantizeWeights": "keras2.quantize", "linear_kmeans": "compression.kmeans",
     "SparsityReport": "report", "sparsity_report": "report",
+    "AccuracyChange": "accuracy", "accuracy_change": "accuracy",
     "sensitivity_analysis": "procedure.sensitivity", "suggest_layer_quality": "procedure.sensitivity",
     "SensitivityTable": "procedure.sensitivity",
 }
