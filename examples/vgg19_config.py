@@ -3,20 +3,16 @@
 Every field of `Config` is a command-line flag of the same name (``--width=0.5``,
 ``--noaugment``; lists as ``--qualities=0.5,1.0``), documented once in the field's
 metadata. `config` starts from the chosen preset and replaces exactly the fields whose
-flag was given; `validate` refuses every bad value before anything trains. This module
-does not import TensorFlow: `quiet_start` must run before TensorFlow loads.
+flag was given; `validate` refuses every bad value before anything trains.
 """
-import contextlib
 import dataclasses
-import math
 import os
-import sys
 import typing
 from typing import Optional, Union
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from tf_stdprune.validate import MAX_QUALITY
+from tf_stdprune.procedure import experiment  # loads TensorFlow
 
 
 def setting(help, default=dataclasses.MISSING, **flag):
@@ -26,23 +22,11 @@ def setting(help, default=dataclasses.MISSING, **flag):
 
 
 def parse_layer_quality(text):
-    """``"auto"``, ``""`` (None) or ``"fc1=0.8,conv2d_3=1.2"`` -> ``{"fc1": 0.8, ...}``."""
-    if text in ("", "none"):
-        return None
-    if text == "auto":
-        return "auto"
-    factors = {}
-    for item in text.split(","):
-        name, equals, value = item.partition("=")
-        try:
-            factors[name.strip()] = float(value)
-        except ValueError:
-            equals = ""
-        if not equals or not name.strip():
-            raise app.UsageError(
-                f"--layer_quality={text}: {item!r} is not name=factor. Give 'auto' (from the "
-                "sensitivity analysis) or e.g. --layer_quality=dense=0.8,conv2d_3=1.2.")
-    return factors
+    """``--layer_quality``'s parser: `experiment.parse_layer_quality`, errors as usage errors."""
+    try:
+        return experiment.parse_layer_quality(text)
+    except ValueError as error:
+        raise app.UsageError(f"--{error}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,47 +195,6 @@ def config(flag_values=flags.FLAGS):
                                quantize_bits=cfg.quantize_bits or None)
 
 
-def _listed(values):
-    return ",".join(map(str, values))
-
-
-def _check_positive(name, values):
-    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
-        raise app.UsageError(f"--{name}={_listed(values)}: every value must be a finite "
-                             "number > 0.")
-
-
-def _check_quality(name, values, meaning="the threshold is q * sigma"):
-    if not values or any(not (math.isfinite(q) and 0 <= q <= MAX_QUALITY) for q in values):
-        raise app.UsageError(f"--{name}={_listed(values)}: every q must be a finite number "
-                             f">= 0 ({meaning}).")
-
-
-def _check_procedure(cfg):
-    """The sensitivity, layer_quality and target-mode flags."""
-    if not (math.isfinite(cfg.sensitivity_max_drop) and cfg.sensitivity_max_drop >= 0):
-        raise app.UsageError(f"--sensitivity_max_drop={cfg.sensitivity_max_drop}: give the "
-                             "points of top-1 a layer may lose, a finite number >= 0, e.g. 1.0.")
-    if cfg.sensitivity_qualities is not None:
-        _check_quality("sensitivity_qualities", cfg.sensitivity_qualities)
-    if isinstance(cfg.layer_quality, dict):
-        bad = {k: v for k, v in cfg.layer_quality.items()
-               if not (math.isfinite(v) and 0 <= v <= MAX_QUALITY)}
-        if bad:
-            raise app.UsageError(
-                f"--layer_quality: the factors {bad} must be finite numbers >= 0 (a layer's q "
-                "is the iteration's q times its factor; 0 keeps it dense).")
-    if cfg.target_drop is not None and not (math.isfinite(cfg.target_drop)
-                                            and cfg.target_drop >= 0):
-        raise app.UsageError(f"--target_drop={cfg.target_drop}: give the largest accepted drop "
-                             "of top-1 below dense in points, a finite number >= 0, e.g. 0.5.")
-    _check_positive("q_step", [cfg.q_step])
-    if cfg.target_drop is not None and len(cfg.qualities) > 1:
-        logging.warning("Target mode starts at --qualities' first value %s and raises q by "
-                        "--q_step=%s per iteration: the values after it are not used.",
-                        cfg.qualities[0], cfg.q_step)
-
-
 def _check_keras3(cfg):
     """The settings a Keras 3 run (``--keras=3``) does not support."""
     if cfg.keras != "3":
@@ -270,48 +213,12 @@ def _check_keras3(cfg):
 def validate(cfg):
     """Raises `app.UsageError` naming the flag, the value and the fix for every value that
     would fail later (e.g. after the dense baseline trained); warns of LR drops that can
-    never fire."""
-    from tf_stdprune.procedure.iterative import warn_unreachable_drops  # loads TensorFlow
-
-    _check_positive("initial_lrs", cfg.initial_lrs)
-    _check_positive("baseline_lr", [cfg.baseline_lr])
-    _check_positive("width", [cfg.width])
-    _check_quality("qualities", cfg.qualities)
-    for name in ("lr_drops", "baseline_lr_drops"):
-        if any(d < 0 for d in getattr(cfg, name)):
-            raise app.UsageError(f"--{name}={_listed(getattr(cfg, name))}: drops are epochs "
-                                 ">= 0.")
-    _check_procedure(cfg)
-    _check_keras3(cfg)
-    warn_unreachable_drops(list(cfg.lr_drops), cfg.epochs_per_iteration)
-    unreachable = [d for d in cfg.baseline_lr_drops if d >= cfg.baseline_epochs]
-    if unreachable:
-        logging.warning("--baseline_lr_drops %s never take effect: the baseline trains %d epochs.",
-                        unreachable, cfg.baseline_epochs)
-
-
-@contextlib.contextmanager
-def quiet_start():
-    """Keeps TensorFlow's start-up log lines (CUDA probing, CPU feature notes, XLA service
-    lines) off the terminal while the body runs.
-
-    Sets ``TF_CPP_MIN_LOG_LEVEL=2`` unless it is set, and, unless it is set to ``0`` or
-    ``1``, sends file descriptor 2 to ``os.devnull`` for the body: some of those lines are
-    written before TensorFlow reads the variable. An exception raised in the body is
-    reported after stderr is back. Only the example's ``__main__`` uses this: the library
-    sets no environment variable.
-    """
-    level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if level in ("0", "1"):
-        yield
-        return
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
+    never fire (`experiment.check_settings`)."""
+    names = ("qualities", "initial_lrs", "lr_drops", "epochs_per_iteration", "baseline_lr",
+             "baseline_lr_drops", "baseline_epochs", "width", "q_step", "target_drop",
+             "sensitivity_max_drop", "sensitivity_qualities", "layer_quality")
     try:
-        yield
-    finally:
-        sys.stderr.flush()  # what was written in the body goes to os.devnull too
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+        experiment.check_settings("--", **{name: getattr(cfg, name) for name in names})
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
+    _check_keras3(cfg)

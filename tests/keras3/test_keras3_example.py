@@ -15,6 +15,8 @@ import pytest
 
 import tf_stdprune
 from tf_stdprune.keras2.run_state import read_history
+from tf_stdprune.procedure import experiment
+from tf_stdprune.procedure.run_directory import NonFiniteError
 from keras3.helpers import BACKEND
 from example_runs import EXAMPLES, digits_test_set, example_flags, run_example, summary_rows
 
@@ -151,9 +153,9 @@ def test_a_keras3_baseline_with_a_nan_weight_is_named_and_refused():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="fc")])
     kernel = np.ones((3, 2), "float32")
     model.get_layer("fc").kernel.assign(kernel)
-    assert example.non_finite_weights(model) == []
+    assert experiment.non_finite_weights(model) == []
     kernel[1, 0] = np.nan
     model.get_layer("fc").kernel.assign(kernel)
-    assert example.non_finite_weights(model) == [model.get_layer("fc").kernel.path]
-    with pytest.raises(example.run_state.NonFiniteError, match=r"fc/kernel.*lower --baseline_lr"):
-        example.check_finite(model, {"loss": 1.0})
+    assert experiment.non_finite_weights(model) == [model.get_layer("fc").kernel.path]
+    with pytest.raises(NonFiniteError, match=r"fc/kernel.*lower --baseline_lr"):
+        experiment.check_finite(model, {"loss": 1.0}, fix="lower --baseline_lr")

@@ -1,0 +1,58 @@
+"""What a script shows on its terminal: TensorFlow's start-up lines kept off it, and log
+lines as plain text, without absl's ``I1207 06:31:50.215672 1234 file.py:169]`` prefix.
+
+For scripts (the examples); the library itself configures no logging and sets no
+environment variable on import.
+"""
+import contextlib
+import logging
+import os
+import sys
+
+from absl import logging as absl_logging
+
+
+class PlainFormatter(logging.Formatter):
+    """The message alone; ``warning: ``/``error: `` before warnings and errors."""
+
+    def format(self, record):
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def plain_logs(keep_prefixes=False):
+    """Makes absl's handler (the one ``app.run`` installs) write plain lines
+    (`PlainFormatter`), unless ``keep_prefixes`` (e.g. ``--alsologtostderr`` was given).
+
+    Examples:
+      >>> plain_logs(keep_prefixes=FLAGS.alsologtostderr)
+    """
+    if not keep_prefixes:
+        absl_logging.get_absl_handler().setFormatter(PlainFormatter("%(message)s"))
+
+
+@contextlib.contextmanager
+def quiet_start():
+    """Keeps TensorFlow's start-up log lines (CUDA probing, CPU feature notes, XLA service
+    lines) off the terminal while the body runs.
+
+    Sets ``TF_CPP_MIN_LOG_LEVEL=2`` unless it is set, and, unless it is set to ``0`` or
+    ``1``, sends file descriptor 2 to ``os.devnull`` for the body: some of those lines are
+    written before TensorFlow reads the variable. An exception raised in the body is
+    reported after stderr is back. Call it from a script's ``__main__`` only (importing the
+    library sets no environment variable).
+    """
+    level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if level in ("0", "1"):
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()  # what was written in the body goes to os.devnull too
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
