@@ -153,16 +153,16 @@ def notes(cfg):
 
 
 def finish(cfg, pruned, strategy, dense, data_and_dir):
-    """Strips, shares weights, saves every form; returns summary.md's text."""
-    (train, test), write_dir, dense_metrics = data_and_dir
+    """Strips, shares weights, saves every form; returns summary.md's text. ``dense`` =
+    ``(metrics, predictions, (x, y))`` of the dense baseline on the test data."""
+    (train, test), write_dir = data_and_dir
+    dense_metrics, dense_predictions, (x, y) = dense
     started = time.time()  # the iterations' and the baseline's times are in their records
     with strategy.scope():
         final = compile_model(tf_stdprune.strip_pruning(pruned), cfg.jit_compile)
     final_metrics = experiment.evaluate(final, test)
     report = tf_stdprune.sparsity_report(final)
     print(report)
-    x, y = experiment.arrays(test)
-    dense_predictions = dense.predict(x, batch_size=256, verbose=0)
     change = tf_stdprune.accuracy_change(dense_predictions,
                                          final.predict(x, batch_size=256, verbose=0), y)
     stages = {}
@@ -225,6 +225,8 @@ def run(cfg, strategy, build_model=models.vgg19_bn):
         raise
     dense_metrics = dense_baseline(cfg, dense, (train, test), write_dir)
     print(f"dense baseline: top-1 {100 * dense_metrics['top1']:.2f} %")
+    x, y = experiment.arrays(test)  # the pruned model will share the dense one's layers
+    dense_predictions = dense.predict(x, batch_size=256, verbose=0)
     layer_quality = cfg.layer_quality
     if cfg.sensitivity or layer_quality == "auto":
         suggestion = experiment.sensitivity_stage(
@@ -234,7 +236,8 @@ def run(cfg, strategy, build_model=models.vgg19_bn):
     resolved = dataclasses.replace(cfg, layer_quality=layer_quality)
     pruned = pruned_model(resolved, dense, strategy, info.steps_per_epoch)
     prune_iteratively(cfg, pruned, (train, test, info), os.path.join(cfg.out_dir, "run"))
-    text = finish(cfg, pruned, strategy, dense, ((train, test), write_dir, dense_metrics))
+    text = finish(cfg, pruned, strategy, (dense_metrics, dense_predictions, (x, y)),
+                  ((train, test), write_dir))
     if chief:
         atomic_write(os.path.join(write_dir, "summary.md"), text)
         print(text)

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_stdprune import sparsity_report
+from tf_stdprune import accuracy_change, sparsity_report
 from tf_stdprune.keras2.engine import keras
 from tf_stdprune.keras2.run_state import read_history
 
-from example_runs import (EXAMPLES, digits_test_set, example_flags, run_example, summary_rows,
-                          tiny_model)
+from example_runs import (EXAMPLES, TINY_VGG, digits_test_set, example_flags, run_example,
+                          summary_rows, tiny_model)
 
 sys.path.insert(0, EXAMPLES)
 import vgg19_cifar10 as example  # noqa: E402
@@ -98,6 +98,19 @@ def test_summary_accuracies_match_reevaluation(finished):
         (input_name,) = serve.structured_input_signature[1]
         (served,) = serve(**{input_name: tf.constant(x_test[:8])}).values()
         np.testing.assert_allclose(served, logits[:8], atol=1e-4)
+
+
+def test_each_forms_top1_change_is_the_mcnemar_change_against_the_reloaded_dense_baseline(finished):
+    out_dir, _ = finished
+    x_test, y_test = digits_test_set()
+    dense = TINY_VGG(10, width=0.05, input_shape=(32, 32, 3))
+    dense.load_weights(out_dir / "baseline" / "weights.h5")
+    final = keras.models.load_model(out_dir / "final" / "model.keras")
+    change = accuracy_change(dense.predict(x_test, verbose=0), final.predict(x_test, verbose=0),
+                             y_test)
+    expected = f"{change.change:+.2f} [{change.low:+.2f}, {change.high:+.2f}]"
+    assert _forms(out_dir)["saved_model"][3] == expected
+    assert change.images == len(y_test) == 360
 
 
 def test_quantize_bits_shares_weights_and_keeps_zeros(finished):
@@ -222,10 +235,13 @@ FORM_FILES = {"saved_model", "sparse_saved_model", "model.tflite", "model_int8.t
 
 
 def _forms(out_dir):
-    """``{file: (form, bytes, latency ms, top-1 %)}`` from summary.md's forms table."""
-    rows = re.findall(r"^\| ([^|]+) \| final/(\S+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$",
-                      (out_dir / "summary.md").read_text(), re.M)
-    return {file: (name, int(size), float(ms), float(top1)) for name, file, size, ms, top1 in rows}
+    """``{file: (form, bytes, top-1 %, change text, [ms at 1 thread, ms at 2 threads])}``
+    from summary.md's forms table."""
+    latency = r" ([\d.]+), [\d.]+ \[[\d.]+, [\d.]+\] \|"
+    rows = re.findall(r"^\| ([^|]+) \| final/(\S+) \| (\d+) \| ([\d.]+) \| ([^|]+) \|"
+                      + 2 * latency + "$", (out_dir / "summary.md").read_text(), re.M)
+    return {file: (name, int(size), float(top1), change.strip(), [float(one), float(two)])
+            for name, file, size, top1, change, one, two in rows}
 
 
 def _interpreter_top1(path, x, y):
@@ -247,20 +263,21 @@ def test_the_forms_table_gives_every_exported_form_its_size_latency_and_top1(fin
     forms = _forms(out_dir)
     assert set(forms) == FORM_FILES
     assert "decompressed, then run as the Keras model" in forms["model.tfspz"][0]
-    for file, (_, size, latency, _) in forms.items():
+    for file, (_, size, _, change, latencies) in forms.items():
         path = out_dir / "final" / file
         files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
         assert size == sum(f.stat().st_size for f in files), file
-        assert latency > 0, file
+        assert min(latencies) > 0, file
+        assert re.fullmatch(r"[+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\]", change), change
     x_test, y_test = digits_test_set()
     keras_top1 = 100 * np.mean(np.argmax(keras.models.load_model(
         out_dir / "final" / "model.keras").predict(x_test, verbose=0), axis=1) == y_test)
     for file in ("saved_model", "sparse_saved_model", "model.tfspz"):  # the same weights
-        assert forms[file][3] == pytest.approx(keras_top1, abs=0.006), file
+        assert forms[file][2] == pytest.approx(keras_top1, abs=0.006), file
     for file in ("model.tflite", "model_int8.tflite"):
-        assert forms[file][3] == pytest.approx(
+        assert forms[file][2] == pytest.approx(
             _interpreter_top1(out_dir / "final" / file, x_test, y_test), abs=0.006), file
-    assert forms["model.tflite"][3] == pytest.approx(keras_top1, abs=1.0)
+    assert forms["model.tflite"][2] == pytest.approx(keras_top1, abs=1.0)
 
 
 def test_layer_quality_auto_writes_the_analysis_and_prunes_with_its_suggestion(finished):
