@@ -1,32 +1,21 @@
 """The settings of examples/vgg19_cifar10.py: one typed `Config`, its presets, its flags.
 
-Every field of `Config` is a command-line flag of the same name (``--width=0.5``,
-``--noaugment``; lists as ``--qualities=0.5,1.0``), documented once in the field's
-metadata. `config` starts from the chosen preset and replaces exactly the fields whose
-flag was given; `validate` refuses every bad value before anything trains.
+Every field of `Config` is a flag of the same name (``--width=0.5``, ``--noaugment``,
+``--qualities=0.5,1.0``; `tf_stdprune.config_flags`); `config` starts from the chosen preset
+and replaces the fields whose flag was given; `validate` refuses every bad value before
+anything trains.
 """
 import dataclasses
+import inspect
 import os
-import typing
 from typing import Optional, Union
 
 from absl import app, flags
 
-from tf_stdprune.procedure import experiment  # loads TensorFlow
-
-
-def setting(help, default=dataclasses.MISSING, **flag):
-    """A `Config` field: ``help`` is its flag's help; ``flag`` holds ``choices`` (an enum
-    flag), ``lower_bound``/``upper_bound`` or ``parse`` (a string flag's parser)."""
-    return dataclasses.field(default=default, metadata={"help": help, **flag})
-
-
-def parse_layer_quality(text):
-    """``--layer_quality``'s parser: `experiment.parse_layer_quality`, errors as usage errors."""
-    try:
-        return experiment.parse_layer_quality(text)
-    except ValueError as error:
-        raise app.UsageError(f"--{error}") from None
+from tf_stdprune import config_flags
+from tf_stdprune.config_flags import setting
+from tf_stdprune.dispatch import KERAS3, TF_KERAS, keras_module
+from tf_stdprune.procedure import experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,27 +28,23 @@ class Config:
     baseline_epochs: int = setting("Epochs of the dense baseline.", lower_bound=1)
     baseline_lr: float = setting("Initial learning rate of the dense baseline.")
     baseline_lr_drops: tuple[int, ...] = setting("Baseline epochs where the rate drops 10x.")
-    iterations: int = setting("Prune + retrain iterations (target mode: at most).",
-                              lower_bound=1)
+    iterations: int = setting("Prune + retrain iterations (target mode: at most).", lower_bound=1)
     epochs_per_iteration: int = setting("Retraining epochs per iteration.", lower_bound=1)
     lr_drops: tuple[int, ...] = setting("Epochs inside an iteration where the rate drops 10x.")
-    initial_lrs: tuple[float, ...] = setting(
-        "Initial learning rate of each iteration (last repeats).")
+    initial_lrs: tuple[float, ...] = setting("Initial rate of each iteration (last repeats).")
     qualities: tuple[float, ...] = setting(
         "Quality parameter q of each iteration (last repeats; target mode: the first q).")
     std_mode: str = setting("Which sigma q multiplies.", choices=["initial", "surviving", "all"])
     recalibration_batches: int = setting("BN recalibration batches (0: off).", lower_bound=0)
     out_dir: str = setting("Output directory.")
     quantize_bits: Optional[int] = setting(
-        "Weight sharing with 2^b centroids after pruning (0: none).", lower_bound=0,
-        upper_bound=12)
+        "Weight sharing with 2^b centroids after pruning (0: none).", lower_bound=0, upper_bound=12)
     export_sparse: bool = setting("Also export a sparse SavedModel.")
     compress: bool = setting("Also write the Huffman-coded model file.")
     tflite: bool = setting("Also write final/model.tflite and final/model_int8.tflite.")
-    data_dir: Optional[str] = setting(
-        "tensorflow-datasets data directory holding cifar10/.", None)
-    max_train_examples: Optional[int] = setting(
-        "Use only the first N training examples.", None, lower_bound=1)
+    data_dir: Optional[str] = setting("tensorflow-datasets directory holding cifar10/.", None)
+    max_train_examples: Optional[int] = setting("Use only the first N training examples.", None,
+                                                lower_bound=1)
     seed: int = setting("Random seed (weights, shuffling, augmentation, split).", 0)
     resume: bool = setting("Continue the run found in --out_dir.", True)
     mixed_precision: bool = setting("mixed_float16 on GPU, mixed_bfloat16 on CPU.", False)
@@ -67,44 +52,32 @@ class Config:
     strategy: str = setting("tf.distribute strategy (multi_worker reads TF_CONFIG).", "default",
                             choices=["default", "mirrored", "multi_worker", "tpu"])
     cpu_replicas: Optional[int] = setting(
-        "Split the CPU into N logical devices (to try --strategy=mirrored without GPUs).",
-        None, lower_bound=1)
-    quantize_epochs: int = setting("Centroid fine-tuning epochs after weight sharing.", 2,
-                                   lower_bound=0)
-    quantize_lr: float = setting("Adam learning rate of the centroid fine-tuning.", 1e-5,
-                                 lower_bound=0)
-    sensitivity: bool = setting(
-        "Before pruning, prune each layer of the dense model alone at each q and write the "
-        "accuracy table and plot to --out_dir/sensitivity/.", False)
+        "Split the CPU into N logical devices (--strategy=mirrored without GPUs).", None,
+        lower_bound=1)
+    quantize_epochs: int = setting("Centroid fine-tuning epochs.", 2, lower_bound=0)
+    quantize_lr: float = setting("Adam rate of the centroid fine-tuning.", 1e-5, lower_bound=0)
+    sensitivity: bool = setting("First prune each layer of the dense model alone at each q; "
+                                "write the table and plot to --out_dir/sensitivity/.", False)
     sensitivity_qualities: Optional[tuple[float, ...]] = setting(
-        "The q values the sensitivity analysis tries (none: 0 to 2 in steps of 0.25).",
-        None)
+        "The q values the sensitivity analysis tries (none: 0 to 2 in steps of 0.25).", None)
     sensitivity_max_drop: float = setting(
         "Points of top-1 a layer may lose in the analysis for --layer_quality=auto.", 1.0)
     layer_quality: Union[None, str, dict] = setting(
-        "Per-layer factors of q: 'auto' (from the sensitivity analysis, at "
-        "--sensitivity_max_drop) or name=factor,... (names as in model.summary()).", None,
-        parse=parse_layer_quality)
+        "Per-layer factors of q: 'auto' (the sensitivity analysis' suggestion) or "
+        "name=factor,... (names as in model.summary()).", None, parse=experiment.parse_layer_quality)
     target_drop: Optional[float] = setting(
         "Target mode: raise q by --q_step per iteration until top-1 drops more than this "
         "many points below dense; that iteration is undone.", None)
     q_step: float = setting("Target mode's increase of q per iteration.", 0.1)
-    rescale_dropout: bool = setting(
-        "Rescale Dropout rates to the surviving connections after each pruning.", True)
+    rescale_dropout: bool = setting("Rescale Dropout rates after each pruning.", True)
     keras: str = setting(
-        "2: tf_keras (tfmot's engine). 3: Keras 3 on the backend KERAS_BACKEND names "
-        "(tensorflow, jax); --strategy=default only, no --mixed_precision, --jit_compile or "
-        "TFLite, SavedModels on the tensorflow backend only, and a resumed run does not "
-        "replay the interrupted iteration's data order.", "2", choices=["2", "3"])
+        "2: tf_keras (tfmot's engine). 3: Keras 3 on the backend KERAS_BACKEND names, "
+        "--strategy=default only, no --mixed_precision, --jit_compile or TFLite.", "2",
+        choices=["2", "3"])
 
     def keras_module(self):
-        """The Keras module of the run: ``tf_keras`` (``keras="2"``) or Keras 3's
-        ``keras``; imported here, so that a Keras 3 run never loads tf_keras or tfmot."""
-        if self.keras == "3":
-            import keras
-            return keras
-        from tf_stdprune.keras2.engine import keras
-        return keras
+        """``tf_keras`` (``keras="2"``) or Keras 3's ``keras``, imported on demand."""
+        return keras_module(KERAS3 if self.keras == "3" else TF_KERAS)
 
     def run_settings(self):
         """The settings that define a run in --out_dir (`RUN_SETTINGS`), JSON-ready."""
@@ -142,55 +115,14 @@ RUN_SETTINGS = ("dataset", "max_train_examples", "augment", "width", "batch_size
                 "rescale_dropout", "keras")
 
 
-def _item_type(annotation):
-    """``int`` for ``Optional[int]``, ``(tuple, float)`` for ``tuple[float, ...]``."""
-    if typing.get_origin(annotation) is tuple:
-        return tuple, typing.get_args(annotation)[0]
-    if typing.get_origin(annotation) is Union:
-        return _item_type(next(a for a in typing.get_args(annotation) if a is not type(None)))
-    return annotation, None
-
-
 def define_flags(flag_values=flags.FLAGS):
-    """``--preset`` and one flag per `Config` field; every default is None (not given)."""
-    flags.DEFINE_enum("preset", "quick", list(PRESETS), "Defaults of the flags below.",
-                      flag_values=flag_values)
-    define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-              str: flags.DEFINE_string, tuple: flags.DEFINE_list}
-    for field in dataclasses.fields(Config):
-        meta = dict(field.metadata)
-        default = ("from --preset" if field.default is dataclasses.MISSING
-                   else ",".join(map(str, field.default)) if isinstance(field.default, tuple)
-                   else field.default)
-        text = f"{meta.pop('help')} (default: {default})"
-        meta.pop("parse", None)
-        if "choices" in meta:
-            flags.DEFINE_enum(field.name, None, meta.pop("choices"), text,
-                              flag_values=flag_values)
-            continue
-        kind, _ = _item_type(field.type)
-        define.get(kind, flags.DEFINE_string)(field.name, None, text, flag_values=flag_values,
-                                             **meta)
-
-
-def _parsed(field, value):
-    """A flag's value as the field's type; lists parsed item by item."""
-    if "parse" in field.metadata:
-        return field.metadata["parse"](value)
-    kind, item = _item_type(field.type)
-    if kind is tuple:
-        try:
-            return tuple(item(v) for v in value)
-        except ValueError as error:
-            raise app.UsageError(f"--{field.name}: {error}") from error
-    return value
+    """``--preset`` and one flag per `Config` field (`config_flags.define_flags`)."""
+    config_flags.define_flags(Config, PRESETS, "quick", flag_values)
 
 
 def config(flag_values=flags.FLAGS):
     """The preset's `Config` with every field whose flag was given replaced."""
-    given = {field.name: _parsed(field, flag_values[field.name].value)
-             for field in dataclasses.fields(Config) if flag_values[field.name].present}
-    cfg = dataclasses.replace(PRESETS[flag_values.preset], **given)
+    cfg = config_flags.from_flags(Config, PRESETS, flag_values)
     return dataclasses.replace(cfg, out_dir=os.path.expanduser(cfg.out_dir),
                                quantize_bits=cfg.quantize_bits or None)
 
@@ -214,9 +146,7 @@ def validate(cfg):
     """Raises `app.UsageError` naming the flag, the value and the fix for every value that
     would fail later (e.g. after the dense baseline trained); warns of LR drops that can
     never fire (`experiment.check_settings`)."""
-    names = ("qualities", "initial_lrs", "lr_drops", "epochs_per_iteration", "baseline_lr",
-             "baseline_lr_drops", "baseline_epochs", "width", "q_step", "target_drop",
-             "sensitivity_max_drop", "sensitivity_qualities", "layer_quality")
+    names = list(inspect.signature(experiment.check_settings).parameters)[1:]
     try:
         experiment.check_settings("--", **{name: getattr(cfg, name) for name in names})
     except ValueError as error:

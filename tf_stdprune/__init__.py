@@ -12,7 +12,8 @@ Procedure:    iterative_callbacks, IterativePruning, IterationLearningRate, rest
               recalibrate_batchnorm, sensitivity_analysis, suggest_layer_quality
 Compression:  quantize_weights, strip_quantization, QuantizeWeights, linear_kmeans,
               compress, decompress, read_weights, compression_report,
-              export_sparse_saved_model, export_dense_saved_model, export_tflite, disk_size
+              export_sparse_saved_model, export_dense_saved_model, export_tflite, disk_size,
+              compare_forms, forms_markdown
 """
 import importlib
 
@@ -149,6 +150,7 @@ _LAZY = {
     "decompress": "compression.compressed_file", "read_weights": "compression.compressed_file",
     "CompressionReport": "compression.stages", "compression_report": "compression.stages",
     "plot_compression_stages": "compression.stages",
+    "compare_forms": "compression.forms", "forms_markdown": "compression.forms",
     "disk_size": "compression.serving", "export_tflite": "keras2.tflite",  # disk_size: any path
     "PruningSummaries": "keras2.callbacks",
     "prune_scope": "keras2.prune", "PruneLowStd": "keras2.wrapper",

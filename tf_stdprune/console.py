@@ -8,8 +8,12 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 
+from absl import flags
 from absl import logging as absl_logging
+
+FLAGS = flags.FLAGS
 
 
 class PlainFormatter(logging.Formatter):
@@ -20,15 +24,22 @@ class PlainFormatter(logging.Formatter):
         return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
 
 
-def plain_logs(keep_prefixes=False):
+def plain_logs(keep_prefixes=None):
     """Makes absl's handler (the one ``app.run`` installs) write plain lines
-    (`PlainFormatter`), unless ``keep_prefixes`` (e.g. ``--alsologtostderr`` was given).
+    (`PlainFormatter`) and hides ``tf.lite.Interpreter``'s deprecation notice, unless
+    ``keep_prefixes``; by default prefixes are kept when ``--alsologtostderr``,
+    ``--logtostderr`` or ``--verbosity`` was given. Call it after the flags are parsed.
 
     Examples:
-      >>> plain_logs(keep_prefixes=FLAGS.alsologtostderr)
+      >>> def main(argv):
+      ...     plain_logs()
     """
+    if keep_prefixes is None:
+        keep_prefixes = (FLAGS.alsologtostderr or FLAGS.logtostderr
+                         or FLAGS["verbosity"].present)
     if not keep_prefixes:
         absl_logging.get_absl_handler().setFormatter(PlainFormatter("%(message)s"))
+        warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
 
 
 @contextlib.contextmanager
@@ -38,7 +49,9 @@ def quiet_start():
 
     Sets ``TF_CPP_MIN_LOG_LEVEL=2`` unless it is set, and, unless it is set to ``0`` or
     ``1``, sends file descriptor 2 to ``os.devnull`` for the body: some of those lines are
-    written before TensorFlow reads the variable. An exception raised in the body is
+    written before TensorFlow reads the variable. If the body imported TensorFlow, its
+    devices are probed before stderr is back and its Python logger is set to WARNING (no
+    INFO lines from SavedModel and TFLite writers). An exception raised in the body is
     reported after stderr is back. Call it from a script's ``__main__`` only (importing the
     library sets no environment variable).
     """
@@ -51,6 +64,10 @@ def quiet_start():
     os.dup2(devnull, 2)
     try:
         yield
+        tf = sys.modules.get("tensorflow")
+        if tf is not None:  # imported in the body
+            tf.config.list_physical_devices()  # the device probing logs its lines here
+            tf.get_logger().setLevel("WARNING")  # no INFO lines from savers and converters
     finally:
         sys.stderr.flush()  # what was written in the body goes to os.devnull too
         os.dup2(saved, 2)

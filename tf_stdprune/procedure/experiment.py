@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_stdprune
-from tf_stdprune.dispatch import KERAS3, world_of
+from tf_stdprune.dispatch import KERAS3, keras_module, world_of
 from tf_stdprune.io import atomic_write, clean_temporaries, write_atomically
 from tf_stdprune.procedure.run_directory import (
     NonFiniteError, RunDirectoryError, acquire_lock, check_run_settings, check_writable,
@@ -120,7 +120,12 @@ def check_settings(prefix="", *, qualities, initial_lrs, lr_drops, epochs_per_it
 
 def parse_layer_quality(text):
     """``"auto"``, ``""``/``"none"`` (None) or ``"fc1=0.8,conv2d_3=1.2"`` -> ``{"fc1": 0.8,
-    ...}``; raises `ValueError` naming the item that is not ``name=factor``."""
+    ...}``; raises `ValueError` naming the item that is not ``name=factor``.
+
+    Examples:
+      >>> parse_layer_quality("fc1=0.8,conv2d_3=1.2")
+      {'fc1': 0.8, 'conv2d_3': 1.2}
+    """
     if text in ("", "none"):
         return None
     if text == "auto":
@@ -133,8 +138,8 @@ def parse_layer_quality(text):
         except ValueError:
             equals = ""
         if not equals or not name.strip():
-            raise ValueError(f"layer_quality={text}: {item!r} is not name=factor. Give 'auto' "
-                             "(from the sensitivity analysis) or e.g. dense=0.8,conv2d_3=1.2.")
+            raise ValueError(f"{item!r} is not name=factor. Give 'auto' (from the sensitivity "
+                             "analysis) or e.g. dense=0.8,conv2d_3=1.2.")
     return factors
 
 
@@ -158,6 +163,26 @@ def check_finite(model, metrics, fix="lower the baseline's learning rate"):
     if bad:
         raise NonFiniteError(f"The dense baseline diverged: {', '.join(bad[:5])} not finite. "
                              f"Nothing was saved; {fix} and run again.")
+
+
+def compile_classifier(model, jit_compile=False, optimizer=None):
+    """Compiles ``model`` (logits) in its own Keras with ``optimizer`` (default a new SGD
+    with momentum 0.9; the procedure's callbacks set its rate every epoch), sparse
+    cross-entropy and ``top1``/``top5`` accuracy; returns it. Keras 3 compiles with
+    ``jit_compile="auto"``. A pruned model needs a new optimizer: its pruning step is
+    ``optimizer.iterations``.
+
+    Examples:
+      >>> pruned = compile_classifier(tf_stdprune.prune_low_std(dense, pruning_schedule=s))
+    """
+    keras = keras_module(world_of(model))
+    model.compile(
+        optimizer=optimizer or keras.optimizers.SGD(0.01, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1"),
+                 keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")],
+        jit_compile="auto" if world_of(model) == KERAS3 else jit_compile)
+    return model
 
 
 def evaluate(model, data):
@@ -226,6 +251,25 @@ def sensitivity_markdown(table, suggestion, max_drop):
             f"| layer | factor |\n|---|---|\n{factors}")
 
 
+def resolve_layer_quality(layer_quality, analyse, dense, test, out_dir, qualities=None,
+                          max_drop=1.0, resume=True, write_dir=None):
+    """``layer_quality`` as ``prune_low_std`` takes it: with ``analyse`` or
+    ``layer_quality="auto"`` the `sensitivity_stage` runs, and ``"auto"`` becomes its
+    suggestion."""
+    if not (analyse or layer_quality == "auto"):
+        return layer_quality
+    suggestion = sensitivity_stage(dense, test, out_dir, qualities, max_drop, resume, write_dir)
+    return suggestion if layer_quality == "auto" else layer_quality
+
+
+def set_mixed_precision(keras):
+    """``mixed_float16`` on a GPU, else ``mixed_bfloat16``, as ``keras``'s global policy;
+    returns its name."""
+    policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
 def sensitivity_stage(dense, test, out_dir, qualities=None, max_drop=1.0, resume=True,
                       write_dir=None):
     """`tf_stdprune.sensitivity_analysis` of ``dense`` on ``test`` (or, resuming, the table
@@ -272,20 +316,32 @@ def share_weights(model, bits, train, test, epochs, compile_model, optimizer,
         return compile_model(tf_stdprune.strip_quantization(shared)), accuracy
 
 
-def export_final(model, directory, *, h5=True, saved_model=True, sparse=False, compress=False,
-                 tflite=False, calibration=None):
-    """Writes the stripped ``model`` as ``model.keras`` and, as asked, ``model.h5``, a
-    dense serving SavedModel, the sparse SavedModel, the Huffman-coded file and the TFLite
-    flatbuffers (float32 and int8, calibrated on ``calibration``); returns
-    ``{name: tf_stdprune.disk_size(...)}``."""
+def export_final(model, directory, *, sparse=False, compress=False, tflite=False,
+                 calibration=None):
+    """Writes the stripped ``model`` as ``model.keras``, ``model.h5`` (tf_keras) and a
+    dense serving SavedModel (tf_keras, Keras 3 on TensorFlow) and, as asked, the sparse
+    SavedModel, the Huffman-coded file and the TFLite flatbuffers (float32 and int8
+    calibrated on ``calibration``; tf_keras float32 models). Returns ``({name:
+    tf_stdprune.disk_size(...)}, notes)``, the notes saying which forms were not written."""
+    world = world_of(model)
+    backend = keras_module(world).backend.backend() if world == KERAS3 else "tensorflow"
+    notes = [] if backend == "tensorflow" else [
+        f"note: no SavedModel on the {backend} backend of Keras 3 (exports need "
+        "KERAS_BACKEND=tensorflow); final/saved_model/ is not written."]
+    mixed = any(getattr(getattr(layer, "dtype_policy", None), "name", "").startswith("mixed")
+                for layer in model.layers)
+    if tflite and (world == KERAS3 or mixed):
+        notes.append("note: no TFLite files for a Keras 3 model (the TFLite export takes "
+                     "tf_keras models)." if world == KERAS3 else "note: no TFLite files for "
+                     "a mixed-precision model (the converter takes float32 models).")
+        tflite = False
     os.makedirs(directory, exist_ok=True)
     path = lambda name: os.path.join(directory, name)  # noqa: E731
-    write_atomically(path("model.keras"), model.save)
-    written = ["model.keras"]
-    exports = [("model.h5", h5, lambda p: write_atomically(p, model.save)),
-               ("saved_model", saved_model,
+    exports = [("model.keras", True, lambda p: write_atomically(p, model.save)),
+               ("model.h5", world != KERAS3, lambda p: write_atomically(p, model.save)),
+               ("saved_model", backend == "tensorflow",
                 lambda p: tf_stdprune.export_dense_saved_model(model, p, overwrite=True)),
-               ("sparse_saved_model", sparse and saved_model,
+               ("sparse_saved_model", sparse and backend == "tensorflow",
                 lambda p: tf_stdprune.export_sparse_saved_model(model, p, overwrite=True)),
                ("model.tfspz", compress, lambda p: tf_stdprune.compress(model, p, overwrite=True)),
                ("model.tflite", tflite,
@@ -293,11 +349,55 @@ def export_final(model, directory, *, h5=True, saved_model=True, sparse=False, c
                ("model_int8.tflite", tflite, lambda p: tf_stdprune.export_tflite(
                    model, p, sparse=True, int8=True, representative_data=calibration,
                    overwrite=True))]
+    written = []
     for name, wanted, export in exports:
         if wanted:
             export(path(name))
             written.append(name)
-    return {name: tf_stdprune.disk_size(path(name)) for name in written}
+    return {name: tf_stdprune.disk_size(path(name)) for name in written}, notes
+
+
+def finish(pruned, train, test, out_dir, dense, *, title, jit_compile=False, quantize=None,
+           exports=None, scope=contextlib.nullcontext, chief=True, write_dir=None):
+    """The last stages: strips ``pruned``, optionally shares weights (``quantize = (bits,
+    epochs, Adam learning rate)``, `share_weights`), writes every form to ``final/``
+    (`export_final` with ``exports``), compares them (`tf_stdprune.compare_forms`) and returns
+    summary.md's text (the models compiled by `compile_classifier`). ``dense = (metrics,
+    predictions, (x, y))``: the dense baseline's test metrics and its predictions of the
+    test images ``(x, y)``, taken before pruning (a pruned model may share the dense
+    model's layers)."""
+    (dense_metrics, dense_predictions, (x, y)), started = dense, time.time()
+
+    def compile_model(model, optimizer=None):
+        return compile_classifier(model, jit_compile, optimizer)
+    with scope():
+        final = compile_model(tf_stdprune.strip_pruning(pruned))
+    final_metrics = evaluate(final, test)
+    report = tf_stdprune.sparsity_report(final)
+    print(report)
+    change = tf_stdprune.accuracy_change(dense_predictions,
+                                         final.predict(x, batch_size=256, verbose=0), y)
+    stages = {}
+    if quantize:
+        adam = keras_module(world_of(final)).optimizers.Adam
+        final, stages = share_weights(final, quantize[0], train, test, quantize[1],
+                                      compile_model, lambda: adam(quantize[2]), scope)
+    final_dir = os.path.join(write_dir or out_dir, "final")
+    sizes, notes = export_final(final, final_dir, calibration=train.take(4), **(exports or {}))
+    for note in notes:
+        print(note)
+    if "model.tfspz" in sizes and chief:
+        storage = tf_stdprune.compression_report(os.path.join(final_dir, "model.tfspz"))
+        print(storage.table())
+        tf_stdprune.plot_compression_stages(
+            storage, os.path.join(final_dir, "compression_stages.png"))
+    extra = target_rows(os.path.join(out_dir, "run")) + [
+        (f"top-1 {stage} (%)", f"{100 * top1:.2f}") for stage, top1 in stages.items()]
+    table = tf_stdprune.forms_markdown(tf_stdprune.compare_forms(
+        final_dir, x, y, dense_predictions), len(y)) if chief else ""
+    extra.append(("wall time (s)", f"{wall_seconds(out_dir) + time.time() - started:.0f}"))
+    return markdown_table(title, summary_rows(dense_metrics["top1"], final_metrics["top1"],
+                                              change, report, sizes, extra)) + table
 
 
 def arrays(data):
