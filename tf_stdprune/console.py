@@ -16,6 +16,15 @@ from absl import logging as absl_logging
 FLAGS = flags.FLAGS
 
 
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def own_info_only(record):
+    """A log filter: warnings and errors from anywhere, INFO lines from tf_stdprune only
+    (not TensorFlow's checkpoint and converter chatter)."""
+    return record.levelno >= logging.WARNING or record.pathname.startswith(PACKAGE)
+
+
 class PlainFormatter(logging.Formatter):
     """The message alone; ``warning: ``/``error: `` before warnings and errors."""
 
@@ -26,7 +35,8 @@ class PlainFormatter(logging.Formatter):
 
 def plain_logs(keep_prefixes=None):
     """Makes absl's handler (the one ``app.run`` installs) write plain lines
-    (`PlainFormatter`) and hides ``tf.lite.Interpreter``'s deprecation notice, unless
+    (`PlainFormatter`), INFO lines of tf_stdprune only (`own_info_only`), and hides
+    ``tf.lite.Interpreter``'s deprecation notice, unless
     ``keep_prefixes``; by default prefixes are kept when ``--alsologtostderr``,
     ``--logtostderr`` or ``--verbosity`` was given. Call it after the flags are parsed.
 
@@ -38,7 +48,10 @@ def plain_logs(keep_prefixes=None):
         keep_prefixes = (FLAGS.alsologtostderr or FLAGS.logtostderr
                          or FLAGS["verbosity"].present)
     if not keep_prefixes:
-        absl_logging.get_absl_handler().setFormatter(PlainFormatter("%(message)s"))
+        handler = absl_logging.get_absl_handler()
+        handler.setFormatter(PlainFormatter("%(message)s"))
+        if own_info_only not in handler.filters:
+            handler.addFilter(own_info_only)
         warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
 
 
