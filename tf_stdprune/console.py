@@ -60,15 +60,16 @@ def quiet_start():
     """Keeps TensorFlow's start-up log lines (CUDA probing, CPU feature notes, XLA service
     lines) off the terminal while the body runs.
 
-    Sets ``TF_CPP_MIN_LOG_LEVEL=2`` unless it is set, and, unless it is set to ``0`` or
-    ``1``, sends file descriptor 2 to ``os.devnull`` for the body: some of those lines are
+    Sets ``TF_CPP_MIN_LOG_LEVEL=3`` unless it is set (C++ errors off too: TensorFlow logs
+    notes such as unknown graph attributes as errors; set it to 0-2 to see them), and,
+    unless it is set to ``0`` or ``1``, sends file descriptor 2 to ``os.devnull`` for the body: some of those lines are
     written before TensorFlow reads the variable. If the body imported TensorFlow, its
     devices are probed before stderr is back and its Python logger is set to WARNING (no
     INFO lines from SavedModel and TFLite writers). An exception raised in the body is
     reported after stderr is back. Call it from a script's ``__main__`` only (importing the
     library sets no environment variable).
     """
-    level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if level in ("0", "1"):
         yield
         return
