@@ -49,3 +49,8 @@ def test_latency_comes_per_thread_count_with_the_ratio_to_the_first_form(forms):
     table = forms_markdown(rows, 64, rounds=3, calls=2)
     assert table.count("\n| ") == 1 + len(rows)
     assert "| 1 thread: ms, x dense SavedModel per round [95 %] |" in table
+
+
+def test_a_bad_thread_count_is_refused_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=r"threads=\(1, 0\)\): each must be an integer >= 1"):
+        compare_forms(str(tmp_path), np.zeros((1, 8, 8, 3)), [0], [0], threads=(1, 0))

@@ -23,12 +23,14 @@ import numpy as np
 from tf_stdprune.accuracy import accuracy_change
 from tf_stdprune.compression.serving import disk_size
 from tf_stdprune.timing import interleaved_samples, paired_ratio
+from tf_stdprune.validate import check_int
 
 # The forms a run directory's ``final/`` may hold: (name, file or directory).
 FORMS = (("dense SavedModel", "saved_model"), ("sparse SavedModel", "sparse_saved_model"),
          ("TFLite", "model.tflite"), ("TFLite int8", "model_int8.tflite"),
          ("compressed file (decompressed, then run as the Keras model)", "model.tfspz"))
 EVAL_BATCH = 256
+ROUNDS, CALLS = 7, 10  # interleaved rounds, and calls at batch 1 per form in each round
 
 
 def predictor(path, threads=None):
@@ -95,7 +97,7 @@ def _measure_in_this_process():
     print(json.dumps(samples), flush=True)
 
 
-def latencies_by_threads(paths, image, threads=(1, 2), rounds=7, calls=10):
+def latencies_by_threads(paths, image, threads=(1, 2), rounds=ROUNDS, calls=CALLS):
     """``{threads: {name: seconds per call in each round}}``: `latency_samples` in one fresh
     process per thread count (loaded in parallel, measured one after the other)."""
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -149,8 +151,8 @@ class FormRow:
     latency: dict
 
 
-def compare_forms(directory, x, y, reference_predictions, threads=(1, 2), rounds=7, calls=10,
-                  forms=FORMS):
+def compare_forms(directory, x, y, reference_predictions, threads=(1, 2), rounds=ROUNDS,
+                  calls=CALLS, forms=FORMS):
     """The `FormRow` of every form of ``forms`` (``(name, file)``) present in
     ``directory``: size, top-1 (%) on ``(x, y)``, the top-1 change against
     ``reference_predictions`` (`tf_stdprune.accuracy_change`), and the latency at batch
@@ -160,6 +162,8 @@ def compare_forms(directory, x, y, reference_predictions, threads=(1, 2), rounds
       >>> rows = compare_forms("runs/quick/final", x, y, dense.predict(x))
       >>> print(forms_markdown(rows, len(y)))
     """
+    threads = [check_int(t, f"compare_forms(threads={threads!r}): each", 1) for t in threads]
+    rounds, calls = check_int(rounds, "rounds", 1), check_int(calls, "calls", 1)
     present = [(name, file) for name, file in forms if os.path.exists(os.path.join(directory, file))]
     paths = {name: os.path.abspath(os.path.join(directory, file)) for name, file in present}
     if not paths:
@@ -179,8 +183,13 @@ def compare_forms(directory, x, y, reference_predictions, threads=(1, 2), rounds
     return rows
 
 
-def forms_markdown(rows, images, rounds=7, calls=10, reference="dense baseline"):
-    """`compare_forms`' rows as a markdown table."""
+def forms_markdown(rows, images, rounds=ROUNDS, calls=CALLS, reference="dense baseline"):
+    """`compare_forms`' rows as a markdown table (``rounds`` and ``calls`` as measured,
+    ``images`` the number of test images).
+
+    Examples:
+      >>> print(forms_markdown(compare_forms("runs/quick/final", x, y, dense.predict(x)), len(y)))
+    """
     if not rows:
         return ""
     threads = list(rows[0].latency)
