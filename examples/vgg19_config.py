@@ -118,6 +118,7 @@ RUN_SETTINGS = ("dataset", "max_train_examples", "augment", "width", "batch_size
 def define_flags(flag_values=flags.FLAGS):
     """``--preset`` and one flag per `Config` field (`config_flags.define_flags`)."""
     config_flags.define_flags(Config, PRESETS, "quick", flag_values)
+    flags.adopt_module_key_flags(config_flags, flag_values)  # they are this module's flags
 
 
 def config(flag_values=flags.FLAGS):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tf_stdprune.compression.compressed_file import compress
-from tf_stdprune.compression.forms import compare_forms, forms_markdown
+from tf_stdprune.compression.forms import FormRow, compare_forms, forms_markdown
 from tf_stdprune.compression.serving import disk_size
 from tf_stdprune.keras2.export import export_dense_saved_model
 from tf_stdprune.keras2.tflite import export_tflite
@@ -54,3 +54,12 @@ def test_latency_comes_per_thread_count_with_the_ratio_to_the_first_form(forms):
 def test_a_bad_thread_count_is_refused_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"threads=\(1, 0\)\): each must be an integer >= 1"):
         compare_forms(str(tmp_path), np.zeros((1, 8, 8, 3)), [0], [0], threads=(1, 0))
+
+
+def test_a_form_that_did_not_load_for_timing_says_why_and_the_ratios_use_the_next_form(forms):
+    *_, rows = forms
+    broken = FormRow(rows[0].name, rows[0].file, rows[0].bytes, rows[0].top1, rows[0].change,
+                     {1: "InvalidArgumentError: no such device", 2: "InvalidArgumentError: x"})
+    table = forms_markdown([broken, *rows[1:]], 64)
+    assert "| not measured: InvalidArgumentError: no such device |" in table
+    assert f"1 thread: ms, x {rows[1].name} per round" in table

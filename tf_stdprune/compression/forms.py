@@ -81,25 +81,33 @@ def latency_samples(predictors, image, rounds, calls):
 
 def _measure_in_this_process():
     """The child's side of `latencies_by_threads`: set the thread pools, load, say
-    ``ready``, wait for a line on stdin, measure, print the samples as JSON."""
+    ``ready``, wait for a line on stdin, measure, print the samples as JSON. A form that
+    does not load here (e.g. a SavedModel whose functions name the devices of the
+    cluster that wrote it) is left out, its error in ``unloadable``."""
     threads, paths, image_path, rounds, calls = json.loads(sys.argv[1])
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     tf.get_logger().setLevel("ERROR")
     image = np.load(image_path)
-    predictors = {name: predictor(path, threads) for name, path in paths.items()}
-    for predict in predictors.values():
-        predict(image)  # builds, traces or allocates
+    predictors, unloadable = {}, {}
+    for name, path in paths.items():
+        try:
+            predictors[name] = predictor(path, threads)
+            predictors[name](image)  # builds, traces or allocates
+        except Exception as error:  # noqa: BLE001  (any loader's error: reported, not fatal)
+            predictors.pop(name, None)
+            unloadable[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     print("ready", flush=True)
     sys.stdin.readline()
-    samples = latency_samples(predictors, image, rounds, calls)
-    print(json.dumps(samples), flush=True)
+    samples = latency_samples(predictors, image, rounds, calls) if predictors else {}
+    print(json.dumps(dict(samples, unloadable=unloadable)), flush=True)
 
 
 def latencies_by_threads(paths, image, threads=(1, 2), rounds=ROUNDS, calls=CALLS):
-    """``{threads: {name: seconds per call in each round}}``: `latency_samples` in one fresh
-    process per thread count (loaded in parallel, measured one after the other)."""
+    """``{threads: {name: seconds per call in each round, "unloadable": {name: error}}}``:
+    `latency_samples` in one fresh process per thread count (loaded in parallel, measured
+    one after the other)."""
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
@@ -142,7 +150,8 @@ def latencies_by_threads(paths, image, threads=(1, 2), rounds=ROUNDS, calls=CALL
 @dataclasses.dataclass
 class FormRow:
     """One exported form: ``latency[threads] = (median ms, (ratio, low, high))`` with the
-    per-round ratio to the first form; ``change`` the top-1 change vs the reference."""
+    per-round ratio to the first form measured, or the error that kept the form from
+    loading in a fresh process; ``change`` the top-1 change vs the reference."""
     name: str
     file: str
     bytes: int
@@ -170,17 +179,26 @@ def compare_forms(directory, x, y, reference_predictions, threads=(1, 2), rounds
         return []
     x = np.asarray(x, np.float32)
     samples = latencies_by_threads(paths, x[:1], threads, rounds, calls)
-    baseline = next(iter(paths))
     rows = []
     for name, file in present:
         predict = predictor(paths[name])
         logits = np.concatenate([predict(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)])
-        latency = {t: (1000 * float(np.median(s[name])), paired_ratio(s[name], s[baseline]))
-                   for t, s in samples.items()}
+        latency = {}
+        for t, s in samples.items():
+            baseline = next((n for n in paths if n in s), None)  # the first form measured
+            latency[t] = (1000 * float(np.median(s[name])), paired_ratio(s[name], s[baseline])
+                          ) if name in s else s["unloadable"][name]
         rows.append(FormRow(name, file, disk_size(paths[name])["bytes"],
                             100 * float(np.mean(np.argmax(logits, 1) == y)),
                             accuracy_change(reference_predictions, logits, y), latency))
     return rows
+
+
+def _latency_cell(latency):
+    if isinstance(latency, str):
+        return f" not measured: {latency.replace('|', '/')} |"
+    ms, (q, low, high) = latency
+    return f" {ms:.2f}, {q:.3f} [{low:.3f}, {high:.3f}] |"
 
 
 def forms_markdown(rows, images, rounds=ROUNDS, calls=CALLS, reference="dense baseline"):
@@ -193,13 +211,13 @@ def forms_markdown(rows, images, rounds=ROUNDS, calls=CALLS, reference="dense ba
     if not rows:
         return ""
     threads = list(rows[0].latency)
-    baseline = rows[0].name
+    baseline = next((r.name for r in rows if not isinstance(r.latency[threads[0]], str)),
+                    rows[0].name)
     head = "".join(f" {t} thread{'s' * (t > 1)}: ms, x {baseline} per round [95 %] |"
                    for t in threads)
     lines = [f"| {r.name} | final/{r.file} | {r.bytes} | {r.top1:.2f} | "
              f"{r.change.change:+.2f} [{r.change.low:+.2f}, {r.change.high:+.2f}] |"
-             + "".join(f" {ms:.2f}, {q:.3f} [{lo:.3f}, {hi:.3f}] |"
-                       for ms, (q, lo, hi) in (r.latency[t] for t in threads)) + "\n"
+             + "".join(_latency_cell(r.latency[t]) for t in threads) + "\n"
              for r in rows]
     return (f"\n## Exported forms (latency at batch 1: median per call over {rounds} interleaved "
             f"rounds of {calls} calls, and the per-round ratio to the {baseline}; top-1 on the "
