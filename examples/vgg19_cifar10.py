@@ -8,11 +8,10 @@
     KERAS_BACKEND=jax python examples/vgg19_cifar10.py --keras=3   # Keras 3 (or tensorflow)
 
 Every setting is a field of `vgg19_config.Config` and a flag of the same name, checked
-before anything trains. The same command again resumes (bit for bit with --keras=2; a
-Keras 3 checkpoint holds no data generator); other settings are refused, except more
---iterations. The stages and their files in --out_dir: `tf_stdprune.procedure.experiment`.
-Log lines come plain; --alsologtostderr shows absl's prefixes, TF_CPP_MIN_LOG_LEVEL=0
-TensorFlow's start-up lines.
+before anything trains. The same command again resumes (bit for bit with --keras=2);
+other settings are refused, except more --iterations. The stages and their files in
+--out_dir: `tf_stdprune.procedure.experiment`. Log lines come plain (--alsologtostderr:
+absl's prefixes; TF_CPP_MIN_LOG_LEVEL=0: TensorFlow's start-up lines).
 """
 import contextlib
 import dataclasses
@@ -125,7 +124,8 @@ def finish(cfg, pruned, strategy, dense, data_and_dir):
         jit_compile=cfg.jit_compile,
         quantize=cfg.quantize_bits and (cfg.quantize_bits, cfg.quantize_epochs, cfg.quantize_lr),
         exports=dict(sparse=cfg.export_sparse, compress=cfg.compress, tflite=cfg.tflite),
-        scope=strategy.scope, chief=strategy.extended.should_checkpoint, write_dir=write_dir)
+        scope=strategy.scope, chief=strategy.extended.should_checkpoint, write_dir=write_dir,
+        latency_threads=cfg.latency_threads)
 
 
 def run(cfg, strategy, build_model=models.vgg19_bn):
@@ -151,15 +151,12 @@ def run(cfg, strategy, build_model=models.vgg19_bn):
         raise
     dense_metrics = dense_baseline(cfg, dense, (train, test), write_dir)
     print(f"dense baseline: top-1 {100 * dense_metrics['top1']:.2f} %")
-    x, y = experiment.arrays(test)  # the pruned model will share the dense one's layers
-    dense_predictions = dense.predict(x, batch_size=256, verbose=0)
     resolved = dataclasses.replace(cfg, layer_quality=experiment.resolve_layer_quality(
         cfg.layer_quality, cfg.sensitivity, dense, test, cfg.out_dir, cfg.sensitivity_qualities,
         cfg.sensitivity_max_drop, cfg.resume, write_dir))
     pruned = pruned_model(resolved, dense, strategy, info.steps_per_epoch)
     prune_iteratively(cfg, pruned, (train, test, info), os.path.join(cfg.out_dir, "run"))
-    text = finish(cfg, pruned, strategy, (dense_metrics, dense_predictions, (x, y)),
-                  ((train, test), write_dir))
+    text = finish(cfg, pruned, strategy, dense_metrics, ((train, test), write_dir))
     if chief:
         atomic_write(os.path.join(write_dir, "summary.md"), text)
         print(text)

@@ -70,6 +70,7 @@ class Config:
         "many points below dense; that iteration is undone.", None)
     q_step: float = setting("Target mode's increase of q per iteration.", 0.1)
     rescale_dropout: bool = setting("Rescale Dropout rates after each pruning.", True)
+    latency_threads: tuple[int, ...] = setting("summary.md's latency columns (none: off).", (1, 2))
     keras: str = setting(
         "2: tf_keras (tfmot's engine). 3: Keras 3 on the backend KERAS_BACKEND names, "
         "--strategy=default only, no --mixed_precision, --jit_compile or TFLite.", "2",

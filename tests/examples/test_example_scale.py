@@ -27,7 +27,8 @@ def _start(log, out_dir, *argv, env=None):
     (not pipes, which fill up unread while another process is waited for)."""
     with open(f"{log}.out", "w") as stdout, open(f"{log}.err", "w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-c", TINY_SCRIPT, f"--out_dir={out_dir}", *TINY, *argv],
+            [sys.executable, "-c", TINY_SCRIPT, f"--out_dir={out_dir}", *TINY,
+             "--latency_threads=", *argv],  # the forms' latency is tested in test_example.py
             stdout=stdout, stderr=stderr,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
                  **(env or {})})

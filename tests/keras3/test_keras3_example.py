@@ -26,7 +26,8 @@ import vgg19_cifar10 as example  # noqa: E402
 TINY = ["--preset=quick", "--keras=3", "--width=0.05", "--iterations=2",
         "--epochs_per_iteration=1", "--baseline_epochs=1", "--max_train_examples=128",
         "--batch_size=32", "--qualities=0.5,1.0", "--recalibration_batches=2",
-        "--export_sparse", "--compress", "--quantize_bits=4", "--quantize_epochs=1"]
+        "--export_sparse", "--compress", "--quantize_bits=4", "--quantize_epochs=1",
+        "--latency_threads="]  # the forms' latency is tested in tests/examples/test_example.py
 
 
 def _main(out_dir, *argv):

@@ -75,7 +75,8 @@ def test_the_summary_rows_carry_the_paired_change_and_every_count():
     model.layers[0].kernel.assign(np.array([[0, 1, 2]] * 4, "float32"))
     report = tf_stdprune.sparsity_report(model)
     change = tf_stdprune.accuracy_change([0, 0, 1, 1], [0, 1, 1, 0], [0, 0, 1, 1])
-    rows = dict(experiment.summary_rows(1.0, 0.5, change, report, {"m": {"bytes": 9, "gzip_bytes": 7}},
+    rows = dict(experiment.summary_rows(1.0, 0.5, change.to_dict(), report,
+                                        {"m": {"bytes": 9, "gzip_bytes": 7}},
                                         [("extra", "x")]))
     assert rows["zero weights"] == "4" and rows["total weights"] == "12"
     assert rows["dense top-1 (%)"] == "100.00" and rows["pruned top-1 (%)"] == "50.00"

@@ -164,8 +164,9 @@ def compare_forms(directory, x, y, reference_predictions, threads=(1, 2), rounds
                   calls=CALLS, forms=FORMS):
     """The `FormRow` of every form of ``forms`` (``(name, file)``) present in
     ``directory``: size, top-1 (%) on ``(x, y)``, the top-1 change against
-    ``reference_predictions`` (`tf_stdprune.accuracy_change`), and the latency at batch
-    1 with ``1, 2, ...`` threads (see the module docstring).
+    ``reference_predictions`` (`tf_stdprune.accuracy_change`; None: not compared), and the
+    latency at batch
+    1 with each of ``threads`` threads (see the module docstring; none: no latency).
 
     Examples:
       >>> rows = compare_forms("runs/quick/final", x, y, dense.predict(x))
@@ -173,16 +174,18 @@ def compare_forms(directory, x, y, reference_predictions, threads=(1, 2), rounds
     """
     threads = [check_int(t, f"compare_forms(threads={threads!r}): each", 1) for t in threads]
     rounds, calls = check_int(rounds, "rounds", 1), check_int(calls, "calls", 1)
-    present = [(name, file) for name, file in forms if os.path.exists(os.path.join(directory, file))]
+    present = [(name, file) for name, file in forms
+               if os.path.exists(os.path.join(directory, file))]
     paths = {name: os.path.abspath(os.path.join(directory, file)) for name, file in present}
     if not paths:
         return []
     x = np.asarray(x, np.float32)
-    samples = latencies_by_threads(paths, x[:1], threads, rounds, calls)
+    samples = latencies_by_threads(paths, x[:1], threads, rounds, calls) if threads else {}
     rows = []
     for name, file in present:
         predict = predictor(paths[name])
-        logits = np.concatenate([predict(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)])
+        logits = np.concatenate([predict(x[i:i + EVAL_BATCH])
+                                 for i in range(0, len(x), EVAL_BATCH)])
         latency = {}
         for t, s in samples.items():
             baseline = next((n for n in paths if n in s), None)  # the first form measured
@@ -190,7 +193,8 @@ def compare_forms(directory, x, y, reference_predictions, threads=(1, 2), rounds
                           ) if name in s else s["unloadable"][name]
         rows.append(FormRow(name, file, disk_size(paths[name])["bytes"],
                             100 * float(np.mean(np.argmax(logits, 1) == y)),
-                            accuracy_change(reference_predictions, logits, y), latency))
+                            None if reference_predictions is None
+                            else accuracy_change(reference_predictions, logits, y), latency))
     return rows
 
 
@@ -211,12 +215,13 @@ def forms_markdown(rows, images, rounds=ROUNDS, calls=CALLS, reference="dense ba
     if not rows:
         return ""
     threads = list(rows[0].latency)
-    baseline = next((r.name for r in rows if not isinstance(r.latency[threads[0]], str)),
-                    rows[0].name)
+    measured = [r.name for r in rows if threads and not isinstance(r.latency[threads[0]], str)]
+    baseline = (measured or [rows[0].name])[0]
     head = "".join(f" {t} thread{'s' * (t > 1)}: ms, x {baseline} per round [95 %] |"
                    for t in threads)
     lines = [f"| {r.name} | final/{r.file} | {r.bytes} | {r.top1:.2f} | "
-             f"{r.change.change:+.2f} [{r.change.low:+.2f}, {r.change.high:+.2f}] |"
+             + ("n/a" if r.change is None else
+                f"{r.change.change:+.2f} [{r.change.low:+.2f}, {r.change.high:+.2f}]") + " |"
              + "".join(_latency_cell(r.latency[t]) for t in threads) + "\n"
              for r in rows]
     return (f"\n## Exported forms (latency at batch 1: median per call over {rounds} interleaved "

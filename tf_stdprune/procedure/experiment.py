@@ -30,7 +30,7 @@ from tf_stdprune.io import atomic_write, clean_temporaries, write_atomically
 from tf_stdprune.procedure.run_directory import (
     NonFiniteError, RunDirectoryError, acquire_lock, check_run_settings, check_writable,
     read_history, release_lock)
-from tf_stdprune.procedure.iterative import warn_unreachable_drops
+from tf_stdprune.procedure.iterative import BASELINE_PREDICTIONS, warn_unreachable_drops
 from tf_stdprune.procedure.sensitivity import DEFAULT_QUALITIES, SensitivityRow, SensitivityTable
 from tf_stdprune.validate import MAX_QUALITY
 
@@ -357,16 +357,32 @@ def export_final(model, directory, *, sparse=False, compress=False, tflite=False
     return {name: tf_stdprune.disk_size(path(name)) for name in written}, notes
 
 
-def finish(pruned, train, test, out_dir, dense, *, title, jit_compile=False, quantize=None,
-           exports=None, scope=contextlib.nullcontext, chief=True, write_dir=None):
+def dense_classes(run_dir):
+    """``(predicted, labels)``: the dense model's validation top-1 classes that the
+    iterative procedure saved in ``run_dir`` (`BASELINE_PREDICTIONS`), or None."""
+    path = os.path.join(run_dir, BASELINE_PREDICTIONS)
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as saved:
+        return saved["predicted"], saved["labels"]
+
+
+def finish(pruned, train, test, out_dir, dense_metrics, *, title, jit_compile=False,
+           quantize=None, exports=None, scope=contextlib.nullcontext, chief=True,
+           write_dir=None, latency_threads=(1, 2)):
     """The last stages: strips ``pruned``, optionally shares weights (``quantize = (bits,
     epochs, Adam learning rate)``, `share_weights`), writes every form to ``final/``
-    (`export_final` with ``exports``), compares them (`tf_stdprune.compare_forms`) and returns
-    summary.md's text (the models compiled by `compile_classifier`). ``dense = (metrics,
-    predictions, (x, y))``: the dense baseline's test metrics and its predictions of the
-    test images ``(x, y)``, taken before pruning (a pruned model may share the dense
-    model's layers)."""
-    (dense_metrics, dense_predictions, (x, y)), started = dense, time.time()
+    (`export_final` with ``exports``), compares them (`tf_stdprune.compare_forms`, latency
+    at each of ``latency_threads``; none: no latency) and returns summary.md's text (the
+    models compiled by `compile_classifier`). The top-1 changes are against the dense
+    classes the procedure saved in ``out_dir/run`` (run with ``validation_data=test``);
+    the pruned model's is its last iteration's ``val_top1_change``."""
+    started, run_dir = time.time(), os.path.join(out_dir, "run")
+    x, y = arrays(test)
+    dense = dense_classes(run_dir)
+    reference = dense[0] if dense is not None and np.array_equal(dense[1], y) else None
+    history = read_history(run_dir)
+    change = history[-1].get("val_top1_change") if history and reference is not None else None
 
     def compile_model(model, optimizer=None):
         return compile_classifier(model, jit_compile, optimizer)
@@ -375,8 +391,6 @@ def finish(pruned, train, test, out_dir, dense, *, title, jit_compile=False, qua
     final_metrics = evaluate(final, test)
     report = tf_stdprune.sparsity_report(final)
     print(report)
-    change = tf_stdprune.accuracy_change(dense_predictions,
-                                         final.predict(x, batch_size=256, verbose=0), y)
     stages = {}
     if quantize:
         adam = keras_module(world_of(final)).optimizers.Adam
@@ -394,7 +408,7 @@ def finish(pruned, train, test, out_dir, dense, *, title, jit_compile=False, qua
     extra = target_rows(os.path.join(out_dir, "run")) + [
         (f"top-1 {stage} (%)", f"{100 * top1:.2f}") for stage, top1 in stages.items()]
     table = tf_stdprune.forms_markdown(tf_stdprune.compare_forms(
-        final_dir, x, y, dense_predictions), len(y)) if chief else ""
+        final_dir, x, y, reference, latency_threads), len(y)) if chief else ""
     extra.append(("wall time (s)", f"{wall_seconds(out_dir) + time.time() - started:.0f}"))
     return markdown_table(title, summary_rows(dense_metrics["top1"], final_metrics["top1"],
                                               change, report, sizes, extra)) + table
@@ -424,15 +438,16 @@ def target_rows(run_dir):
 
 def summary_rows(dense_top1, pruned_top1, change, report, sizes, extra=()):
     """summary.md's main rows: top-1 of both (fractions), the paired change
-    (`tf_stdprune.accuracy_change`), the sparsity report's counts, ``extra`` rows and
-    each file's size."""
+    (`tf_stdprune.accuracy_change` as a dict, or None), the sparsity report's counts,
+    ``extra`` rows and each file's size."""
     rate = report.to_dict()["compression_rate"]
     return [("dense top-1 (%)", f"{100 * dense_top1:.2f}"),
             ("pruned top-1 (%)", f"{100 * pruned_top1:.2f}"),
             ("top-1 change, pruned - dense (points, exact McNemar 95 % interval)",
-             f"{change.change:+.2f} [{change.low:+.2f}, {change.high:+.2f}], p = "
-             f"{change.p_value:.3g}, {change.dense_only} images only dense gets right, "
-             f"{change.pruned_only} only pruned, of {change.images}"),
+             "not known (no dense classes of the test images)" if change is None else
+             f"{change['change']:+.2f} [{change['low']:+.2f}, {change['high']:+.2f}], p = "
+             f"{change['p_value']:.3g}, {change['dense_only']} images only dense gets right, "
+             f"{change['pruned_only']} only pruned, of {change['images']}"),
             ("total parameters", str(report.total_parameters)),
             ("total weights", str(report.total_weights)),
             ("zero weights", str(report.zero_weights)),
