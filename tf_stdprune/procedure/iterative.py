@@ -48,23 +48,21 @@ def _save_classes(path, predicted, labels):
 
 def predicted_classes(model, data):
     """``(top-1 classes, labels)`` of ``model`` on ``data``: ``(x, y[, w])`` arrays or
-    batches of them (a `tf.data.Dataset`), each batch predicted with its own labels, so
-    a reshuffled dataset stays paired. None when the labels are not class indices (or
-    one-hot rows)."""
-    batches = [data[:2]] if isinstance(data, tuple) else (batch[:2] for batch in data)
-    predicted, labels = [], []
-    for x, y in batches:
-        x = x if isinstance(x, (dict, list, tuple)) else np.asarray(x)
-        scores = np.asarray(model.predict(x, verbose=0) if isinstance(data, tuple)
-                            else model.predict_on_batch(x))
-        y = np.asarray(y)
-        if y.ndim == 2 and y.shape[1] > 1:
-            y = np.argmax(y, axis=1)
-        if scores.ndim != 2 or y.reshape(-1).shape[0] != scores.shape[0]:
-            return None
-        predicted.append(np.argmax(scores, axis=1))
-        labels.append(y.reshape(-1))
-    return (np.concatenate(predicted), np.concatenate(labels)) if predicted else None
+    batches of them (a `tf.data.Dataset`). The batches' inputs are gathered with their
+    own labels (a reshuffled dataset stays paired) and predicted in one ``predict`` call.
+    None when the inputs are not one array or the labels are not class indices (or one-hot
+    rows)."""
+    batches = [data[:2]] if isinstance(data, tuple) else [batch[:2] for batch in data]
+    if not batches or any(isinstance(x, (dict, list, tuple)) for x, _ in batches):
+        return None
+    x = np.concatenate([np.asarray(x) for x, _ in batches])
+    y = np.concatenate([np.asarray(y) for _, y in batches])
+    if y.ndim == 2 and y.shape[1] > 1:
+        y = np.argmax(y, axis=1)
+    scores = np.asarray(model.predict(x, batch_size=len(batches[0][0]), verbose=0))
+    if scores.ndim != 2 or y.reshape(-1).shape[0] != scores.shape[0]:
+        return None
+    return np.argmax(scores, axis=1), y.reshape(-1)
 
 
 # Names Keras gives a compiled top-1 accuracy; the history calls it ``top1``.
