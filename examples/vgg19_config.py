@@ -1,48 +1,21 @@
 """The settings of examples/vgg19_cifar10.py: one typed `Config`, its presets, its flags.
 
-Every field of `Config` is a command-line flag of the same name (``--width=0.5``,
-``--noaugment``; lists as ``--qualities=0.5,1.0``), documented once in the field's
-metadata. `config` starts from the chosen preset and replaces exactly the fields whose
-flag was given; `validate` refuses every bad value before anything trains. This module
-does not import TensorFlow: `quiet_start` must run before TensorFlow loads.
+Every field of `Config` is a flag of the same name (``--width=0.5``, ``--noaugment``,
+``--qualities=0.5,1.0``; `tf_stdprune.config_flags`); `config` starts from the chosen preset
+and replaces the fields whose flag was given; `validate` refuses every bad value before
+anything trains.
 """
-import contextlib
 import dataclasses
-import math
+import inspect
 import os
-import sys
-import typing
 from typing import Optional, Union
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from tf_stdprune.validate import MAX_QUALITY
-
-
-def setting(help, default=dataclasses.MISSING, **flag):
-    """A `Config` field: ``help`` is its flag's help; ``flag`` holds ``choices`` (an enum
-    flag), ``lower_bound``/``upper_bound`` or ``parse`` (a string flag's parser)."""
-    return dataclasses.field(default=default, metadata={"help": help, **flag})
-
-
-def parse_layer_quality(text):
-    """``"auto"``, ``""`` (None) or ``"fc1=0.8,conv2d_3=1.2"`` -> ``{"fc1": 0.8, ...}``."""
-    if text in ("", "none"):
-        return None
-    if text == "auto":
-        return "auto"
-    factors = {}
-    for item in text.split(","):
-        name, equals, value = item.partition("=")
-        try:
-            factors[name.strip()] = float(value)
-        except ValueError:
-            equals = ""
-        if not equals or not name.strip():
-            raise app.UsageError(
-                f"--layer_quality={text}: {item!r} is not name=factor. Give 'auto' (from the "
-                "sensitivity analysis) or e.g. --layer_quality=dense=0.8,conv2d_3=1.2.")
-    return factors
+from tf_stdprune import config_flags
+from tf_stdprune.config_flags import setting
+from tf_stdprune.dispatch import KERAS3, TF_KERAS, keras_module
+from tf_stdprune.procedure import experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,27 +28,23 @@ class Config:
     baseline_epochs: int = setting("Epochs of the dense baseline.", lower_bound=1)
     baseline_lr: float = setting("Initial learning rate of the dense baseline.")
     baseline_lr_drops: tuple[int, ...] = setting("Baseline epochs where the rate drops 10x.")
-    iterations: int = setting("Prune + retrain iterations (target mode: at most).",
-                              lower_bound=1)
+    iterations: int = setting("Prune + retrain iterations (target mode: at most).", lower_bound=1)
     epochs_per_iteration: int = setting("Retraining epochs per iteration.", lower_bound=1)
     lr_drops: tuple[int, ...] = setting("Epochs inside an iteration where the rate drops 10x.")
-    initial_lrs: tuple[float, ...] = setting(
-        "Initial learning rate of each iteration (last repeats).")
+    initial_lrs: tuple[float, ...] = setting("Initial rate of each iteration (last repeats).")
     qualities: tuple[float, ...] = setting(
         "Quality parameter q of each iteration (last repeats; target mode: the first q).")
     std_mode: str = setting("Which sigma q multiplies.", choices=["initial", "surviving", "all"])
     recalibration_batches: int = setting("BN recalibration batches (0: off).", lower_bound=0)
     out_dir: str = setting("Output directory.")
     quantize_bits: Optional[int] = setting(
-        "Weight sharing with 2^b centroids after pruning (0: none).", lower_bound=0,
-        upper_bound=12)
+        "Weight sharing with 2^b centroids after pruning (0: none).", lower_bound=0, upper_bound=12)
     export_sparse: bool = setting("Also export a sparse SavedModel.")
     compress: bool = setting("Also write the Huffman-coded model file.")
     tflite: bool = setting("Also write final/model.tflite and final/model_int8.tflite.")
-    data_dir: Optional[str] = setting(
-        "tensorflow-datasets data directory holding cifar10/.", None)
-    max_train_examples: Optional[int] = setting(
-        "Use only the first N training examples.", None, lower_bound=1)
+    data_dir: Optional[str] = setting("tensorflow-datasets directory holding cifar10/.", None)
+    max_train_examples: Optional[int] = setting("Use only the first N training examples.", None,
+                                                lower_bound=1)
     seed: int = setting("Random seed (weights, shuffling, augmentation, split).", 0)
     resume: bool = setting("Continue the run found in --out_dir.", True)
     mixed_precision: bool = setting("mixed_float16 on GPU, mixed_bfloat16 on CPU.", False)
@@ -83,44 +52,33 @@ class Config:
     strategy: str = setting("tf.distribute strategy (multi_worker reads TF_CONFIG).", "default",
                             choices=["default", "mirrored", "multi_worker", "tpu"])
     cpu_replicas: Optional[int] = setting(
-        "Split the CPU into N logical devices (to try --strategy=mirrored without GPUs).",
-        None, lower_bound=1)
-    quantize_epochs: int = setting("Centroid fine-tuning epochs after weight sharing.", 2,
-                                   lower_bound=0)
-    quantize_lr: float = setting("Adam learning rate of the centroid fine-tuning.", 1e-5,
-                                 lower_bound=0)
-    sensitivity: bool = setting(
-        "Before pruning, prune each layer of the dense model alone at each q and write the "
-        "accuracy table and plot to --out_dir/sensitivity/.", False)
+        "Split the CPU into N logical devices (--strategy=mirrored without GPUs).", None,
+        lower_bound=1)
+    quantize_epochs: int = setting("Centroid fine-tuning epochs.", 2, lower_bound=0)
+    quantize_lr: float = setting("Adam rate of the centroid fine-tuning.", 1e-5, lower_bound=0)
+    sensitivity: bool = setting("First prune each layer of the dense model alone at each q; "
+                                "write the table and plot to --out_dir/sensitivity/.", False)
     sensitivity_qualities: Optional[tuple[float, ...]] = setting(
-        "The q values the sensitivity analysis tries (none: 0 to 2 in steps of 0.25).",
-        None)
+        "The q values the sensitivity analysis tries (none: 0 to 2 in steps of 0.25).", None)
     sensitivity_max_drop: float = setting(
         "Points of top-1 a layer may lose in the analysis for --layer_quality=auto.", 1.0)
     layer_quality: Union[None, str, dict] = setting(
-        "Per-layer factors of q: 'auto' (from the sensitivity analysis, at "
-        "--sensitivity_max_drop) or name=factor,... (names as in model.summary()).", None,
-        parse=parse_layer_quality)
+        "Per-layer factors of q: 'auto' (the sensitivity analysis' suggestion) or "
+        "name=factor,... (names as in model.summary()).", None, parse=experiment.parse_layer_quality)
     target_drop: Optional[float] = setting(
         "Target mode: raise q by --q_step per iteration until top-1 drops more than this "
         "many points below dense; that iteration is undone.", None)
     q_step: float = setting("Target mode's increase of q per iteration.", 0.1)
-    rescale_dropout: bool = setting(
-        "Rescale Dropout rates to the surviving connections after each pruning.", True)
+    rescale_dropout: bool = setting("Rescale Dropout rates after each pruning.", True)
+    latency_threads: tuple[int, ...] = setting("summary.md's latency columns (none: off).", (1, 2))
     keras: str = setting(
-        "2: tf_keras (tfmot's engine). 3: Keras 3 on the backend KERAS_BACKEND names "
-        "(tensorflow, jax); --strategy=default only, no --mixed_precision, --jit_compile or "
-        "TFLite, SavedModels on the tensorflow backend only, and a resumed run does not "
-        "replay the interrupted iteration's data order.", "2", choices=["2", "3"])
+        "2: tf_keras (tfmot's engine). 3: Keras 3 on the backend KERAS_BACKEND names, "
+        "--strategy=default only, no --mixed_precision, --jit_compile or TFLite.", "2",
+        choices=["2", "3"])
 
     def keras_module(self):
-        """The Keras module of the run: ``tf_keras`` (``keras="2"``) or Keras 3's
-        ``keras``; imported here, so that a Keras 3 run never loads tf_keras or tfmot."""
-        if self.keras == "3":
-            import keras
-            return keras
-        from tf_stdprune.keras2.engine import keras
-        return keras
+        """``tf_keras`` (``keras="2"``) or Keras 3's ``keras``, imported on demand."""
+        return keras_module(KERAS3 if self.keras == "3" else TF_KERAS)
 
     def run_settings(self):
         """The settings that define a run in --out_dir (`RUN_SETTINGS`), JSON-ready."""
@@ -158,98 +116,17 @@ RUN_SETTINGS = ("dataset", "max_train_examples", "augment", "width", "batch_size
                 "rescale_dropout", "keras")
 
 
-def _item_type(annotation):
-    """``int`` for ``Optional[int]``, ``(tuple, float)`` for ``tuple[float, ...]``."""
-    if typing.get_origin(annotation) is tuple:
-        return tuple, typing.get_args(annotation)[0]
-    if typing.get_origin(annotation) is Union:
-        return _item_type(next(a for a in typing.get_args(annotation) if a is not type(None)))
-    return annotation, None
-
-
 def define_flags(flag_values=flags.FLAGS):
-    """``--preset`` and one flag per `Config` field; every default is None (not given)."""
-    flags.DEFINE_enum("preset", "quick", list(PRESETS), "Defaults of the flags below.",
-                      flag_values=flag_values)
-    define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-              str: flags.DEFINE_string, tuple: flags.DEFINE_list}
-    for field in dataclasses.fields(Config):
-        meta = dict(field.metadata)
-        default = ("from --preset" if field.default is dataclasses.MISSING
-                   else ",".join(map(str, field.default)) if isinstance(field.default, tuple)
-                   else field.default)
-        text = f"{meta.pop('help')} (default: {default})"
-        meta.pop("parse", None)
-        if "choices" in meta:
-            flags.DEFINE_enum(field.name, None, meta.pop("choices"), text,
-                              flag_values=flag_values)
-            continue
-        kind, _ = _item_type(field.type)
-        define.get(kind, flags.DEFINE_string)(field.name, None, text, flag_values=flag_values,
-                                             **meta)
-
-
-def _parsed(field, value):
-    """A flag's value as the field's type; lists parsed item by item."""
-    if "parse" in field.metadata:
-        return field.metadata["parse"](value)
-    kind, item = _item_type(field.type)
-    if kind is tuple:
-        try:
-            return tuple(item(v) for v in value)
-        except ValueError as error:
-            raise app.UsageError(f"--{field.name}: {error}") from error
-    return value
+    """``--preset`` and one flag per `Config` field (`config_flags.define_flags`)."""
+    config_flags.define_flags(Config, PRESETS, "quick", flag_values)
+    flags.adopt_module_key_flags(config_flags, flag_values)  # they are this module's flags
 
 
 def config(flag_values=flags.FLAGS):
     """The preset's `Config` with every field whose flag was given replaced."""
-    given = {field.name: _parsed(field, flag_values[field.name].value)
-             for field in dataclasses.fields(Config) if flag_values[field.name].present}
-    cfg = dataclasses.replace(PRESETS[flag_values.preset], **given)
+    cfg = config_flags.from_flags(Config, PRESETS, flag_values)
     return dataclasses.replace(cfg, out_dir=os.path.expanduser(cfg.out_dir),
                                quantize_bits=cfg.quantize_bits or None)
-
-
-def _listed(values):
-    return ",".join(map(str, values))
-
-
-def _check_positive(name, values):
-    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
-        raise app.UsageError(f"--{name}={_listed(values)}: every value must be a finite "
-                             "number > 0.")
-
-
-def _check_quality(name, values, meaning="the threshold is q * sigma"):
-    if not values or any(not (math.isfinite(q) and 0 <= q <= MAX_QUALITY) for q in values):
-        raise app.UsageError(f"--{name}={_listed(values)}: every q must be a finite number "
-                             f">= 0 ({meaning}).")
-
-
-def _check_procedure(cfg):
-    """The sensitivity, layer_quality and target-mode flags."""
-    if not (math.isfinite(cfg.sensitivity_max_drop) and cfg.sensitivity_max_drop >= 0):
-        raise app.UsageError(f"--sensitivity_max_drop={cfg.sensitivity_max_drop}: give the "
-                             "points of top-1 a layer may lose, a finite number >= 0, e.g. 1.0.")
-    if cfg.sensitivity_qualities is not None:
-        _check_quality("sensitivity_qualities", cfg.sensitivity_qualities)
-    if isinstance(cfg.layer_quality, dict):
-        bad = {k: v for k, v in cfg.layer_quality.items()
-               if not (math.isfinite(v) and 0 <= v <= MAX_QUALITY)}
-        if bad:
-            raise app.UsageError(
-                f"--layer_quality: the factors {bad} must be finite numbers >= 0 (a layer's q "
-                "is the iteration's q times its factor; 0 keeps it dense).")
-    if cfg.target_drop is not None and not (math.isfinite(cfg.target_drop)
-                                            and cfg.target_drop >= 0):
-        raise app.UsageError(f"--target_drop={cfg.target_drop}: give the largest accepted drop "
-                             "of top-1 below dense in points, a finite number >= 0, e.g. 0.5.")
-    _check_positive("q_step", [cfg.q_step])
-    if cfg.target_drop is not None and len(cfg.qualities) > 1:
-        logging.warning("Target mode starts at --qualities' first value %s and raises q by "
-                        "--q_step=%s per iteration: the values after it are not used.",
-                        cfg.qualities[0], cfg.q_step)
 
 
 def _check_keras3(cfg):
@@ -270,48 +147,10 @@ def _check_keras3(cfg):
 def validate(cfg):
     """Raises `app.UsageError` naming the flag, the value and the fix for every value that
     would fail later (e.g. after the dense baseline trained); warns of LR drops that can
-    never fire."""
-    from tf_stdprune.procedure.iterative import warn_unreachable_drops  # loads TensorFlow
-
-    _check_positive("initial_lrs", cfg.initial_lrs)
-    _check_positive("baseline_lr", [cfg.baseline_lr])
-    _check_positive("width", [cfg.width])
-    _check_quality("qualities", cfg.qualities)
-    for name in ("lr_drops", "baseline_lr_drops"):
-        if any(d < 0 for d in getattr(cfg, name)):
-            raise app.UsageError(f"--{name}={_listed(getattr(cfg, name))}: drops are epochs "
-                                 ">= 0.")
-    _check_procedure(cfg)
-    _check_keras3(cfg)
-    warn_unreachable_drops(list(cfg.lr_drops), cfg.epochs_per_iteration)
-    unreachable = [d for d in cfg.baseline_lr_drops if d >= cfg.baseline_epochs]
-    if unreachable:
-        logging.warning("--baseline_lr_drops %s never take effect: the baseline trains %d epochs.",
-                        unreachable, cfg.baseline_epochs)
-
-
-@contextlib.contextmanager
-def quiet_start():
-    """Keeps TensorFlow's start-up log lines (CUDA probing, CPU feature notes, XLA service
-    lines) off the terminal while the body runs.
-
-    Sets ``TF_CPP_MIN_LOG_LEVEL=2`` unless it is set, and, unless it is set to ``0`` or
-    ``1``, sends file descriptor 2 to ``os.devnull`` for the body: some of those lines are
-    written before TensorFlow reads the variable. An exception raised in the body is
-    reported after stderr is back. Only the example's ``__main__`` uses this: the library
-    sets no environment variable.
-    """
-    level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if level in ("0", "1"):
-        yield
-        return
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
+    never fire (`experiment.check_settings`)."""
+    names = list(inspect.signature(experiment.check_settings).parameters)[1:]
     try:
-        yield
-    finally:
-        sys.stderr.flush()  # what was written in the body goes to os.devnull too
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+        experiment.check_settings("--", **{name: getattr(cfg, name) for name in names})
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
+    _check_keras3(cfg)

@@ -7,13 +7,14 @@ package sets no environment variable and loads neither tf_keras nor tfmot; they 
 when a tf_keras object is first handed in.
 
 Pruning:      prune_low_std, strip_pruning, StdPruningSchedule, UpdatePruningStep,
-              sparsity_report, PruneLowStd, prune_scope, PruningSummaries,
+              sparsity_report, accuracy_change, PruneLowStd, prune_scope, PruningSummaries,
               check_m_by_n_sparsity, PruneForLatencyOnXNNPack, NonFiniteError
 Procedure:    iterative_callbacks, IterativePruning, IterationLearningRate, restore_run,
               recalibrate_batchnorm, sensitivity_analysis, suggest_layer_quality
 Compression:  quantize_weights, strip_quantization, QuantizeWeights, linear_kmeans,
               compress, decompress, read_weights, compression_report,
-              export_sparse_saved_model, export_dense_saved_model, export_tflite, disk_size
+              export_sparse_saved_model, export_dense_saved_model, export_tflite, disk_size,
+              compare_forms, forms_markdown
 """
 import importlib
 
@@ -170,12 +171,14 @@ _LAZY = {
     "decompress": "compression.compressed_file", "read_weights": "compression.compressed_file",
     "CompressionReport": "compression.stages", "compression_report": "compression.stages",
     "plot_compression_stages": "compression.stages",
+    "compare_forms": "compression.forms", "forms_markdown": "compression.forms",
     "disk_size": "compression.serving",  # any path
     "PruningSummaries": "keras2.callbacks",
     "prune_scope": "keras2.prune", "PruneLowStd": "keras2.wrapper",
     "QuantizeWeights": "keras2.quantize", "linear_kmeans": "compression.kmeans",
     "SparsityReport": "report", "sparsity_report": "report",
     "check_m_by_n_sparsity": "report", "PruneForLatencyOnXNNPack": "policy",
+    "AccuracyChange": "accuracy", "accuracy_change": "accuracy",
     "sensitivity_analysis": "procedure.sensitivity", "suggest_layer_quality": "procedure.sensitivity",
     "SensitivityTable": "procedure.sensitivity",
 }

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_stdprune import sparsity_report
+from tf_stdprune import accuracy_change, sparsity_report
 from tf_stdprune.keras2.engine import keras
 from tf_stdprune.keras2.run_state import read_history
 
-from example_runs import (EXAMPLES, digits_test_set, example_flags, run_example, summary_rows,
-                          tiny_model)
+from example_runs import (EXAMPLES, TINY_VGG, digits_test_set, example_flags, run_example,
+                          summary_rows, tiny_model)
 
 sys.path.insert(0, EXAMPLES)
 import vgg19_cifar10 as example  # noqa: E402
@@ -36,8 +36,8 @@ RUN = [*TINY, "--layer_quality=auto", "--sensitivity_qualities=0,1,2",
        "--sensitivity_max_drop=100"]
 
 
-def _main(out_dir):
-    return run_example(example, f"--out_dir={out_dir}", *RUN)
+def _main(out_dir, *argv):
+    return run_example(example, f"--out_dir={out_dir}", *RUN, *argv)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,25 @@ def test_summary_accuracies_match_reevaluation(finished):
         np.testing.assert_allclose(served, logits[:8], atol=1e-4)
 
 
+def test_each_forms_top1_change_is_the_mcnemar_change_against_the_reloaded_dense_baseline(finished):
+    out_dir, _ = finished
+    x_test, y_test = digits_test_set()
+    dense = TINY_VGG(10, width=0.05, input_shape=(32, 32, 3))
+    dense.load_weights(out_dir / "baseline" / "weights.h5")
+    final = keras.models.load_model(out_dir / "final" / "model.keras")
+    change = accuracy_change(dense.predict(x_test, verbose=0), final.predict(x_test, verbose=0),
+                             y_test)
+    expected = f"{change.change:+.2f} [{change.low:+.2f}, {change.high:+.2f}]"
+    assert _forms(out_dir)["saved_model"][3] == expected
+    assert change.images == len(y_test) == 360
+    # The pruned model's change: its last iteration's record, and consistent with both top-1s.
+    summary, record = summary_rows(out_dir), read_history(str(out_dir / "run"))[-1]
+    row = summary["top-1 change, pruned - dense (points, exact McNemar 95 % interval)"]
+    assert row.startswith(f"{record['val_top1_change']['change']:+.2f} [")
+    assert record["val_top1_change"]["change"] == pytest.approx(
+        float(summary["pruned top-1 (%)"]) - float(summary["dense top-1 (%)"]), abs=0.011)
+
+
 def test_quantize_bits_shares_weights_and_keeps_zeros(finished):
     out_dir, stdout = finished
     summary = summary_rows(out_dir)
@@ -137,7 +156,8 @@ def tiny(num_classes, width, input_shape):
 example.FLAGS(["vgg19_cifar10.py", "--out_dir=" + sys.argv[2], "--max_train_examples=64",
                "--batch_size=16", "--iterations=2", "--epochs_per_iteration=1",
                "--baseline_epochs=1", "--qualities=0.5,1.0", "--recalibration_batches=2",
-               "--quantize_bits=0", "--noexport_sparse", "--nocompress", "--notflite"])
+               "--quantize_bits=0", "--noexport_sparse", "--nocompress", "--notflite",
+               "--latency_threads="])
 strategy = example.make_strategy("mirrored")
 assert strategy.num_replicas_in_sync == 2, strategy.extended.worker_devices
 pruned, _ = example.run(example.config(), strategy, build_model=tiny)
@@ -207,25 +227,18 @@ def test_resume_with_another_seed_is_refused_before_anything_changes(finished):
     assert _files(out_dir) == before
 
 
-def test_a_resumed_run_sums_the_wall_time_of_every_process(finished):
-    out_dir, _ = finished
-    history = read_history(str(out_dir / "run"))
-    recorded = json.loads((out_dir / "baseline" / "wall_time.json").read_text())["wall_time_s"]
-    earlier = recorded + sum(r["wall_time_s"] for r in history)
-    _main(out_dir)  # every iteration is finished: this process only writes the final outputs
-    assert read_history(str(out_dir / "run")) == history
-    assert float(summary_rows(out_dir)["wall time (s)"]) >= round(earlier)
-
-
 FORM_FILES = {"saved_model", "sparse_saved_model", "model.tflite", "model_int8.tflite",
               "model.tfspz"}
 
 
 def _forms(out_dir):
-    """``{file: (form, bytes, latency ms, top-1 %)}`` from summary.md's forms table."""
-    rows = re.findall(r"^\| ([^|]+) \| final/(\S+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$",
-                      (out_dir / "summary.md").read_text(), re.M)
-    return {file: (name, int(size), float(ms), float(top1)) for name, file, size, ms, top1 in rows}
+    """``{file: (form, bytes, top-1 %, change text, [ms at 1 thread, ms at 2 threads])}``
+    from summary.md's forms table."""
+    latency = r" ([\d.]+), [\d.]+ \[[\d.]+, [\d.]+\] \|"
+    rows = re.findall(r"^\| ([^|]+) \| final/(\S+) \| (\d+) \| ([\d.]+) \| ([^|]+) \|"
+                      + 2 * latency + "$", (out_dir / "summary.md").read_text(), re.M)
+    return {file: (name, int(size), float(top1), change.strip(), [float(one), float(two)])
+            for name, file, size, top1, change, one, two in rows}
 
 
 def _interpreter_top1(path, x, y):
@@ -247,20 +260,21 @@ def test_the_forms_table_gives_every_exported_form_its_size_latency_and_top1(fin
     forms = _forms(out_dir)
     assert set(forms) == FORM_FILES
     assert "decompressed, then run as the Keras model" in forms["model.tfspz"][0]
-    for file, (_, size, latency, _) in forms.items():
+    for file, (_, size, _, change, latencies) in forms.items():
         path = out_dir / "final" / file
         files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
         assert size == sum(f.stat().st_size for f in files), file
-        assert latency > 0, file
+        assert min(latencies) > 0, file
+        assert re.fullmatch(r"[+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\]", change), change
     x_test, y_test = digits_test_set()
     keras_top1 = 100 * np.mean(np.argmax(keras.models.load_model(
         out_dir / "final" / "model.keras").predict(x_test, verbose=0), axis=1) == y_test)
     for file in ("saved_model", "sparse_saved_model", "model.tfspz"):  # the same weights
-        assert forms[file][3] == pytest.approx(keras_top1, abs=0.006), file
+        assert forms[file][2] == pytest.approx(keras_top1, abs=0.006), file
     for file in ("model.tflite", "model_int8.tflite"):
-        assert forms[file][3] == pytest.approx(
+        assert forms[file][2] == pytest.approx(
             _interpreter_top1(out_dir / "final" / file, x_test, y_test), abs=0.006), file
-    assert forms["model.tflite"][3] == pytest.approx(keras_top1, abs=1.0)
+    assert forms["model.tflite"][2] == pytest.approx(keras_top1, abs=1.0)
 
 
 def test_layer_quality_auto_writes_the_analysis_and_prunes_with_its_suggestion(finished):
@@ -287,7 +301,7 @@ def test_layer_quality_auto_writes_the_analysis_and_prunes_with_its_suggestion(f
 RESUMABLE = ["--preset=quick", "--width=0.05", "--epochs_per_iteration=1", "--baseline_epochs=1",
              "--max_train_examples=128", "--batch_size=32", "--qualities=0.5,1.0",
              "--recalibration_batches=2", "--augment", "--noexport_sparse", "--nocompress",
-             "--notflite", "--quantize_bits=0"]
+             "--notflite", "--quantize_bits=0", "--latency_threads="]
 
 
 def _final_weights(out_dir):
@@ -320,3 +334,14 @@ def test_a_run_stopped_after_one_iteration_and_resumed_repeats_the_uninterrupted
     assert len(summaries[0]) >= 8 and summaries[0] == summaries[1]
     for a, b in zip(_final_weights(whole), _final_weights(split)):
         np.testing.assert_array_equal(a, b)
+
+
+# Last: it rewrites the shared run's summary.md (without latency columns, to save time).
+def test_a_resumed_run_sums_the_wall_time_of_every_process(finished):
+    out_dir, _ = finished
+    history = read_history(str(out_dir / "run"))
+    recorded = json.loads((out_dir / "baseline" / "wall_time.json").read_text())["wall_time_s"]
+    earlier = recorded + sum(r["wall_time_s"] for r in history)
+    _main(out_dir, "--latency_threads=")  # every iteration is finished: only the final outputs
+    assert read_history(str(out_dir / "run")) == history
+    assert float(summary_rows(out_dir)["wall time (s)"]) >= round(earlier)

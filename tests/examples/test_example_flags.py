@@ -241,13 +241,3 @@ def test_the_procedure_flags_reach_iterative_callbacks(monkeypatch):
     example.prune_iteratively(defaults, Model(), ("train", "test", info), "run_dir")
     assert (given["callbacks"]["target_accuracy_drop"], given["callbacks"]["rescale_dropout"]) \
         == (None, True)
-
-
-def test_the_summary_reports_target_modes_kept_and_rejected_q(tmp_path):
-    assert example.target_rows(str(tmp_path)) == []
-    (tmp_path / "target.json").write_text(json.dumps({
-        "kept_iteration": 3, "kept_q": 1.2000000000000002, "rejected_iteration": 4,
-        "rejected_q": 1.3, "rejected_accuracy_drop": 0.8123}))
-    assert example.target_rows(str(tmp_path)) == [
-        ("target mode: kept iteration", "3"), ("target mode: kept q", "1.2"),
-        ("target mode: rejected q (drop, points)", "1.3 (0.81)")]

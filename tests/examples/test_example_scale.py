@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from example_runs import TINY_SCRIPT
+from test_quickstart import ABSL_PREFIX
 from conftest import free_port
 from test_example import TINY  # the quick preset on tiny settings
 from tf_stdprune import decompress, sparsity_report
@@ -26,7 +27,8 @@ def _start(log, out_dir, *argv, env=None):
     (not pipes, which fill up unread while another process is waited for)."""
     with open(f"{log}.out", "w") as stdout, open(f"{log}.err", "w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-c", TINY_SCRIPT, f"--out_dir={out_dir}", *TINY, *argv],
+            [sys.executable, "-c", TINY_SCRIPT, f"--out_dir={out_dir}", *TINY,
+             "--latency_threads=", *argv],  # the forms' latency is tested in test_example.py
             stdout=stdout, stderr=stderr,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
                  **(env or {})})
@@ -68,10 +70,14 @@ def _kernels(model):
 
 def test_mixed_precision_run_saves_float32_shared_pruned_kernels(tmp_path):
     out = tmp_path / "out"
-    (stdout,) = _finish([_start(tmp_path / "run", out, "--mixed_precision", "--noexport_sparse")])
+    process = _start(tmp_path / "run", out, "--mixed_precision", "--noexport_sparse")
+    (stdout,) = _finish([process])
     assert "mixed precision policy: mixed_bfloat16" in stdout
+    # The script's terminal output carries no absl prefixes (I1207 06:31:50.215672 ...]).
+    assert ABSL_PREFIX.findall(stdout + _output(process, "err")) == []
+    assert "iteration 2/2  q=1" in _output(process, "err")  # the procedure's lines, plain
     assert (out / "summary.md").exists()
-    assert "no TFLite files with --mixed_precision" in stdout  # the converter takes float32
+    assert "no TFLite files for a mixed-precision model" in stdout  # the converter takes float32
     assert not (out / "final" / "model.tflite").exists()
     model = keras.models.load_model(out / "final" / "model.keras")
     kernels = _kernels(model)

@@ -94,6 +94,23 @@ def test_history_and_report_agree_with_independent_count(finished_run):
             assert {"train_top1", "val_top1", "train_loss", "val_loss"} <= set(record[stage])
 
 
+def test_each_record_holds_the_mcnemar_change_of_validation_top1_against_dense(finished_run):
+    run_dir, model, _ = finished_run
+    rng = np.random.default_rng(0)  # the fixture's data again; validation_data = 2 batches
+    x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+    y = (x[..., 0].mean(axis=(1, 2)) > 0).astype("int64") + (x[..., 1].mean(axis=(1, 2)) > 0)
+    with np.load(os.path.join(run_dir, "baseline_predictions.npz")) as saved:
+        dense, labels = saved["predicted"], saved["labels"]
+    np.testing.assert_array_equal(labels, y[:2 * BATCH])
+    baseline = json.load(open(os.path.join(run_dir, "baseline.json")))
+    assert np.mean(dense == labels) == pytest.approx(baseline["val_top1"], abs=1e-6)
+    last = read_history(run_dir)[-1]
+    pruned = np.argmax(model.predict(x[:2 * BATCH], verbose=0), axis=1)
+    assert last["val_top1_change"] == tf_stdprune.accuracy_change(dense, pruned, labels).to_dict()
+    assert 100 * (last["after"]["val_top1"] - baseline["val_top1"]) == pytest.approx(
+        last["val_top1_change"]["change"], abs=1e-4)
+
+
 def test_figures_are_real_pngs(finished_run):
     run_dir, _, _ = finished_run
     figures = sorted(os.listdir(os.path.join(run_dir, "figures")))

@@ -15,6 +15,8 @@ import pytest
 
 import tf_stdprune
 from tf_stdprune.keras2.run_state import read_history
+from tf_stdprune.procedure import experiment
+from tf_stdprune.procedure.run_directory import NonFiniteError
 from keras3.helpers import BACKEND
 from example_runs import EXAMPLES, digits_test_set, example_flags, run_example, summary_rows
 
@@ -24,7 +26,8 @@ import vgg19_cifar10 as example  # noqa: E402
 TINY = ["--preset=quick", "--keras=3", "--width=0.05", "--iterations=2",
         "--epochs_per_iteration=1", "--baseline_epochs=1", "--max_train_examples=128",
         "--batch_size=32", "--qualities=0.5,1.0", "--recalibration_batches=2",
-        "--export_sparse", "--compress", "--quantize_bits=4", "--quantize_epochs=1"]
+        "--export_sparse", "--compress", "--quantize_bits=4", "--quantize_epochs=1",
+        "--latency_threads="]  # the forms' latency is tested in tests/examples/test_example.py
 
 
 def _main(out_dir, *argv):
@@ -53,7 +56,7 @@ def test_a_keras3_run_writes_the_keras3_outputs_only(finished):
     for path in ["baseline/weights.h5", "final/model.h5", "final/model.tflite"] + (
             [] if BACKEND == "tensorflow" else on_tensorflow):
         assert not (out_dir / path).exists(), path
-    assert "no TFLite files with --keras=3" in stdout
+    assert "no TFLite files for a Keras 3 model" in stdout
     assert ("no SavedModel" in stdout) == (BACKEND != "tensorflow")
     assert f"Keras 3 ({BACKEND} backend)" in (out_dir / "summary.md").read_text().split("\n")[0]
 
@@ -82,8 +85,8 @@ def test_the_saved_keras3_model_scores_the_summarys_top1(finished):
     top1 = 100 * np.mean(np.argmax(logits, axis=1) == y_test)
     # With --quantize_bits the saved model is the fine-tuned shared-weight one.
     assert float(summary["top-1 after centroid fine-tuning (%)"]) == pytest.approx(top1, abs=0.006)
-    # The exported forms' table: | form | file | size | latency | top-1 |
-    forms = re.search(r"\| final/model\.tfspz \| \d+ \| [\d.]+ \| ([\d.]+) \|",
+    # The exported forms' table: | form | file | size | top-1 | change | latencies |
+    forms = re.search(r"\| final/model\.tfspz \| \d+ \| ([\d.]+) \|",
                       (out_dir / "summary.md").read_text())
     assert float(forms.group(1)) == pytest.approx(top1, abs=0.006)
 
@@ -151,9 +154,9 @@ def test_a_keras3_baseline_with_a_nan_weight_is_named_and_refused():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="fc")])
     kernel = np.ones((3, 2), "float32")
     model.get_layer("fc").kernel.assign(kernel)
-    assert example.non_finite_weights(model) == []
+    assert experiment.non_finite_weights(model) == []
     kernel[1, 0] = np.nan
     model.get_layer("fc").kernel.assign(kernel)
-    assert example.non_finite_weights(model) == [model.get_layer("fc").kernel.path]
-    with pytest.raises(example.run_state.NonFiniteError, match=r"fc/kernel.*lower --baseline_lr"):
-        example.check_finite(model, {"loss": 1.0})
+    assert experiment.non_finite_weights(model) == [model.get_layer("fc").kernel.path]
+    with pytest.raises(NonFiniteError, match=r"fc/kernel.*lower --baseline_lr"):
+        experiment.check_finite(model, {"loss": 1.0}, fix="lower --baseline_lr")

@@ -24,17 +24,46 @@ import os
 import time
 
 from absl import logging
+import numpy as np
 
 from tf_stdprune import dispatch
 
 from tf_stdprune import plots
+from tf_stdprune.accuracy import accuracy_change
 from tf_stdprune.procedure.dropout import dropout_sources, rescale_dropout, restore_dropout
-from tf_stdprune.io import atomic_write, clean_temporaries
+from tf_stdprune.io import atomic_write, clean_temporaries, write_atomically
 from tf_stdprune.report import sparsity_report
 from tf_stdprune.procedure.run_directory import (
     CHECKPOINTS, HISTORY_FILE, NonFiniteError, acquire_lock, check_run_settings,
     check_writable, read_history, release_lock, run_settings, saved_epoch)
 from tf_stdprune.validate import check_int, check_nonnegative, check_positive
+
+BASELINE_PREDICTIONS = "baseline_predictions.npz"  # the dense model's validation classes
+
+
+def _save_classes(path, predicted, labels):
+    with open(path, "wb") as f:
+        np.savez(f, predicted=predicted, labels=labels)
+
+
+def predicted_classes(model, data):
+    """``(top-1 classes, labels)`` of ``model`` on ``data``: ``(x, y[, w])`` arrays or
+    batches of them (a `tf.data.Dataset`). The batches' inputs are gathered with their
+    own labels (a reshuffled dataset stays paired) and predicted in one ``predict`` call.
+    None when the inputs are not one array or the labels are not class indices (or one-hot
+    rows)."""
+    batches = [data[:2]] if isinstance(data, tuple) else [batch[:2] for batch in data]
+    if not batches or any(isinstance(x, (dict, list, tuple)) for x, _ in batches):
+        return None
+    x = np.concatenate([np.asarray(x) for x, _ in batches])
+    y = np.concatenate([np.asarray(y) for _, y in batches])
+    if y.ndim == 2 and y.shape[1] > 1:
+        y = np.argmax(y, axis=1)
+    scores = np.asarray(model.predict(x, batch_size=len(batches[0][0]), verbose=0))
+    if scores.ndim != 2 or y.reshape(-1).shape[0] != scores.shape[0]:
+        return None
+    return np.argmax(scores, axis=1), y.reshape(-1)
+
 
 # Names Keras gives a compiled top-1 accuracy; the history calls it ``top1``.
 TOP1_NAMES = {"accuracy", "acc", "sparse_categorical_accuracy", "categorical_accuracy"}
@@ -81,7 +110,10 @@ class IterativePruningLogic:
     At the iteration's end it is recalibrated and evaluated again (``after``), a line is
     appended to ``history.jsonl`` and an atomic checkpoint written. At the end of
     training ``report.json`` and the figures are written. A new run (epoch 0) first
-    evaluates the still dense model into ``baseline.json`` (the figures' 0 % point).
+    evaluates the still dense model into ``baseline.json`` (the figures' 0 % point) and
+    its validation classes into `BASELINE_PREDICTIONS`; each record's ``val_top1_change``
+    is then the validation top-1 change against dense with its exact McNemar 95 %
+    interval (`tf_stdprune.accuracy_change`; None without validation class labels).
 
     ``fit`` must start where the model and ``run_dir`` stand: at an iteration boundary, at
     ``epoch = pruning_step / steps_per_epoch``, and at the epoch of ``run_dir``'s last
@@ -242,12 +274,20 @@ class IterativePruningLogic:
                         if r["iteration"] <= epoch // self.epochs_per_iteration]
         if self.chief:
             check_run_settings(self.run_dir, self.settings)
+        path = os.path.join(self.run_dir, BASELINE_PREDICTIONS)
+        self.dense_classes = None
         if epoch == 0:
             baseline = self._evaluate()
             self._check_finite("the dense baseline", baseline)
+            self.dense_classes = self._validation_classes()
             if self.chief:
                 atomic_write(os.path.join(self.run_dir, HISTORY_FILE), "")
                 atomic_write(os.path.join(self.run_dir, "baseline.json"), json.dumps(baseline, indent=2))
+                if self.dense_classes is not None:
+                    write_atomically(path, lambda p: _save_classes(p, *self.dense_classes))
+        elif os.path.exists(path):
+            with np.load(path) as saved:
+                self.dense_classes = saved["predicted"], saved["labels"]
 
     def _check_finite(self, where, losses):
         """Raises `NonFiniteError` if a weight or one of ``losses`` is NaN or infinite."""
@@ -265,10 +305,24 @@ class IterativePruningLogic:
 
     # ------------------------------------------------------------------ records
 
+    def _validation_classes(self):
+        if self.validation_data is None:
+            return None
+        return predicted_classes(self.model, self.validation_data)
+
+    def _change_vs_dense(self):
+        """`accuracy_change` of the validation top-1 against the dense baseline's, as a
+        dict, or None (no validation data, or labels that are not classes)."""
+        now = self._validation_classes() if self.dense_classes is not None else None
+        if now is None or not np.array_equal(now[1], self.dense_classes[1]):
+            return None
+        return accuracy_change(self.dense_classes[0], now[0], now[1]).to_dict()
+
     def _record(self, iteration, after, logs):
         """The iteration's line of ``history.jsonl``."""
         report = sparsity_report(self.model)
         return {
+            "val_top1_change": self._change_vs_dense(),
             "iteration": iteration,
             "q": self.quality,
             "learning_rates": self.learning_rates,
@@ -306,6 +360,10 @@ class IterativePruningLogic:
         before, after = record["before"].get("val_top1"), record["after"].get("val_top1")
         accuracy = (f"  val {100 * before:.2f} % -> {100 * after:.2f} %"
                     if before is not None and after is not None else "")
+        change = record.get("val_top1_change")
+        if change:
+            accuracy += (f" ({change['change']:+.2f} points vs dense, 95 % "
+                         f"[{change['low']:+.2f}, {change['high']:+.2f}])")
         quality = f"{record['q']:.3g}" if record["q"] is not None else "-"
         rate = record["compression_rate"]
         logging.info("iteration %d/%d  q=%s  zeros %.1f %%  %s%s", record["iteration"],
