@@ -3,23 +3,25 @@
 Run as a subprocess by test_keras3_distribution.py, since the device count and the
 backend must be set before Keras starts::
 
-    python distribution_run.py OUT.npz single|data|model|mirrored MODEL
+    python distribution_run.py OUT_DIR jax|tensorflow MODEL:MODE [MODEL:MODE ...]
 
-``single`` / ``single_tf``: no distribution (JAX / TensorFlow); ``data``/``model``: ``keras.distribution.DataParallel`` /
-``ModelParallel`` on 2 JAX host devices; ``mirrored``: ``tf.distribute.MirroredStrategy``
-over 2 logical CPUs (TensorFlow backend). ``MODEL``: ``dense`` (a functional model whose
-middle layer is a custom layer of two Dense sublayers), ``gpt2`` or ``gemma`` (a tiny
-KerasHub causal LM; Gemma's ModelParallel layout is KerasHub's ``get_layout_map``). OUT.npz holds
-every mask (``layer path:tensor``), ``distinct`` (the number of masks whose whole copies
-on the devices differ) and ``unlike_kernel`` (under ``model``, the masks whose sharding
-differs from their kernel's) and ``sharded`` (the masks split across devices).
+Each ``MODEL:MODE`` run, one after the other in this process, writes
+``OUT_DIR/MODEL_MODE.npz``. ``MODE``: ``single``, no distribution; ``data``/``model``:
+``keras.distribution.DataParallel`` / ``ModelParallel`` on 2 JAX host devices; ``mirrored``:
+``tf.distribute.MirroredStrategy`` over 2 logical CPUs (TensorFlow backend). ``MODEL``:
+``dense`` (a functional model whose middle layer is a custom layer of two Dense sublayers),
+``gpt2`` or ``gemma`` (a tiny KerasHub causal LM; Gemma's ModelParallel layout is KerasHub's
+``get_layout_map``). Each file holds every mask (``layer path:tensor``), ``distinct`` (the
+number of masks whose whole copies on the devices differ), ``unlike_kernel`` (under
+``model``, the masks whose sharding differs from their kernel's), ``sharded`` (the masks
+split across devices) and ``copies`` (the most whole copies of one mask).
 """
 import contextlib
 import os
 import sys
 
-OUT, MODE, MODEL = sys.argv[1:4]
-os.environ["KERAS_BACKEND"] = "tensorflow" if MODE in ("mirrored", "single_tf") else "jax"
+OUT_DIR, BACKEND, RUNS = sys.argv[1], sys.argv[2], sys.argv[3:]
+os.environ["KERAS_BACKEND"] = BACKEND
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -47,12 +49,12 @@ class TwoDense(keras.layers.Layer):
         return {**super().get_config(), "units": self.units}
 
 
-def build():
+def build(model_name):
     keras.utils.set_random_seed(0)
-    if MODEL in ("gpt2", "gemma"):
+    if model_name in ("gpt2", "gemma"):
         import keras_hub
 
-        if MODEL == "gpt2":
+        if model_name == "gpt2":
             backbone = keras_hub.models.GPT2Backbone(
                 vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,
                 intermediate_dim=32, max_sequence_length=8, dropout=0.0)
@@ -66,27 +68,35 @@ def build():
     return keras.Model(inputs, keras.layers.Dense(4, name="dense_out")(hidden))
 
 
-def data():
+def data(model_name):
     rng = np.random.default_rng(0)
-    if MODEL in ("gpt2", "gemma"):
+    if model_name in ("gpt2", "gemma"):
         ids = rng.integers(0, 64, size=(16, 8)).astype("int32")
         return {"token_ids": ids, "padding_mask": np.ones_like(ids)}, np.roll(ids, -1, 1)
     return rng.normal(size=(16, 8)).astype("float32"), rng.normal(size=(16, 4)).astype("float32")
 
 
-def distribution_scope():
-    if MODE == "mirrored":
+def two_logical_cpus():
+    """Splits TensorFlow's CPU in two before anything runs on it."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+def distribution_scope(model_name, mode):
+    if BACKEND == "jax":
+        keras.distribution.set_distribution(None)
+    if mode == "mirrored":
         import tensorflow as tf
 
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope()
-    if MODE == "data":
+    if mode == "data":
         keras.distribution.set_distribution(keras.distribution.DataParallel())
-    if MODE == "model":
+    if mode == "model":
         devices = keras.distribution.list_devices()
         mesh = keras.distribution.DeviceMesh((1, 2), ["batch", "model"], devices)
-        if MODEL == "gemma":
+        if model_name == "gemma":
             import keras_hub
 
             layout_map = keras_hub.models.GemmaBackbone.get_layout_map(mesh)
@@ -99,41 +109,45 @@ def distribution_scope():
     return contextlib.nullcontext()
 
 
-def copies(variable):
+def copies(variable, mode):
     """The variable's value as each device holds it (whole copies only)."""
     value = variable.value
-    if MODE == "mirrored":
+    if mode == "mirrored":
         return [v.numpy() for v in getattr(value, "values", [value])]
-    whole = tuple(slice(None) for _ in variable.shape)
     shards = [np.asarray(shard.data) for shard in getattr(value, "addressable_shards", [])
               if all(s == slice(None) or (s.start in (None, 0) and s.stop in (None, n))
                      for s, n in zip(shard.index, variable.shape))]
     return shards or [np.asarray(value)]
 
 
-def main():
-    with distribution_scope():
-        model = build()
+def run(model_name, mode):
+    keras.backend.clear_session()
+    with distribution_scope(model_name, mode):
+        model = build(model_name)
         schedule = tf_stdprune.StdPruningSchedule([0.8, 1.2], steps_per_iteration=2)
         pruned = tf_stdprune.prune_low_std(model, pruning_schedule=schedule)
         pruned.compile(keras.optimizers.SGD(0.05, momentum=0.9),
-                       keras.losses.MeanSquaredError() if MODEL == "dense" else
+                       keras.losses.MeanSquaredError() if model_name == "dense" else
                        keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    x, y = data()
+    x, y = data(model_name)
     pruned.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0,
                callbacks=[tf_stdprune.UpdatePruningStep()])
     result, distinct, unlike, sharded, copies_seen = {}, 0, 0, 0, 0
     for state in wrappers(pruned):
         for path, mask, weight in zip(state.paths, state.masks, state.pruned_weights):
             result[f"{state.name}:{path}"] = keras.ops.convert_to_numpy(mask)
-            values = copies(mask)
+            values = copies(mask, mode)
             copies_seen = max(copies_seen, len(values))
             distinct += any(not np.array_equal(values[0], other) for other in values[1:])
-            if MODE == "model":
+            if mode == "model":
                 unlike += mask.value.sharding.spec != weight.value.sharding.spec
                 sharded += any(axis is not None for axis in mask.value.sharding.spec)
-    np.savez(OUT, distinct=np.array(distinct), unlike_kernel=np.array(unlike),
-             sharded=np.array(sharded), copies=np.array(copies_seen), **result)
+    np.savez(os.path.join(OUT_DIR, f"{model_name}_{mode}.npz"), distinct=np.array(distinct),
+             unlike_kernel=np.array(unlike), sharded=np.array(sharded),
+             copies=np.array(copies_seen), **result)
 
 
-main()
+if BACKEND == "tensorflow":
+    two_logical_cpus()
+for model_and_mode in RUNS:
+    run(*model_and_mode.split(":"))

@@ -3,13 +3,12 @@ models, KerasHub backbones and tasks (tiny configurations built in code)."""
 import os
 
 import keras
+import keras_hub
 import numpy as np
 import pytest
 
 import tf_stdprune
 from tf_stdprune.keras3.prune import wrappers
-
-keras_hub = pytest.importorskip("keras_hub")
 
 BERT = dict(vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64,
             max_sequence_length=16)
