@@ -16,12 +16,16 @@ import sys
 
 from absl import app, flags
 
-flags.DEFINE_integer("hidden_dim", 256, "GPT-2 hidden size.")
-flags.DEFINE_integer("num_layers", 4, "Transformer blocks.")
-flags.DEFINE_integer("vocabulary_size", 8192, "Token embedding rows.")
-flags.DEFINE_integer("sequence_length", 128, "Tokens per example.")
-flags.DEFINE_integer("batch_size", 8, "Examples per train step.")
-flags.DEFINE_integer("steps", 3, "Train steps per contender.")
+SIZES = {  # flag: (default, meaning)
+    "hidden_dim": (256, "GPT-2 hidden size."),
+    "num_layers": (4, "Transformer blocks."),
+    "vocabulary_size": (8192, "Token embedding rows."),
+    "sequence_length": (128, "Tokens per example."),
+    "batch_size": (8, "Examples per train step."),
+    "steps": (3, "Train steps per contender."),
+}
+for _name, (_default, _meaning) in SIZES.items():
+    flags.DEFINE_integer(_name, _default, _meaning)
 flags.DEFINE_string("contender", None, "Internal: run one contender (dense or pruned).")
 FLAGS = flags.FLAGS
 

@@ -10,6 +10,7 @@ import os
 import re
 
 from absl import flags
+import pytest
 
 from tf_stdprune import data, models
 
@@ -56,6 +57,17 @@ def run_example(example, *argv):
             contextlib.redirect_stdout(io.StringIO()) as stdout:
         example.main(["vgg19_cifar10.py"])
     return stdout.getvalue()
+
+
+def finished_fixture(example, name, flags):
+    """A module fixture: ``(out_dir, stdout)`` of one run of ``example`` with ``flags`` in
+    a new directory, shared by the module's tests."""
+    @pytest.fixture(scope="module")
+    def finished(tmp_path_factory):
+        out_dir = tmp_path_factory.mktemp(name)
+        return out_dir, run_example(example, f"--out_dir={out_dir}", *flags)
+
+    return finished
 
 
 def summary_rows(out_dir):

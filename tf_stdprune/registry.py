@@ -27,6 +27,12 @@ Report kinds: ``"conv"``, ``"dense"``, ``"bn"``, ``"embedding"``, ``"rnn"``,
 """
 import collections
 
+# The attributes under which Keras 3 layers pruned or quantized in place carry their state
+# (`tf_stdprune.keras3.nested`); each state lists its own variables in ``state_variables``,
+# which are never counted as the model's parameters.
+PRUNING_STATE = "tf_stdprune_pruning"
+QUANTIZATION_STATE = "tf_stdprune_quantization"
+
 Entry = collections.namedtuple("Entry", ["attributes", "kind"])
 
 _KERNEL = ("kernel",)

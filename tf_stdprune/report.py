@@ -29,7 +29,8 @@ import json
 import numpy as np
 
 from tf_stdprune.mask_rule import check_m_by_n, m_by_n_groups
-from tf_stdprune.registry import get_tensor, layer_kind, prunable_attributes
+from tf_stdprune.registry import PRUNING_STATE, QUANTIZATION_STATE, get_tensor, layer_kind, \
+    prunable_attributes
 
 # Pruning wrappers whose inner layer the report counts in their place (either Keras);
 # a quantization wrapper stays, and counts through its ``effective_tensors()``.
@@ -190,19 +191,23 @@ def leaf_layers(model):
 
 
 def pruning_state_variables(model):
-    """Ids of the pruning state (masks, thresholds, sigmas) attached in place to layers."""
+    """Ids of the state attached in place to layers (`registry.PRUNING_STATE`: masks,
+    thresholds, sigmas; `registry.QUANTIZATION_STATE`: centroids, indices)."""
     return {id(v) for layer in leaf_layers(model)
-            for v in getattr(getattr(layer, "tf_stdprune_pruning", None),
-                             "pruning_variables", ())}
+            for attribute in (PRUNING_STATE, QUANTIZATION_STATE)
+            for v in getattr(getattr(layer, attribute, None), "state_variables", ())}
 
 
 def counted_tensors(layer):
     """``(layer holding the parameters, arrays of the prunable tensors)`` of a leaf layer:
     a wrapper with ``effective_tensors()`` counts as its inner layer with the tensors it
-    computes with (see the module docstring)."""
+    computes with, and so does a layer quantized in place (see the module docstring)."""
     effective = getattr(layer, "effective_tensors", None)
     if hasattr(layer, "layer") and callable(effective):
         return layer.layer, list(effective().values())
+    shared = getattr(layer, QUANTIZATION_STATE, None)
+    if shared is not None:
+        return layer, list(shared.effective_tensors().values())
     attributes = prunable_attributes(layer, prune_batchnorm=True) or []
     return layer, [np.asarray(get_tensor(layer, a)) for a in attributes]
 

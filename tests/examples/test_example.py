@@ -20,8 +20,8 @@ from tf_stdprune import accuracy_change, sparsity_report
 from tf_stdprune.keras2.engine import keras
 from tf_stdprune.keras2.run_state import read_history
 
-from example_runs import (EXAMPLES, TINY_VGG, digits_test_set, example_flags, run_example,
-                          summary_rows, tiny_model)
+from example_runs import (EXAMPLES, TINY_VGG, digits_test_set, example_flags, finished_fixture,
+                          run_example, summary_rows, tiny_model)
 
 sys.path.insert(0, EXAMPLES)
 import vgg19_cifar10 as example  # noqa: E402
@@ -40,10 +40,7 @@ def _main(out_dir, *argv):
     return run_example(example, f"--out_dir={out_dir}", *RUN, *argv)
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("example")
-    return out_dir, _main(out_dir)
+finished = finished_fixture(example, "example", RUN)  # (out_dir, stdout) of one run
 
 
 def test_outputs_written(finished):

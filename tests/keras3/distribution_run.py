@@ -14,7 +14,9 @@ Each ``MODEL:MODE`` run, one after the other in this process, writes
 ``get_layout_map``). Each file holds every mask (``layer path:tensor``), ``distinct`` (the
 number of masks whose whole copies on the devices differ), ``unlike_kernel`` (under
 ``model``, the masks whose sharding differs from their kernel's), ``sharded`` (the masks
-split across devices) and ``copies`` (the most whole copies of one mask).
+split across devices) and ``copies`` (the most whole copies of one mask). ``outside``
+(``MODEL`` ``flat``: a Sequential of two Dense layers) creates the model, then sets
+ModelParallel and prunes it; its file holds only ``error``, the message of the refusal.
 """
 import contextlib
 import os
@@ -24,29 +26,14 @@ OUT_DIR, BACKEND, RUNS = sys.argv[1], sys.argv[2], sys.argv[3:]
 os.environ["KERAS_BACKEND"] = BACKEND
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tf_stdprune  # noqa: E402
 from tf_stdprune.keras3.prune import wrappers  # noqa: E402
-
-
-@keras.saving.register_keras_serializable(package="distribution_run")
-class TwoDense(keras.layers.Layer):
-    """A custom layer made of two Dense sublayers."""
-
-    def __init__(self, units, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-        self.first = keras.layers.Dense(units, activation="relu", name="first")
-        self.second = keras.layers.Dense(units, name="second")
-
-    def call(self, x):
-        return self.second(self.first(x))
-
-    def get_config(self):
-        return {**super().get_config(), "units": self.units}
+from keras3.helpers import TwoDense  # noqa: E402
 
 
 def build(model_name):
@@ -63,6 +50,9 @@ def build(model_name):
             vocabulary_size=64, num_layers=1, num_query_heads=2, num_key_value_heads=2,
             hidden_dim=16, intermediate_dim=32, head_dim=8)
         return keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
+    if model_name == "flat":
+        return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="dense_in"),
+                                 keras.layers.Dense(4, name="dense_out")])
     inputs = keras.Input((8,))
     hidden = TwoDense(16, name="two_dense")(keras.layers.Dense(16, name="dense_in")(inputs))
     return keras.Model(inputs, keras.layers.Dense(4, name="dense_out")(hidden))
@@ -120,8 +110,24 @@ def copies(variable, mode):
     return shards or [np.asarray(value)]
 
 
+def refusal(model_name):
+    """The error of pruning under ModelParallel a model created before it was set."""
+    keras.distribution.set_distribution(None)
+    model = build(model_name)
+    distribution_scope(model_name, "model")
+    try:
+        tf_stdprune.prune_low_std(model)
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
 def run(model_name, mode):
     keras.backend.clear_session()
+    if mode == "outside":
+        np.savez(os.path.join(OUT_DIR, f"{model_name}_{mode}.npz"),
+                 error=np.array(refusal(model_name)))
+        return
     with distribution_scope(model_name, mode):
         model = build(model_name)
         schedule = tf_stdprune.StdPruningSchedule([0.8, 1.2], steps_per_iteration=2)

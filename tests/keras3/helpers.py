@@ -7,6 +7,23 @@ import tf_stdprune
 BACKEND = keras.backend.backend()
 
 
+@keras.saving.register_keras_serializable(package="tests_keras3")
+class TwoDense(keras.layers.Layer):
+    """A custom layer made of two Dense sublayers."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.first = keras.layers.Dense(units, activation="relu", name="first")
+        self.second = keras.layers.Dense(units, name="second")
+
+    def call(self, x):
+        return self.second(self.first(x))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
 def tiny_cnn(num_classes=3, l2=0.0):
     """Conv-BN-ReLU-pool, then Dense, as a Keras 3 Sequential model."""
     reg = keras.regularizers.L2(l2) if l2 else None

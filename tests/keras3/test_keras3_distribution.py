@@ -16,7 +16,7 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distribution_
 pytestmark = pytest.mark.slow
 
 RUNS = {"jax": [f"{model}:{mode}" for model in ("dense", "gemma")
-                for mode in ("single", "data", "model")],
+                for mode in ("single", "data", "model")] + ["flat:outside"],
         "tensorflow": ["gpt2:single", "gpt2:mirrored"]}
 
 
@@ -58,3 +58,10 @@ def test_mirrored_strategy_on_tensorflow_keeps_one_mask_on_every_replica(tmp_pat
     mirrored = masks["gpt2:mirrored"]
     _assert_same_masks(masks["gpt2:single"], mirrored)
     assert int(mirrored["copies"]) == 2 and int(mirrored["distinct"]) == 0
+
+
+def test_a_kernel_created_before_model_parallel_was_set_is_refused_naming_layer_and_fix(
+        jax_masks):
+    """Its mask could not be placed like it: the error names the layer and the fix."""
+    error = str(jax_masks["flat:outside"]["error"])
+    assert "dense_in" in error and "set_distribution" in error and "skip=" in error

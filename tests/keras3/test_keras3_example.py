@@ -18,7 +18,8 @@ from tf_stdprune.keras2.run_state import read_history
 from tf_stdprune.procedure import experiment
 from tf_stdprune.procedure.run_directory import NonFiniteError
 from keras3.helpers import BACKEND
-from example_runs import EXAMPLES, digits_test_set, example_flags, run_example, summary_rows
+from example_runs import EXAMPLES, digits_test_set, example_flags, finished_fixture, run_example, \
+    summary_rows
 
 sys.path.insert(0, EXAMPLES)
 import vgg19_cifar10 as example  # noqa: E402
@@ -34,11 +35,7 @@ def _main(out_dir, *argv):
     return run_example(example, f"--out_dir={out_dir}", *TINY, *argv)
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """``(out_dir, stdout)`` of a finished tiny run."""
-    out_dir = tmp_path_factory.mktemp("keras3_example")
-    return out_dir, _main(out_dir)
+finished = finished_fixture(example, "keras3_example", TINY)  # (out_dir, stdout) of one run
 
 
 def _weights(model):

@@ -9,26 +9,10 @@ import pytest
 
 import tf_stdprune
 from tf_stdprune.keras3.prune import wrappers
+from keras3.helpers import TwoDense
 
 BERT = dict(vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64,
             max_sequence_length=16)
-
-
-@keras.saving.register_keras_serializable(package="test_keras3_nested")
-class TwoDense(keras.layers.Layer):
-    """A custom layer made of two Dense sublayers."""
-
-    def __init__(self, units, **kwargs):
-        super().__init__(**kwargs)
-        self.units = units
-        self.first = keras.layers.Dense(units, activation="relu", name="first")
-        self.second = keras.layers.Dense(units, name="second")
-
-    def call(self, x):
-        return self.second(self.first(x))
-
-    def get_config(self):
-        return {**super().get_config(), "units": self.units}
 
 
 @keras.saving.register_keras_serializable(package="test_keras3_nested")
@@ -322,3 +306,56 @@ def test_gemma_and_vit_backbones_are_pruned_or_name_what_to_skip(build):
     report = tf_stdprune.sparsity_report(pruned)
     assert report.zero_weights > 0 and report.total_parameters == sum(
         int(np.prod(w.shape)) for w in model.weights)
+
+
+def test_a_gpt2_causal_lm_goes_through_weight_sharing_the_compressed_file_and_the_export(
+        tmp_path):
+    """quantize_weights reaches every nested kernel of a pruned GPT2CausalLM (at most 2^b
+    shared values, pruned positions still 0, only centroids train), strip_quantization and
+    decompress give the same class with the same weights, and the sparse SavedModel (TF
+    backend) serves the stripped model's logits."""
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=64, num_layers=1, num_heads=2,
+                                             hidden_dim=16, intermediate_dim=32,
+                                             max_sequence_length=16)
+    pruned = prune_now(keras_hub.models.GPT2CausalLM(backbone, preprocessor=None), 1.0)
+    stripped = tf_stdprune.strip_pruning(pruned)
+    ids = np.random.default_rng(0).integers(0, 64, size=(4, 16)).astype("int32")
+    x, y = {"token_ids": ids, "padding_mask": np.ones_like(ids)}, np.roll(ids, -1, 1)
+    quantized = tf_stdprune.quantize_weights(pruned, bits=3)
+    assert type(quantized) is keras_hub.models.GPT2CausalLM and quantized is not pruned
+    before = kernels(stripped)
+    quantized.compile(keras.optimizers.Adam(1e-2),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    quantized.fit(x, y, epochs=2, verbose=0)
+    final = tf_stdprune.strip_quantization(quantized)
+    assert type(final) is keras_hub.models.GPT2CausalLM
+    assert final.get_config() == stripped.get_config()
+    after = kernels(final)
+    assert after.keys() == before.keys()
+    for path, value in after.items():
+        if "position_embedding" in path:  # neither pruned nor shared (registry.NOT_PRUNED)
+            continue
+        np.testing.assert_array_equal(value == 0, before[path] == 0, err_msg=path)
+        assert len(np.unique(value[value != 0])) <= 2 ** 3, path
+        assert not np.array_equal(value, before[path]), path  # the centroids trained
+    assert kernels(stripped).keys() == before.keys()
+    assert all(np.array_equal(v, before[p]) for p, v in kernels(stripped).items())
+    np.testing.assert_allclose(final.predict(x, verbose=0), quantized.predict(x, verbose=0),
+                               atol=1e-5)
+    report = tf_stdprune.sparsity_report(quantized)
+    assert report.total_parameters == sum(int(np.prod(w.shape)) for w in stripped.weights)
+    assert report.zero_weights == tf_stdprune.sparsity_report(final).zero_weights
+    path = tf_stdprune.compress(quantized, str(tmp_path / "gpt2.tfspz"))
+    restored = tf_stdprune.decompress(path)
+    assert type(restored) is keras_hub.models.GPT2CausalLM
+    for restored_weight, weight in zip(restored.get_weights(), final.get_weights()):
+        np.testing.assert_array_equal(restored_weight, weight)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        export = tf_stdprune.export_sparse_saved_model(quantized, str(tmp_path / "sparse"))
+        serve = tf.saved_model.load(export).signatures["serving_default"]
+        logits = serve(token_ids=tf.constant(ids), padding_mask=tf.constant(np.ones_like(ids)))
+        np.testing.assert_allclose(next(iter(logits.values())).numpy(),
+                                   final.predict(x, verbose=0), atol=1e-5)

@@ -35,7 +35,7 @@ import numpy as np
 
 from tf_stdprune.compression import coding
 from tf_stdprune.io import write_atomically
-from tf_stdprune.dispatch import KERAS3, TF_KERAS, keras_module, module_for
+from tf_stdprune.dispatch import KERAS3, TF_KERAS, keras_module, module_for, world_of
 from tf_stdprune.registry import get_tensor, layer_kind
 from tf_stdprune.report import prunable_layers
 from tf_stdprune.validate import check_int
@@ -141,7 +141,7 @@ def serialize(model, conv_index_bits=8, dense_index_bits=5, bn_index_bits=8):
         else:
             entry.update(encoding="raw", data=sections.add(np.ascontiguousarray(array).tobytes()))
         tensors.append(entry)
-    metadata = {"model_config": model.to_json(), "tensors": tensors}
+    metadata = {"model_config": model.to_json(), "keras": world_of(model), "tensors": tensors}
     text = zlib.compress(json.dumps(metadata).encode("utf-8"), 9)
     return metadata, _LENGTH.pack(len(text)) + text + b"".join(sections.parts)
 
@@ -305,16 +305,20 @@ def read_weights(path):
     return _read_weights(path)[1]
 
 
-def _keras_of(model_json):
-    """The Keras that wrote ``model_json``: Keras 3 marks it ``"module": "keras"``."""
-    written_by_keras3 = json.loads(model_json).get("module") == "keras"
-    return keras_module(KERAS3 if written_by_keras3 else TF_KERAS)
+def _keras_of(metadata):
+    """The Keras that wrote the file: its ``"keras"`` entry; a file without one holds a
+    model JSON that Keras 3 marks ``"module": "keras"`` (tf_keras does not)."""
+    written_by = metadata.get("keras")
+    if written_by not in (KERAS3, TF_KERAS):
+        keras3 = json.loads(metadata["model_config"]).get("module") == "keras"
+        written_by = KERAS3 if keras3 else TF_KERAS
+    return keras_module(written_by)
 
 
 def _model(path, metadata, weights, custom_objects):
     """The stored model with ``weights`` set; `CompressedFileError` if they do not fit."""
     try:
-        model = _keras_of(metadata["model_config"]).models.model_from_json(
+        model = _keras_of(metadata).models.model_from_json(
             metadata["model_config"], custom_objects=custom_objects)
     except (KeyError, TypeError, ValueError) as error:
         raise CompressedFileError(f"{path}: the stored model cannot be rebuilt ({error!r}); "

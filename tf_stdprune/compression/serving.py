@@ -282,14 +282,31 @@ class Serving(tf.Module):
                     else:
                         stack.enter_context(substituted(layer, attributes,
                                                         [t.read() for t in tensors]))
-                outputs = model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
+                outputs = model(tf.nest.pack_sequence_as(structure, list(inputs)),
+                                training=False)
             return dict(zip(names, tf.nest.flatten(outputs)))
 
-        specs = [tf.TensorSpec(i.shape, i.dtype, name=f"input_{k}")
-                 for k, i in enumerate(model.inputs)]
+        # the model's own input structure (one tensor, a list, or a dict such as KerasHub's
+        # {"token_ids", "padding_mask"}, whose keys name the signature's inputs)
+        structure = input_structure(model)
+        keys = sorted(structure) if isinstance(structure, dict) else None
+        specs = [tf.TensorSpec(i.shape, i.dtype, name=keys[k] if keys else f"input_{k}")
+                 for k, i in enumerate(tf.nest.flatten(structure))]
         # Left for tf.saved_model.save to trace: under a multi-worker strategy it then reads
         # each distributed variable's primary copy instead of tracing collectives.
         self.serving_function = tf.function(serve, input_signature=specs, autograph=False)
+
+
+def input_structure(model):
+    """The model's inputs as its call takes them: a dict of named inputs (a KerasHub
+    model's ``token_ids`` and ``padding_mask``), else one input or a list of them."""
+    try:
+        structure = model.input
+    except (AttributeError, ValueError):  # Keras 3's Sequential has no input before a call
+        structure = None
+    if isinstance(structure, dict):
+        return structure
+    return model.inputs[0] if len(model.inputs) == 1 else list(model.inputs)
 
 
 def private_copy(model, clone, has_inputs, register):

@@ -19,6 +19,8 @@ from tf_stdprune import registry
 
 from tf_stdprune.compression import serving
 from tf_stdprune.dispatch import KERAS3, world_of
+from tf_stdprune.keras3 import nested
+from tf_stdprune.keras3.prune import is_flat
 from tf_stdprune.keras3.quantize import plain_model
 from tf_stdprune.keras3.wrapper import substituted
 
@@ -51,10 +53,15 @@ def _inputs(model):
 def private_plain_copy(model):
     """A plain Keras 3 copy of ``model`` with its own variables and the same values:
     the pruning wrappers of the copy are stripped (its masks applied) and its quantized
-    values baked in, so ``model`` stays exactly as it was."""
+    values baked in, so ``model`` stays exactly as it was. A model that is not a flat
+    Sequential or functional one (a KerasHub task, a subclassed model) is rebuilt from its
+    config (`tf_stdprune.keras3.nested`)."""
     if world_of(model) != KERAS3 or not isinstance(model, keras.Model):
         raise TypeError(f"model must be a Keras 3 Model, got {type(model).__name__} "
                         f"(from {type(model).__module__}).")
+    if not is_flat(model):  # a KerasHub model, a subclass: rebuilt from its config
+        plain = plain_model(model)
+        return nested.copy_model(plain) if plain is model else plain
     copy = serving.private_copy(model, keras.models.clone_model, bool(_inputs(model)),
                                 "keras.saving.register_keras_serializable")
     return plain_model(copy)

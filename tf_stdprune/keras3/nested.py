@@ -18,7 +18,7 @@ layer made of Dense sublayers, at any depth — is pruned here instead, on a cop
    layer is entered; if it holds trainable tensors of rank >= 2 of its own (not in a
    sublayer) it raises ``ValueError`` naming its path and ``skip=``.
 3. The attachment, as Keras 3's own ``Dense.enable_lora`` and ``quantize`` change a layer
-   in place: a `NestedPruning` state is set on the layer (attribute ``tf_stdprune_pruning``),
+   in place (`attach`): a `NestedPruning` state is set on the layer (attribute ``tf_stdprune_pruning``),
    its masks, thresholds and sigmas are added to the layer as non-trainable weights (the
    layer's variable tracker is unlocked for this, as ``enable_lora`` does), and the layer's
    ``call`` is replaced, on this instance only, by one that computes with ``w * m`` in place
@@ -35,6 +35,26 @@ the same config and sets every weight (``w * m`` for pruned tensors): the result
 model the user would have built, with exact zeros. A pruned model's own ``.keras`` file
 does not hold the masks: save `strip_pruning`'s result, or use the run directory.
 
+Weight sharing uses the same attachment (`tf_stdprune.keras3.quantize.quantize_in_place`:
+centroids and indices become the layer's weights, its own kernel stops training), so
+`quantize_weights`, `strip_quantization`, `compress` / `decompress` (the file stores the
+class's config: KerasHub must be imported to decompress a KerasHub model) and the sparse
+SavedModel export (which reads a copy rebuilt the same way, and serves the model's own
+input structure, e.g. ``token_ids`` and ``padding_mask``) work on these models too.
+
+Under ``keras.distribution`` each mask is created with its tensor's layout; a tensor
+created before the distribution was set has none, and pruning it raises ``ValueError``
+naming the layer and the fix (`tf_stdprune.keras3.wrapper.variable_layout`). The copy
+made here is created under the active distribution, so this concerns flat models, whose
+layers are shared with the user's model.
+
+Keras and KerasHub internals this relies on: ``Layer._flatten_layers`` (the layer tree),
+``Layer._tracker`` (unlocked to add weights after build, as ``Dense.enable_lora`` does),
+``layer.call`` looked up on the instance before the class (so an instance attribute
+replaces it), tensors read through the attributes `registry` names at call time (a
+KerasHub ``ReversibleEmbedding`` reads ``embeddings`` for both directions), and
+``serialize_keras_object`` / ``deserialize_keras_object`` rebuilding every KerasHub class.
+
 Dropout inside transformer blocks (KerasHub's attention and feedforward dropouts, set by
 a constructor argument and kept in the config) is left at its rate: dropout rescaling
 (`procedure.dropout`) changes only ``keras.layers.Dropout`` layers whose input comes from a
@@ -48,9 +68,6 @@ from tf_stdprune import mask_rule, registry
 from tf_stdprune.keras3.wrapper import DEFAULT_STD_MODE, MaskedTensors, substituted, \
     default_schedule
 from tf_stdprune.validate import check_quality
-
-ATTRIBUTE = "tf_stdprune_pruning"
-
 
 class NestedPruning(MaskedTensors):
     """The pruning state of one layer pruned in place (module docstring): the same
@@ -75,26 +92,39 @@ class NestedPruning(MaskedTensors):
         self.std_mode = std_mode
         self.layer_quality = check_quality(layer_quality, f"layer_quality of {path!r}")
         self.prune_batchnorm = bool(prune_batchnorm)
-        tracker = getattr(layer, "_tracker", None)
-        if tracker is not None:
-            tracker.unlock()
-        try:
-            self.add_pruning_variables(layer, layer)
-        finally:
-            if tracker is not None:
-                tracker.lock()
-        original_call = layer.call
-
-        def call(*args, **kwargs):
-            with substituted(layer, self.paths, self.substitutes()):
-                return original_call(*args, **kwargs)
-
-        object.__setattr__(layer, "call", call)
-        object.__setattr__(layer, ATTRIBUTE, self)
+        attach(layer, registry.PRUNING_STATE, self, lambda: self.add_pruning_variables(layer, layer))
 
     @property
     def built(self):
         return self.layer.built
+
+    @property
+    def state_variables(self):
+        """The variables this state added to its layer (never the model's parameters)."""
+        return self.pruning_variables
+
+
+def attach(layer, attribute, state, add_variables):
+    """Attaches ``state`` to ``layer`` in place, as ``Dense.enable_lora`` changes a layer:
+    ``add_variables()`` runs with the layer's variable tracker unlocked, the layer's
+    ``call`` (this instance's only) computes with ``state.substitutes()`` in place of the
+    tensors at ``state.paths``, and ``layer.<attribute>`` holds ``state``."""
+    tracker = getattr(layer, "_tracker", None)
+    if tracker is not None:
+        tracker.unlock()
+    try:
+        add_variables()
+    finally:
+        if tracker is not None:
+            tracker.lock()
+    original_call = layer.call
+
+    def call(*args, **kwargs):
+        with substituted(layer, state.paths, state.substitutes()):
+            return original_call(*args, **kwargs)
+
+    object.__setattr__(layer, "call", call)
+    object.__setattr__(layer, attribute, state)
 
 
 def sublayers(layer):
@@ -119,10 +149,12 @@ def layer_tree(model):
     yield from walk(model, "")
 
 
-def states(model):
-    """The `NestedPruning` states attached anywhere in ``model``."""
-    return [getattr(layer, ATTRIBUTE) for layer in model._flatten_layers(include_self=False)
-            if hasattr(layer, ATTRIBUTE)]
+def states(model, attribute=registry.PRUNING_STATE):
+    """The states attached anywhere in ``model`` under ``attribute``: `NestedPruning`
+    (the default) or, with ``registry.QUANTIZATION_STATE``, weight sharing
+    (`tf_stdprune.keras3.quantize.NestedQuantization`)."""
+    return [getattr(layer, attribute) for layer in model._flatten_layers(include_self=False)
+            if hasattr(layer, attribute)]
 
 
 def own_kernels(layer):
@@ -196,13 +228,23 @@ def prune_in_place(model, layer_quality, skip, allow=None, **settings):
 
 
 def strip(model):
-    """The same class and config without the pruning state, every weight set, pruned
-    tensors as ``w * m`` (exact zeros)."""
+    """The same class and config without the state attached in place, every weight set:
+    pruned tensors as ``w * m`` (exact zeros), quantized tensors as the shared values they
+    compute with. ``model``'s own variables change only by ``w = w * m``, which it
+    computes with already."""
     pruning = states(model)
+    quantization = states(model, registry.QUANTIZATION_STATE)
     for state in pruning:
         state.apply_masks()
-    excluded = {id(v) for state in pruning for v in state.pruning_variables}
-    values = [keras.ops.convert_to_numpy(v) for v in model.weights if id(v) not in excluded]
+    shared = {id(registry.get_tensor(state.layer, path)): value for state in quantization
+              for path, value in state.effective_tensors().items()}
+    excluded = {id(v) for state in pruning + quantization for v in state.state_variables}
+    values = []
+    for variable in model.weights:
+        if id(variable) not in excluded:
+            value = keras.ops.convert_to_numpy(variable)
+            values.append(shared[id(variable)].astype(value.dtype) if id(variable) in shared
+                          else value)
     stripped = rebuilt(model)
     stripped.set_weights(values)
     return stripped

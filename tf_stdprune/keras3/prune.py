@@ -22,7 +22,7 @@ import keras
 from tf_stdprune import mask_rule, registry
 from tf_stdprune.keras3 import nested
 from tf_stdprune.procedure.dropout import restore_dropout
-from tf_stdprune.keras3.wrapper import DEFAULT_STD_MODE, PruneLowStd
+from tf_stdprune.keras3.wrapper import DEFAULT_STD_MODE, PruneLowStd, SubstitutingWrapper
 from tf_stdprune.validate import check_quality
 
 
@@ -50,6 +50,8 @@ def is_flat(model):
             type(model).__name__ not in ("Functional", "Sequential"):
         return False
     for layer in model.layers:
+        if isinstance(layer, SubstitutingWrapper):
+            continue  # a pruning or quantization wrapper: a leaf
         if isinstance(layer, keras.Model):
             if not is_flat(layer):
                 return False

@@ -13,14 +13,63 @@ import numpy as np
 from keras import ops
 
 from tf_stdprune import registry
-from tf_stdprune.keras3.prune import all_layers, strip_pruning, wrappers
+from tf_stdprune.keras3 import nested
+from tf_stdprune.keras3.prune import all_layers, is_flat, strip_pruning, wrappers
 from tf_stdprune.keras3.wrapper import SubstitutingWrapper
 from tf_stdprune.compression.kmeans import DEFAULT_MAX_ITER, bits_chooser, cluster_tensor
 from tf_stdprune.validate import check_bits
 
 
+class SharedValues:
+    """Per quantized tensor of ``layer`` (attribute paths ``paths``): ``K = 2^bits``
+    trainable centroids and the fixed int32 assignment ``idx``; the layer computes with
+    ``take([0, c_1..c_K], idx)``. Shared by the `QuantizeWeights` wrapper and by weight
+    sharing attached in place (`NestedQuantization`)."""
+
+    def add_shared_variables(self, owner, layer):
+        """Creates centroids and indices as ``owner``'s weights and makes ``layer``'s own
+        quantized tensors non-trainable (the centroids train in their place)."""
+        self.centroids, self.indices = [], []
+        for path in self.paths:
+            name = path.replace(".", "_").lstrip("_")
+            shape = registry.get_tensor(layer, path).shape
+            self.centroids.append(owner.add_weight(name=f"{name}_centroids",
+                                                   shape=(2 ** self.bits,), initializer="zeros"))
+            self.indices.append(owner.add_weight(name=f"{name}_indices", shape=shape,
+                                                 initializer="zeros", dtype="int32",
+                                                 trainable=False))
+            # The layer computes with the shared values: its own tensor gets no gradient.
+            registry.get_tensor(layer, path).trainable = False
+
+    def cluster(self, max_iter=DEFAULT_MAX_ITER):
+        """Sets centroids and indices by `linear_kmeans` of the inner layer's nonzeros."""
+        for path, centroids, indices in zip(self.paths, self.centroids, self.indices):
+            values, index = cluster_tensor(
+                registry.get_tensor(self.layer, path), self.bits,
+                f"Layer {self.layer.name!r}, tensor {path!r}", max_iter)
+            centroids.assign(values)
+            indices.assign(index)
+
+    def shared_weights(self):
+        """``take([0, c_1..c_K], idx)`` per tensor."""
+        return [ops.take(ops.concatenate([ops.zeros((1,)), c]), i)
+                for c, i in zip(self.centroids, self.indices)]
+
+    def effective_tensors(self):
+        """``{attribute path: numpy array}`` of the tensors the layer computes with."""
+        return {p: ops.convert_to_numpy(w) for p, w in zip(self.paths, self.shared_weights())}
+
+    def substitutes(self):
+        return self.shared_weights()
+
+    @property
+    def state_variables(self):
+        """The centroids and indices (never counted as the model's parameters)."""
+        return [*self.centroids, *self.indices]
+
+
 @keras.saving.register_keras_serializable(package="tf_stdprune")
-class QuantizeWeights(SubstitutingWrapper):
+class QuantizeWeights(SharedValues, SubstitutingWrapper):
     """Computes a built Keras 3 layer with shared weights ``take([0, c], idx)`` (called as
     the bare layer would be: `tf_stdprune.keras3.wrapper.SubstitutingWrapper`).
 
@@ -45,41 +94,28 @@ class QuantizeWeights(SubstitutingWrapper):
 
     def build(self, input_shape=None):
         super().build(input_shape)
-        self.centroids, self.indices = [], []
-        for path in self.paths:
-            name = path.replace(".", "_").lstrip("_")
-            shape = registry.get_tensor(self.layer, path).shape
-            self.centroids.append(self.add_weight(name=f"{name}_centroids",
-                                                  shape=(2 ** self.bits,), initializer="zeros"))
-            self.indices.append(self.add_weight(name=f"{name}_indices", shape=shape,
-                                                initializer="zeros", dtype="int32",
-                                                trainable=False))
-            # The layer computes with the shared values: its own tensor gets no gradient.
-            registry.get_tensor(self.layer, path).trainable = False
-
-    def cluster(self, max_iter=DEFAULT_MAX_ITER):
-        """Sets centroids and indices by `linear_kmeans` of the inner layer's nonzeros."""
-        for path, centroids, indices in zip(self.paths, self.centroids, self.indices):
-            values, index = cluster_tensor(
-                registry.get_tensor(self.layer, path), self.bits,
-                f"Layer {self.layer.name!r}, tensor {path!r}", max_iter)
-            centroids.assign(values)
-            indices.assign(index)
-
-    def shared_weights(self):
-        """``take([0, c_1..c_K], idx)`` per tensor."""
-        return [ops.take(ops.concatenate([ops.zeros((1,)), c]), i)
-                for c, i in zip(self.centroids, self.indices)]
-
-    def effective_tensors(self):
-        """``{attribute path: numpy array}`` of the tensors the layer computes with."""
-        return {p: ops.convert_to_numpy(w) for p, w in zip(self.paths, self.shared_weights())}
-
-    def substitutes(self):
-        return self.shared_weights()
+        self.add_shared_variables(self, self.layer)
 
     def get_config(self):
         return {**super().get_config(), "bits": self.bits}
+
+
+class NestedQuantization(SharedValues):
+    """Weight sharing attached in place to a built layer at any depth of a model (as
+    `tf_stdprune.keras3.nested.NestedPruning` attaches pruning): its centroids and
+    indices become the layer's own weights and the layer computes with the shared values.
+
+    Args:
+      layer: a built layer of a model copy that `registry` names.
+      path: the layer's path in the model.
+      bits: ``b``: ``K = 2^b`` centroids per tensor.
+    """
+
+    def __init__(self, layer, path, bits):
+        self.layer, self.name, self.bits = layer, path, int(bits)
+        self.paths = registry.prunable_attributes(layer)
+        nested.attach(layer, registry.QUANTIZATION_STATE, self,
+                      lambda: self.add_shared_variables(layer, layer))
 
 
 def quantize_weights(model, bits=None, conv_bits=8, dense_bits=5, bn_bits=8,
@@ -97,9 +133,12 @@ def quantize_weights(model, bits=None, conv_bits=8, dense_bits=5, bn_bits=8,
       >>> quantized.fit(x, y, epochs=2)                   # centroid fine-tuning
       >>> final = strip_quantization(quantized)
     """
-    if any(isinstance(l, QuantizeWeights) for l in all_layers(model)):
+    if is_quantized(model):
         raise ValueError("The model is already quantized; call strip_quantization(model) "
                          "first to quantize it again.")
+    if not is_flat(model):
+        return quantize_in_place(model, bits, conv_bits, dense_bits, bn_bits, layer_bits,
+                                 max_iter)
     if wrappers(model):
         model = strip_pruning(model)
     choose = bits_chooser([l.name for l in all_layers(model)], bits, conv_bits, dense_bits,
@@ -118,6 +157,37 @@ def quantize_weights(model, bits=None, conv_bits=8, dense_bits=5, bn_bits=8,
     return quantized
 
 
+def quantize_in_place(model, bits=None, conv_bits=8, dense_bits=5, bn_bits=8,
+                      layer_bits=None, max_iter=DEFAULT_MAX_ITER):
+    """`quantize_weights` for a model that is not a flat Sequential or functional one
+    (KerasHub backbones and tasks, subclassed models, custom layers of Dense sublayers):
+    on a copy of the same class (pruning stripped first), every layer that `registry`
+    names, at any depth, gets a `NestedQuantization`; ``layer_bits`` takes layer names or
+    paths (``"transformer_layer_0/self_attention"``). A layer reached by two paths (tied
+    weights) is quantized once."""
+    copy = strip_pruning(model) if wrappers(model) else nested.copy_model(model)
+    tree = [(path, layer) for path, layer in nested.layer_tree(copy)]
+    choose = bits_chooser([name for path, layer in tree for name in (path, layer.name)],
+                          bits, conv_bits, dense_bits, bn_bits, layer_bits)
+    covered = []
+    for path, layer in tree:
+        if any(path.startswith(p + "/") for p in covered) or \
+                not registry.prunable_attributes(layer):
+            continue
+        covered.append(path)
+        name = path if path in (layer_bits or {}) else layer.name
+        chosen = choose(name, registry.layer_kind(layer))
+        if chosen is not None:
+            NestedQuantization(layer, path, chosen).cluster(max_iter)
+    return copy
+
+
+def is_quantized(model):
+    """True if ``model`` holds `QuantizeWeights` wrappers or weight sharing in place."""
+    return any(isinstance(l, QuantizeWeights) for l in all_layers(model)) or \
+        bool(nested.states(model, registry.QUANTIZATION_STATE))
+
+
 def _copy(layer):
     """A built copy of ``layer`` holding its current weights."""
     copy = layer.__class__.from_config(layer.get_config())
@@ -128,7 +198,10 @@ def _copy(layer):
 
 def strip_quantization(model):
     """A plain Keras 3 model whose prunable tensors hold the shared values; ``model`` (and
-    the layers it shares with its source) are never changed."""
+    the layers it shares with its source) are never changed. A model quantized in place
+    (`quantize_in_place`) gives a new model of the same class and config."""
+    if nested.states(model, registry.QUANTIZATION_STATE):
+        return nested.strip(model)
     baked = []
 
     def strip(layer):
@@ -152,6 +225,6 @@ def plain_model(model):
     """``model`` without pruning or quantization wrappers (stripped only if it has any)."""
     if wrappers(model):
         model = strip_pruning(model)
-    if any(isinstance(l, QuantizeWeights) for l in all_layers(model)):
+    if is_quantized(model):
         model = strip_quantization(model)
     return model

@@ -124,10 +124,11 @@ class MaskedTensors:
             self.masks.append(owner.add_weight(name=f"{name}_mask", shape=weight.shape,
                                                initializer="ones", dtype=MASK_DTYPE,
                                                trainable=False))
-            layout = variable_layout(weight)
+            layout = variable_layout(weight, f"{self.name}: {path}")
             if layout is not None:
                 self.masks[-1]._layout = layout
                 self.masks[-1].assign(self.masks[-1].value)  # placed as the layout says
+                check_placed_alike(weight, self.masks[-1], f"{self.name}: {path}")
             self.thresholds.append(owner.add_weight(name=f"{name}_threshold", shape=(),
                                                     initializer="zeros", trainable=False))
             self.sigmas.append(owner.add_weight(
@@ -199,11 +200,36 @@ class MaskedTensors:
                 slot.assign(slot * ops.cast(mask, slot.dtype))
 
 
-def variable_layout(variable):
-    """The layout under which the active `keras.distribution` places ``variable`` (None
-    without a distribution)."""
+LAYOUT_FIX = (
+    "Masks are placed like their tensors, so the model must be created (or loaded) after "
+    "keras.distribution.set_distribution(...) and pruned under the same distribution; or "
+    "pass skip=[...] naming this layer to leave it dense.")
+
+
+def variable_layout(variable, where):
+    """The layout under which the active `keras.distribution` placed ``variable`` (None
+    without a distribution). Raises ValueError naming ``where`` and the fix when, on JAX,
+    ``variable`` was created outside the distribution (it holds no layout of its own), so
+    that the distribution would place its mask differently from it."""
     distribution = keras.distribution.distribution()
-    return None if distribution is None else distribution.get_variable_layout(variable)
+    if distribution is None:
+        return None
+    if keras.backend.backend() == "jax" and getattr(variable, "_layout", None) is None:
+        raise ValueError(
+            f"{where}: the tensor was created before {type(distribution).__name__} was set "
+            f"(it has no layout), so its mask cannot follow it. {LAYOUT_FIX}")
+    return distribution.get_variable_layout(variable)
+
+
+def check_placed_alike(variable, mask, where):
+    """Raises ValueError naming ``where`` unless ``mask`` is sharded over the devices as
+    ``variable`` is (JAX arrays; other backends have nothing to compare)."""
+    placed, mask_placed = (getattr(v.value, "sharding", None) for v in (variable, mask))
+    if placed is None or mask_placed is None:
+        return
+    if not placed.is_equivalent_to(mask_placed, len(variable.shape)):
+        raise ValueError(f"{where}: the tensor is placed as {placed} but its mask as "
+                         f"{mask_placed}; the mask cannot follow it. {LAYOUT_FIX}")
 
 
 @keras.saving.register_keras_serializable(package="tf_stdprune")
