@@ -40,6 +40,10 @@ def _main(out_dir, *argv):
     return run_example(example, f"--out_dir={out_dir}", *RUN, *argv)
 
 
+# one xdist worker runs the whole module, so its module fixture is set up once
+pytestmark = pytest.mark.xdist_group("test_example")
+
+
 finished = finished_fixture(example, "example", RUN)  # (out_dir, stdout) of one run
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distribution_run.py")
-pytestmark = pytest.mark.slow
+# one xdist worker runs the whole module, so its module fixture is set up once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_keras3_distribution")]
 
 RUNS = {"jax": [f"{model}:{mode}" for model in ("dense", "gemma")
                 for mode in ("single", "data", "model")] + ["flat:outside"],

@@ -35,6 +35,10 @@ def _main(out_dir, *argv):
     return run_example(example, f"--out_dir={out_dir}", *TINY, *argv)
 
 
+# one xdist worker runs the whole module, so its module fixture is set up once
+pytestmark = pytest.mark.xdist_group("test_keras3_example")
+
+
 finished = finished_fixture(example, "keras3_example", TINY)  # (out_dir, stdout) of one run
 
 

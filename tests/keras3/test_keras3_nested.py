@@ -187,6 +187,10 @@ def test_unknown_nested_tensors_name_their_path_and_skip_takes_paths():
         tf_stdprune.prune_low_std(model, skip=["outer/nothing"])
 
 
+# one xdist worker runs the whole module, so its module fixture is set up once
+pytestmark = pytest.mark.xdist_group("test_keras3_nested")
+
+
 @pytest.fixture(scope="module")
 def bert():
     keras.utils.set_random_seed(0)

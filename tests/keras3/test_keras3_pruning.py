@@ -33,7 +33,9 @@ def assert_exactly_sparse(model):
 
 
 def test_importing_the_package_loads_neither_tf_keras_nor_tfmot_nor_sets_the_environment():
-    code = ("import os, sys, tf_stdprune, keras; m = keras.Sequential([keras.Input((3,)), "
+    """Nor does pruning a Keras 3 model, or importing the Keras 3 exports."""
+    code = ("import os, sys, tf_stdprune, tf_stdprune.keras3.export, keras; "
+            "m = keras.Sequential([keras.Input((3,)), "
             "keras.layers.Dense(2)]); tf_stdprune.prune_low_std(m); "
             "print(sorted(k for k in sys.modules if k.split('.')[0] in "
             "('tf_keras', 'tensorflow_model_optimization')), "

@@ -9,7 +9,6 @@ trainable tensors, such as biases) train; `strip_quantization` bakes the shared 
 into a plain model without changing the quantized one.
 """
 import keras
-import numpy as np
 from keras import ops
 
 from tf_stdprune import registry
