@@ -149,6 +149,56 @@ def test_gradients_are_zero_at_pruned_nested_positions():
     assert np.any(np.asarray(gradient)[~pruned_here] != 0.0)
 
 
+class Block(keras.layers.Layer):
+    """A Dense layer of its own (ReLU), then a Dense layer it is handed."""
+
+    def __init__(self, inner, **kwargs):
+        super().__init__(**kwargs)
+        self.own = keras.layers.Dense(6, activation="relu", name="own")
+        self.inner = inner
+
+    def call(self, x):
+        return self.inner(self.own(x))
+
+
+@keras.saving.register_keras_serializable(package="test_keras3_nested")
+class SharedTwice(keras.Model):
+    """A subclassed model whose two blocks hold one and the same Dense layer."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        shared = keras.layers.Dense(6, name="shared")
+        self.first, self.second = Block(shared, name="first"), Block(shared, name="second")
+
+    def call(self, x):
+        return self.second(self.first(x))
+
+
+def test_a_layer_held_by_two_blocks_is_pruned_once_and_both_calls_use_its_mask():
+    """One state, one mask, named by the first path; naming the second path is refused
+    with the paths to use; the output is the numpy forward pass with the masked kernels."""
+    model = SharedTwice()
+    x = np.random.default_rng(3).normal(size=(4, 6)).astype("float32")
+    model(x)
+    pruned = prune_now(model, 1.0)
+    names = sorted(s.name for s in wrappers(pruned))
+    assert names == ["first/own", "first/shared", "second/own"]
+    kernel = {s.name: keras.ops.convert_to_numpy(s.pruned_weights[0]) for s in wrappers(pruned)}
+    bias = {s.name: keras.ops.convert_to_numpy(s.layer.bias) for s in wrappers(pruned)}
+
+    def dense(h, name, relu):
+        out = h @ kernel[name] + bias[name]
+        return np.maximum(out, 0) if relu else out
+
+    h = dense(dense(x, "first/own", True), "first/shared", False)
+    expected = dense(dense(h, "second/own", True), "first/shared", False)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(pruned(x)), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="not in the model.*first/shared"):
+        tf_stdprune.prune_low_std(model, skip=["second/shared"])
+    with pytest.raises(ValueError, match=r"first/own \(Dense\) is not built.*model\(x\)"):
+        tf_stdprune.prune_low_std(SharedTwice())  # never called: nothing to prune yet
+
+
 def test_a_subclassed_model_with_a_hand_written_call_is_pruned_on_a_copy():
     model = HandWritten()
     model(np.ones((1, 6), "float32"))

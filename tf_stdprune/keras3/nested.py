@@ -200,9 +200,14 @@ def prune_in_place(model, layer_quality, skip, allow=None, **settings):
     known = {part for path, _ in tree for part in (path, path.split("/")[-1])}
     unknown = (set(layer_quality) | set(skip)) - known
     if unknown:
+        alike = sorted({path for path, _ in tree for name in unknown
+                        if path.split("/")[-1] == name.split("/")[-1]})
+        hint = (f" Paths of layers of those names: {alike} (a layer held by two parents "
+                "goes by its first path)." if alike else "")
         raise ValueError(f"layer_quality/skip name layers that are not in the model: "
                          f"{sorted(unknown)}. Use layer names or paths such as "
-                         f"{tree[0][0] if tree else 'name'!r} (see tf_stdprune.sparsity_report).")
+                         f"{tree[0][0] if tree else 'name'!r} (see tf_stdprune.sparsity_report)."
+                         + hint)
     attached, covered = [], []
     for path, layer in tree:
         if matches(path, skip) or any(path.startswith(p + "/") for p in covered):
@@ -211,6 +216,11 @@ def prune_in_place(model, layer_quality, skip, allow=None, **settings):
             raise ValueError(f"{path} ({type(layer).__name__}) cannot be pruned (as in "
                              f"tfmot); pass skip=[{path!r}] to leave it dense.")
         if registry.prunable_attributes(layer, settings["prune_batchnorm"]):
+            if not layer.built:
+                raise ValueError(
+                    f"{path} ({type(layer).__name__}) is not built: the model never called "
+                    "it, so it has no weights to prune. Call the model once (model(x) or "
+                    f"model.build(input_shape)) before pruning, or pass skip=[{path!r}].")
             covered.append(path)
             if allow is not None and not allow(layer):
                 continue
