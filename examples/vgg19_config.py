@@ -72,9 +72,8 @@ class Config:
     rescale_dropout: bool = setting("Rescale Dropout rates after each pruning.", True)
     latency_threads: tuple[int, ...] = setting("summary.md's latency columns (none: off).", (1, 2))
     keras: str = setting(
-        "2: tf_keras (tfmot's engine). 3: Keras 3 on the backend KERAS_BACKEND names, "
-        "--strategy=default only, no --mixed_precision, --jit_compile or TFLite.", "2",
-        choices=["2", "3"])
+        "2: tf_keras (tfmot's engine). 3: Keras 3 on KERAS_BACKEND's backend (no "
+        "--mixed_precision, --jit_compile; --strategy=mirrored on TensorFlow).", "2", choices=["2", "3"])
 
     def keras_module(self):
         """``tf_keras`` (``keras="2"``) or Keras 3's ``keras``, imported on demand."""
@@ -133,15 +132,16 @@ def _check_keras3(cfg):
     """The settings a Keras 3 run (``--keras=3``) does not support."""
     if cfg.keras != "3":
         return
-    refused = [(f"--strategy={cfg.strategy}", cfg.strategy != "default"),
-               ("--mixed_precision", cfg.mixed_precision), ("--jit_compile", cfg.jit_compile),
-               (f"--cpu_replicas={cfg.cpu_replicas}", cfg.cpu_replicas is not None)]
-    for flag, given in refused:
-        if given:
-            raise app.UsageError(
-                f"{flag} is supported with --keras=2 (tf_keras) only; with --keras=3 leave it "
-                "out (Keras 3 compiles with jit_compile='auto' on one device), or run "
-                "with --keras=2.")
+    refused = [flag for flag, given in [
+        ("--mixed_precision", cfg.mixed_precision), ("--jit_compile", cfg.jit_compile),
+        (f"--strategy={cfg.strategy}", cfg.strategy in ("multi_worker", "tpu"))] if given]
+    if refused:
+        raise app.UsageError(f"{refused[0]} is supported with --keras=2 (tf_keras) only; with "
+                             "--keras=3 leave it out (Keras 3 compiles with jit_compile='auto').")
+    backend = cfg.keras_module().backend.backend()
+    if (cfg.strategy == "mirrored" or cfg.cpu_replicas) and backend != "tensorflow":
+        raise app.UsageError(f"--strategy=mirrored and --cpu_replicas need tf.distribute: "
+                             f"run with KERAS_BACKEND=tensorflow, not {backend!r}.")
 
 
 def validate(cfg):

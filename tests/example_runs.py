@@ -10,6 +10,7 @@ import os
 import re
 
 from absl import flags
+import numpy as np
 import pytest
 
 from tf_stdprune import data, models
@@ -81,3 +82,21 @@ def digits_test_set():
     _, _, info = data.digits(max_train_examples=128)
     _, _, x_test, y_test = data.digits_arrays()
     return ((x_test - info.mean[0]) / info.std[0]).astype("float32"), y_test
+
+
+def replica_masks_agree(arrays):
+    """Asserts that the ``{layer/i/mask|weight: per-replica stack}`` arrays of a mirrored
+    run hold 3 masks (conv kernel, BN gamma, dense kernel) identical on both replicas, and
+    pruned tensors identical there and zero where their mask is; returns the zeros of
+    the masks."""
+    masks = [k for k in arrays.files if k.endswith("/mask")]
+    assert len(masks) == 3
+    pruned = 0
+    for key in masks:
+        replicas, weights = arrays[key], arrays[key.replace("/mask", "/weight")]
+        assert replicas.shape[0] == 2, key
+        np.testing.assert_array_equal(replicas[0], replicas[1], err_msg=key)
+        np.testing.assert_array_equal(weights[0], weights[1], err_msg=key)
+        assert np.all(weights[:, replicas[0] == 0] == 0.0), key
+        pruned += int(np.sum(replicas[0] == 0))
+    return pruned

@@ -33,10 +33,6 @@ def arithmetic_counts(width=1.0, dense_units=4096, num_classes=10, channels=3):
     return parameters, weights
 
 
-# one xdist worker runs the whole module, so its module fixture is set up once
-pytestmark = pytest.mark.xdist_group("test_models")
-
-
 @pytest.fixture(scope="module")
 def full_model():
     return vgg19_bn()

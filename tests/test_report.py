@@ -50,10 +50,6 @@ def independent_count(model):
     return total_parameters, total_weights, zero_weights
 
 
-# one xdist worker runs the whole module, so its module fixture is set up once
-pytestmark = pytest.mark.xdist_group("test_report")
-
-
 @pytest.fixture(scope="module")
 def pruned_and_stripped():
     """Trained once for the module: a pruned model and its stripped copy."""

@@ -143,10 +143,6 @@ def test_unquantized_tensors_are_lossless_and_negative_zero_reads_as_zero(tmp_pa
     np.testing.assert_array_equal(weights[1], model.layers[0].bias.numpy())
 
 
-# one xdist worker runs the whole module, so its module fixture is set up once
-pytestmark = pytest.mark.xdist_group("test_coding")
-
-
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
     return compress(_quantized_tiny(), tmp_path_factory.mktemp("compressed") / "model.tfsp")

@@ -11,10 +11,6 @@ from tf_stdprune.keras2.tflite import export_tflite
 from conftest import tiny_arrays, tiny_cnn, zero_out
 
 
-# one xdist worker runs the whole module, so its module fixture is set up once
-pytestmark = pytest.mark.xdist_group("test_forms")
-
-
 @pytest.fixture(scope="module")
 def forms(tmp_path_factory):
     directory = tmp_path_factory.mktemp("final")

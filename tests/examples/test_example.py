@@ -21,7 +21,7 @@ from tf_stdprune.keras2.engine import keras
 from tf_stdprune.keras2.run_state import read_history
 
 from example_runs import (EXAMPLES, TINY_VGG, digits_test_set, example_flags, finished_fixture,
-                          run_example, summary_rows, tiny_model)
+                          replica_masks_agree, run_example, summary_rows, tiny_model)
 
 sys.path.insert(0, EXAMPLES)
 import vgg19_cifar10 as example  # noqa: E402
@@ -38,10 +38,6 @@ RUN = [*TINY, "--layer_quality=auto", "--sensitivity_qualities=0,1,2",
 
 def _main(out_dir, *argv):
     return run_example(example, f"--out_dir={out_dir}", *RUN, *argv)
-
-
-# one xdist worker runs the whole module, so its module fixture is set up once
-pytestmark = pytest.mark.xdist_group("test_example")
 
 
 finished = finished_fixture(example, "example", RUN)  # (out_dir, stdout) of one run
@@ -179,17 +175,7 @@ def test_mirrored_strategy_keeps_masks_identical_on_both_replicas(tmp_path):
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
-    arrays = np.load(arrays_path)
-    masks = [k for k in arrays.files if k.endswith("/mask")]
-    assert len(masks) == 3  # conv kernel, BN gamma, dense kernel
-    pruned = 0
-    for key in masks:
-        replicas, weights = arrays[key], arrays[key.replace("/mask", "/weight")]
-        assert replicas.shape[0] == 2, key
-        np.testing.assert_array_equal(replicas[0], replicas[1], err_msg=key)
-        np.testing.assert_array_equal(weights[0], weights[1], err_msg=key)
-        assert np.all(weights[:, replicas[0] == 0] == 0.0), key
-        pruned += int(np.sum(replicas[0] == 0))
+    pruned = replica_masks_agree(np.load(arrays_path))
     assert pruned > 0
     history = read_history(str(tmp_path / "out" / "run"))
     assert [r["q"] for r in history] == [0.5, 1.0]

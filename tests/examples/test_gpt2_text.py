@@ -22,10 +22,6 @@ def _run(out_dir):
     return result.stdout
 
 
-# one xdist worker runs the whole module, so its module fixture is set up once
-pytestmark = pytest.mark.xdist_group("test_gpt2_text")
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("gpt2")

@@ -87,10 +87,6 @@ def scalars(log_dir):
     return values
 
 
-# one xdist worker runs the whole module, so its module fixture is set up once
-pytestmark = pytest.mark.xdist_group("test_callbacks")
-
-
 @pytest.fixture(scope="module")
 def array_run(tmp_path_factory):
     """Two iterations on (x, y) arrays, metrics=["accuracy"], evaluation on a tuple."""

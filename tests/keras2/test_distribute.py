@@ -27,10 +27,6 @@ def _finish(process):
     assert process.returncode == 0, output[-3000:]
 
 
-# one xdist worker runs the whole module, so its module fixture is set up once
-pytestmark = pytest.mark.xdist_group("test_distribute")
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "masks.npz"

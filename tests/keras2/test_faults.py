@@ -43,10 +43,6 @@ def _comparable(run_dir):
         return history, json.load(f), g.read()
 
 
-# one xdist worker runs the whole module, so its module fixture is set up once
-pytestmark = pytest.mark.xdist_group("test_faults")
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("uninterrupted")

@@ -29,10 +29,6 @@ class MaskRecorder(keras.callbacks.Callback):
                            if isinstance(l, tf_stdprune.PruneLowStd) for _, m, _ in l.pruning_vars])
 
 
-# one xdist worker runs the whole module, so its module fixture is set up once
-pytestmark = pytest.mark.xdist_group("test_iterative")
-
-
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     keras.backend.clear_session()

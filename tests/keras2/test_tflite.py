@@ -24,10 +24,6 @@ def small_cnn():
     ])
 
 
-# one xdist worker runs the whole module, so its module fixture is set up once
-pytestmark = pytest.mark.xdist_group("test_tflite")
-
-
 @pytest.fixture(scope="module")
 def digits():
     data = load_digits()

@@ -1,6 +1,7 @@
 """Keras 3 test helpers: the backend under test and a tiny model (no tf_keras here)."""
 import keras
 import numpy as np
+import pytest
 
 import tf_stdprune
 
@@ -68,3 +69,38 @@ def state_arrays(model):
     """Every value a run's checkpoint holds: model variables, then optimizer variables."""
     return [np.asarray(keras.ops.convert_to_numpy(v))
             for v in list(model.variables) + list(model.optimizer.variables)]
+
+
+def train_step(model, optimizer, loss_fn, x, y):
+    """One optimizer step written with the backend's own autodiff (TensorFlow's
+    GradientTape, jax.value_and_grad over ``stateless_call``, torch's ``backward``)."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True)) + sum(model.losses)
+        grads = tape.gradient(loss, [v.value for v in model.trainable_variables])
+        optimizer.apply(grads, model.trainable_variables)
+    elif BACKEND == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def loss(values):
+            out, new_non_trainable = model.stateless_call(values, non_trainable, x, training=True)
+            return loss_fn(y, out), new_non_trainable
+
+        (_, new_non_trainable), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+        optimizer.apply(grads, model.trainable_variables)
+        for variable, value in zip(model.non_trainable_variables, new_non_trainable):
+            variable.assign(value)
+    elif BACKEND == "torch":
+        for variable in model.trainable_variables:
+            variable.value.grad = None
+        loss = loss_fn(y, model(x, training=True)) + sum(model.losses)
+        loss.backward()
+        optimizer.apply([v.value.grad for v in model.trainable_variables],
+                        model.trainable_variables)
+    else:
+        pytest.skip(f"no custom loop for backend {BACKEND}")

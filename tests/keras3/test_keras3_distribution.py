@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distribution_run.py")
-# one xdist worker runs the whole module, so its module fixture is set up once
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_keras3_distribution")]
+pytestmark = pytest.mark.slow
 
 RUNS = {"jax": [f"{model}:{mode}" for model in ("dense", "gemma")
                 for mode in ("single", "data", "model")] + ["flat:outside"],

@@ -18,8 +18,8 @@ from tf_stdprune.keras2.run_state import read_history
 from tf_stdprune.procedure import experiment
 from tf_stdprune.procedure.run_directory import NonFiniteError
 from keras3.helpers import BACKEND
-from example_runs import EXAMPLES, digits_test_set, example_flags, finished_fixture, run_example, \
-    summary_rows
+from example_runs import EXAMPLES, digits_test_set, example_flags, finished_fixture, \
+    replica_masks_agree, run_example, summary_rows
 
 sys.path.insert(0, EXAMPLES)
 import vgg19_cifar10 as example  # noqa: E402
@@ -33,10 +33,6 @@ TINY = ["--preset=quick", "--keras=3", "--width=0.05", "--iterations=2",
 
 def _main(out_dir, *argv):
     return run_example(example, f"--out_dir={out_dir}", *TINY, *argv)
-
-
-# one xdist worker runs the whole module, so its module fixture is set up once
-pytestmark = pytest.mark.xdist_group("test_keras3_example")
 
 
 finished = finished_fixture(example, "keras3_example", TINY)  # (out_dir, stdout) of one run
@@ -111,14 +107,79 @@ def test_resuming_a_keras3_run_with_keras2_is_refused(finished):
         example.main(["vgg19_cifar10.py"])
 
 
-@pytest.mark.parametrize("flag", ["--strategy=mirrored", "--mixed_precision", "--jit_compile",
-                                  "--cpu_replicas=2"])
+@pytest.mark.parametrize("flag", ["--strategy=multi_worker", "--mixed_precision", "--jit_compile"])
 def test_keras3_refuses_tf_keras_only_flags_before_anything_is_written(tmp_path, flag):
     out_dir = tmp_path / "out"
     with example_flags(f"--out_dir={out_dir}", *TINY, flag), \
-            pytest.raises(app.UsageError, match=f"{flag.split('=')[0]}.*--keras=2"):
+            pytest.raises(app.UsageError, match=f"{flag}.*--keras=2"):
         example.main(["vgg19_cifar10.py"])
     assert not out_dir.exists()
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="tf.distribute runs on this backend")
+@pytest.mark.parametrize("flag", ["--strategy=mirrored", "--cpu_replicas=2"])
+def test_keras3_refuses_tf_distribute_on_another_backend_naming_tensorflow(tmp_path, flag):
+    out_dir = tmp_path / "out"
+    with example_flags(f"--out_dir={out_dir}", *TINY, flag), \
+            pytest.raises(app.UsageError, match="KERAS_BACKEND=tensorflow"):
+        example.main(["vgg19_cifar10.py"])
+    assert not out_dir.exists()
+
+
+# A tiny --keras=3 run under MirroredStrategy over two logical CPUs (TensorFlow backend, in a
+# fresh interpreter: the CPU is split before TensorFlow starts); saves every replica's copy
+# of each mask and pruned tensor.
+_KERAS3_MIRRORED = """
+import os, sys
+os.environ["KERAS_BACKEND"] = "tensorflow"
+sys.path.insert(0, sys.argv[1])
+import vgg19_cifar10 as example
+example.split_cpu(2)
+import keras, numpy as np
+from tf_stdprune.keras3.prune import wrappers
+
+
+def tiny(num_classes, width, input_shape, keras_module):
+    return keras.Sequential([
+        keras.Input(input_shape), keras.layers.Conv2D(6, 3, strides=4),
+        keras.layers.BatchNormalization(), keras.layers.ReLU(), keras.layers.Flatten(),
+        keras.layers.Dense(num_classes)])
+
+
+example.FLAGS(["vgg19_cifar10.py", "--keras=3", "--strategy=mirrored", "--out_dir=" + sys.argv[2],
+               "--max_train_examples=64", "--batch_size=16", "--iterations=2",
+               "--epochs_per_iteration=1", "--baseline_epochs=1", "--qualities=0.5,1.0",
+               "--recalibration_batches=2", "--quantize_bits=0", "--noexport_sparse",
+               "--nocompress", "--notflite", "--latency_threads="])
+cfg = example.config()
+example.validate(cfg)
+strategy = example.make_strategy("mirrored")
+assert strategy.num_replicas_in_sync == 2, strategy.extended.worker_devices
+pruned, _ = example.run(cfg, strategy, build_model=tiny)
+arrays = {}
+for state in wrappers(pruned):
+    for i, (mask, weight) in enumerate(zip(state.masks, state.pruned_weights)):
+        for kind, variable in (("mask", mask), ("weight", weight)):
+            value = variable.value
+            arrays[f"{state.name}/{i}/{kind}"] = np.stack(
+                [np.asarray(v) for v in getattr(value, "values", [value])])
+np.savez(sys.argv[3], **arrays)
+"""
+
+
+@pytest.mark.slow
+def test_a_keras3_run_under_mirrored_strategy_keeps_one_mask_on_both_replicas(tmp_path):
+    """--keras=3 --strategy=mirrored (TensorFlow backend): every replica holds the same
+    masks and pruned tensors, zero where the mask is, and the iterations ran."""
+    arrays_path = tmp_path / "replicas.npz"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    process = subprocess.run([sys.executable, "-c", _KERAS3_MIRRORED, EXAMPLES,
+                              str(tmp_path / "out"), str(arrays_path)],
+                             capture_output=True, text=True, timeout=600, env=env)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    assert replica_masks_agree(np.load(arrays_path)) > 0
+    assert [r["q"] for r in read_history(str(tmp_path / "out" / "run"))] == [0.5, 1.0]
 
 
 # Builds the example's dense and pruned models with --keras=3 in a fresh interpreter (the

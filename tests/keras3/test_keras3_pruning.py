@@ -8,7 +8,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from keras3.helpers import BACKEND, tiny_cnn
+from keras3.helpers import BACKEND, tiny_cnn, train_step
 from reference import reference_step
 
 import tf_stdprune
@@ -148,43 +148,10 @@ def test_custom_training_loop_keeps_pruned_weights_zero(tiny_data):
                 wrapper.update_masks(0.8 if step else 0.5, optimizer)
         before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
         batch = slice(8 * step, 8 * step + 8)
-        _train_step(model, optimizer, loss_fn, x[batch], y[batch])
+        train_step(model, optimizer, loss_fn, x[batch], y[batch])
         assert_exactly_sparse(model)
         assert all(np.any(keras.ops.convert_to_numpy(v) != b)  # every tensor trained
                    for v, b in zip(model.trainable_variables, before))
-
-
-def _train_step(model, optimizer, loss_fn, x, y):
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True)) + sum(model.losses)
-        grads = tape.gradient(loss, [v.value for v in model.trainable_variables])
-        optimizer.apply(grads, model.trainable_variables)
-    elif BACKEND == "jax":
-        import jax
-
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
-
-        def loss(values):
-            out, new_non_trainable = model.stateless_call(values, non_trainable, x, training=True)
-            return loss_fn(y, out), new_non_trainable
-
-        (_, new_non_trainable), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
-        optimizer.apply(grads, model.trainable_variables)
-        for variable, value in zip(model.non_trainable_variables, new_non_trainable):
-            variable.assign(value)
-    elif BACKEND == "torch":
-        for variable in model.trainable_variables:
-            variable.value.grad = None
-        loss = loss_fn(y, model(x, training=True)) + sum(model.losses)
-        loss.backward()
-        optimizer.apply([v.value.grad for v in model.trainable_variables],
-                        model.trainable_variables)
-    else:
-        pytest.skip(f"no custom loop for backend {BACKEND}")
 
 
 def test_saved_keras_file_reloads_and_training_continues_bit_for_bit(tmp_path, tiny_data):

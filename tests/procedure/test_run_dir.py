@@ -58,10 +58,6 @@ def files(run_dir):
     return out
 
 
-# one xdist worker runs the whole module, so its module fixture is set up once
-pytestmark = pytest.mark.xdist_group("test_run_dir")
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A two-iteration run, its data, and the weights after each iteration."""

@@ -64,10 +64,6 @@ def target_callbacks(run_dir):
         target_accuracy_drop=2.0, q_step=0.4)
 
 
-# one xdist worker runs the whole module, so its module fixture is set up once
-pytestmark = pytest.mark.xdist_group("test_target")
-
-
 @pytest.fixture(scope="module")
 def target_run(tmp_path_factory):
     keras.backend.clear_session()
