@@ -45,8 +45,8 @@ def report(title, config, samples, baseline, unit_scale=1000.0, unit="ms", items
               f"{row[f'ratio_vs_{baseline}']:>{ratio_width}.3f} "
               f"{_interval(row[f'paired_ratio_vs_{baseline}']):>28} "
               f"{row.get('items_per_s', float('nan')):>10.1f}")
-    for name, ratio in paired.items():
-        print(f"{name} per round: {_interval(ratio)}")
+    for name, value in paired.items():
+        print(f"{name} per round: {_interval(value)}")
     return rows
 
 

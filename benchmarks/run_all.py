@@ -60,8 +60,8 @@ BENCHMARKS = (
               env=(("KERAS_BACKEND", "jax"),),
               about="Keras 3 train step (JAX backend) pruned vs dense; mask update"),
     *(Benchmark(f"overhead_{model}_{short}", "overhead.py",
-                ("--keras=3", f"--model={model}", "--batch_size=16", "--steps=2", "--rounds=6"),
-                ("--keras=3", f"--model={model}", "--batch_size=16", "--steps=4", "--rounds=20"),
+                ("--keras=3", f"--model={model}", "--batch_size=16", "--steps=4", "--rounds=15"),
+                ("--keras=3", f"--model={model}", "--batch_size=16", "--steps=8", "--rounds=30"),
                 env=(("KERAS_BACKEND", backend),),
                 about=f"Keras 3 train step ({backend} backend) of a small KerasHub {model}, "
                       "pruned at every depth vs dense")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
-from common import hlo_copies, interleaved_samples, minor_page_faults, paired_ratio  # noqa: E402
+from common import hlo_copies, interleaved_samples, minor_page_faults, paired_ratio, \
+    report  # noqa: E402
 
 
 def _binomial_tail(n, k):
@@ -80,3 +81,15 @@ def test_hlo_copies_counts_copy_instructions_and_their_elements():
 """
     assert hlo_copies(hlo) == (3, 3 * 3 * 16 * 32 + 1 + 10)
     assert hlo_copies("") == (0, 0)
+
+
+def test_report_prints_json_and_table_with_ratios_to_the_baseline_and_the_pairs(capsys):
+    """Per contender the median, the ratio of medians and the per-round ratio to the
+    baseline; each pair's per-round ratio printed after the table."""
+    samples = {"dense": [1.0, 2.0, 4.0], "pruned": [2.0, 4.0, 6.0]}
+    rows = report("step", {"batch": 1}, samples, "dense", items=8, pairs=[("pruned", "dense")])
+    assert rows["pruned"]["ratio_vs_dense"] == pytest.approx(2.0)
+    assert rows["pruned"]["paired_ratio_vs_dense"][0] == pytest.approx(2.0)
+    assert rows["dense"]["items_per_s"] == pytest.approx(4.0)
+    out = capsys.readouterr().out
+    assert '"benchmark": "step"' in out and "pruned / dense per round: 2.000" in out

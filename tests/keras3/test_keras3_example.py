@@ -17,7 +17,7 @@ import tf_stdprune
 from tf_stdprune.keras2.run_state import read_history
 from tf_stdprune.procedure import experiment
 from tf_stdprune.procedure.run_directory import NonFiniteError
-from keras3.helpers import BACKEND
+from keras3.helpers import BACKEND, IMPORT_CHECK
 from example_runs import EXAMPLES, digits_test_set, example_flags, finished_fixture, \
     replica_masks_agree, run_example, summary_rows
 
@@ -201,6 +201,7 @@ print(type(pruned).__module__.split(".")[0], pruned.optimizer is not dense.optim
 """
 
 
+@IMPORT_CHECK
 def test_the_keras3_path_of_the_example_never_loads_tf_keras_or_tfmot():
     root = os.path.join(EXAMPLES, os.pardir)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(

@@ -10,7 +10,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from keras3.helpers import BATCH, pruned_for_iterations, state_arrays, tiny_data
+from keras3.helpers import BATCH, IMPORT_CHECK, pruned_for_iterations, state_arrays, tiny_data
 
 import tf_stdprune
 from tf_stdprune.procedure import dropout
@@ -119,6 +119,7 @@ def script_environment():
     return env
 
 
+@IMPORT_CHECK
 def test_the_keras3_procedure_loads_neither_tf_keras_nor_tfmot(tmp_path):
     run_dir = str(tmp_path / "run")
     done = subprocess.run([sys.executable, SCRIPT, run_dir, "--iterations=1"],

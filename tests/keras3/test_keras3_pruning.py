@@ -8,7 +8,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from keras3.helpers import BACKEND, tiny_cnn, train_step
+from keras3.helpers import BACKEND, IMPORT_CHECK, tiny_cnn, train_step
 from reference import reference_step
 
 import tf_stdprune
@@ -32,6 +32,7 @@ def assert_exactly_sparse(model):
         assert np.all(value[mask == 0] == 0.0), wrapper.name
 
 
+@IMPORT_CHECK
 def test_importing_the_package_loads_neither_tf_keras_nor_tfmot_nor_sets_the_environment():
     """Nor does pruning a Keras 3 model, or importing the Keras 3 exports."""
     code = ("import os, sys, tf_stdprune, tf_stdprune.keras3.export, keras; "
