@@ -48,15 +48,18 @@ def test_the_summary_reports_what_the_saved_pruned_model_holds(finished):
     assert zeros == pytest.approx(summary["kernel_zeros"], abs=1e-9)
     assert 0.2 < zeros < 1.0 and np.isfinite(summary["pruned_perplexity"])
     assert 1.0 < summary["dense_perplexity"] < 256.0
+    assert 1.0 < summary["control_perplexity"] < 256.0
+    assert summary["control_perplexity"] != summary["dense_perplexity"]  # it trained on
 
 
 @pytest.mark.slow
 def test_running_again_resumes_and_trains_nothing_more(finished):
-    """A second run reloads the baseline, finds every iteration finished and reports the
-    same pruned model."""
+    """A second run reloads the baseline and the dense control, finds every iteration
+    finished and reports the same figures."""
     out_dir, _ = finished
     before = json.loads((out_dir / "summary.json").read_text())
     stdout = _run(out_dir)
-    assert "reloaded" in stdout and "resuming after 2 finished iterations" in stdout
+    assert "dense baseline: reloaded" in stdout and "dense control: reloaded" in stdout
+    assert "resuming after 2 finished iterations" in stdout
     after = json.loads((out_dir / "summary.json").read_text())
     assert after == before
