@@ -10,5 +10,5 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def _seed():  # replaces the tf_keras suite's fixture of the same name
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)  # names restart; no full GC per test
     keras.utils.set_random_seed(0)

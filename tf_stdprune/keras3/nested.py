@@ -18,11 +18,12 @@ layer made of Dense sublayers, at any depth — is pruned here instead, on a cop
    layer is entered; if it holds trainable tensors of rank >= 2 of its own (not in a
    sublayer) it raises ``ValueError`` naming its path and ``skip=``.
 3. The attachment, as Keras 3's own ``Dense.enable_lora`` and ``quantize`` change a layer
-   in place (`attach`): a `NestedPruning` state is set on the layer (attribute ``tf_stdprune_pruning``),
-   its masks, thresholds and sigmas are added to the layer as non-trainable weights (the
-   layer's variable tracker is unlocked for this, as ``enable_lora`` does), and the layer's
-   ``call`` is replaced, on this instance only, by one that computes with ``w * m`` in place
-   of each pruned tensor (`wrapper.substituted`) and then runs the class's own ``call``.
+   in place (`attach`): a `NestedPruning` state is set on the layer (attribute
+   ``tf_stdprune_pruning``), its masks, thresholds and sigmas are added to the layer as
+   non-trainable weights (the layer's variable tracker is unlocked for this, as
+   ``enable_lora`` does), and the layer's ``call`` is replaced, on this instance only, by
+   one that computes with ``w * m`` in place of each pruned tensor (`wrapper.substituted`)
+   and then runs the class's own ``call``.
    The graph, the class and the config of every layer stay as they were, so KerasHub's
    functional graphs and hand-written ``call`` methods run unchanged, tied weights (a
    ``ReversibleEmbedding`` used for the input and, reversed, for the logits) are one
@@ -92,7 +93,8 @@ class NestedPruning(MaskedTensors):
         self.std_mode = std_mode
         self.layer_quality = check_quality(layer_quality, f"layer_quality of {path!r}")
         self.prune_batchnorm = bool(prune_batchnorm)
-        attach(layer, registry.PRUNING_STATE, self, lambda: self.add_pruning_variables(layer, layer))
+        attach(layer, registry.PRUNING_STATE, self,
+               lambda: self.add_pruning_variables(layer, layer))
 
     @property
     def built(self):
