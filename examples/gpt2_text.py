@@ -142,38 +142,22 @@ def load_weights(model, path):
         model.load_weights(path)
 
 
-def dense_baseline(cfg, train, held_out):
-    """The dense model, trained once and then reloaded from --out_dir."""
+def trained_once(cfg, name, learning_rate, train, epochs, start_from=None):
+    """A dense GPT-2 trained ``epochs`` epochs (from ``start_from``'s weights if given),
+    kept in --out_dir/NAME.weights.h5 and reloaded from there by later runs."""
     model = causal_lm(cfg)
-    compile_lm(model, cfg.learning_rate)
-    path = os.path.join(cfg.out_dir, "baseline.weights.h5")
+    compile_lm(model, learning_rate)
+    path = os.path.join(cfg.out_dir, f"{name}.weights.h5")
     if os.path.exists(path):
         load_weights(model, path)
-        print(f"dense baseline: reloaded from {path}")
-    else:
-        model.fit(*train, batch_size=cfg.batch_size, epochs=cfg.baseline_epochs, verbose=2)
-        temporary = path + ".tmp.weights.h5"
-        model.save_weights(temporary)
-        os.replace(temporary, path)
+        print(f"dense {name}: reloaded from {path}")
+        return model
+    if start_from is not None:
+        model.set_weights(start_from.get_weights())
+    model.fit(*train, batch_size=cfg.batch_size, epochs=epochs, verbose=2)
+    model.save_weights(path + ".tmp.weights.h5")
+    os.replace(path + ".tmp.weights.h5", path)
     return model
-
-
-def dense_control(cfg, dense, train, epochs):
-    """A copy of the dense model trained on for ``epochs`` more epochs at the retraining
-    rate, as long as the pruned model trains after the baseline (kept in --out_dir)."""
-    control = causal_lm(cfg)
-    compile_lm(control, cfg.retrain_learning_rate)
-    path = os.path.join(cfg.out_dir, "control.weights.h5")
-    if os.path.exists(path):
-        load_weights(control, path)
-        print(f"dense control: reloaded from {path}")
-        return control
-    control.set_weights(dense.get_weights())
-    control.fit(*train, batch_size=cfg.batch_size, epochs=epochs, verbose=2)
-    temporary = path + ".tmp.weights.h5"
-    control.save_weights(temporary)
-    os.replace(temporary, path)
-    return control
 
 
 def kernel_zeros(model):
@@ -210,7 +194,7 @@ def run(cfg):
     train_text, held_out_text = standard_library_text(cfg.train_bytes, cfg.held_out_bytes)
     train = windows(train_text, cfg.sequence_length)
     held_out = windows(held_out_text, cfg.sequence_length)
-    dense = dense_baseline(cfg, train, held_out)
+    dense = trained_once(cfg, "baseline", cfg.learning_rate, train, cfg.baseline_epochs)
     dense_ppl = perplexity(dense, held_out, cfg.batch_size)
     print(f"dense perplexity on held-out bytes: {dense_ppl:.3f}")
 
@@ -230,8 +214,10 @@ def run(cfg):
     pruned.fit(*train, batch_size=cfg.batch_size, epochs=len(cfg.qualities) * epochs,
                initial_epoch=initial_epoch, callbacks=callbacks, verbose=2)
 
-    control_ppl = perplexity(dense_control(cfg, dense, train, len(cfg.qualities) * epochs),
-                             held_out, cfg.batch_size)
+    # the dense control: trained on from the baseline as long as the pruned model retrains
+    control = trained_once(cfg, "control", cfg.retrain_learning_rate, train,
+                           len(cfg.qualities) * epochs, start_from=dense)
+    control_ppl = perplexity(control, held_out, cfg.batch_size)
     final = tf_stdprune.strip_pruning(pruned)
     compile_lm(final, cfg.retrain_learning_rate)
     pruned_ppl = perplexity(final, held_out, cfg.batch_size)
