@@ -419,6 +419,8 @@ def test_a_gpt2_causal_lm_goes_through_weight_sharing_the_compressed_file_and_th
     assert report.total_parameters == sum(int(np.prod(w.shape)) for w in stripped.weights)
     assert report.zero_weights == tf_stdprune.sparsity_report(final).zero_weights
     path = tf_stdprune.compress(quantized, str(tmp_path / "gpt2.tfspz"))
+    names = [t.name for t in tf_stdprune.compression_report(path).tensors]
+    assert "transformer_layer_0/feedforward_output_dense/kernel" in names, names
     restored = tf_stdprune.decompress(path)
     assert type(restored) is keras_hub.models.GPT2CausalLM
     for restored_weight, weight in zip(restored.get_weights(), final.get_weights()):

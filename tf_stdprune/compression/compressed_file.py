@@ -132,12 +132,15 @@ def serialize(model, conv_index_bits=8, dense_index_bits=5, bn_index_bits=8):
     sections, tensors = _Sections(), []
     for variable in model.weights:
         array = np.asarray(variable)
-        entry = {"name": variable.name, "shape": list(array.shape), "dtype": array.dtype.str}
+        # Keras 3 names a tensor by its path (``transformer_layer_0/.../kernel``), tf_keras
+        # by its scoped name (``dense/kernel:0``)
+        name = getattr(variable, "path", variable.name)
+        entry = {"name": name, "shape": list(array.shape), "dtype": array.dtype.str}
         if id(variable) in prunable and array.dtype == np.float32:
             layer, kind = prunable[id(variable)]
             entry.update(layer=layer, kind=kind, **_encode_sparse(
                 array, index_bits.get(kind, conv_index_bits), sections,
-                f"Layer {layer!r}, tensor {variable.name!r}"))
+                f"Layer {layer!r}, tensor {name!r}"))
         else:
             entry.update(encoding="raw", data=sections.add(np.ascontiguousarray(array).tobytes()))
         tensors.append(entry)
