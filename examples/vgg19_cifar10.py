@@ -139,7 +139,7 @@ def run(cfg, strategy, build_model=models.vgg19_bn):
     write_dir = cfg.out_dir if chief else tempfile.mkdtemp(prefix="vgg19-worker-")
     check_writable(write_dir)
     keras = cfg.keras_module()
-    # A fresh session: layer names (which run.json and sensitivity.json record) are the
+    # A fresh Keras state: layer names (which run.json and sensitivity.json record) are the
     # same in every run, also when main runs again in one process.
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.seed)
