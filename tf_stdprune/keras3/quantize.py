@@ -124,7 +124,9 @@ def quantize_weights(model, bits=None, conv_bits=8, dense_bits=5, bn_bits=8,
     Bits per layer as `tf_stdprune.keras2.quantize.quantize_weights`: ``layer_bits[name]``, else
     ``bits``, else by kind (``conv_bits``, ``dense_bits``, ``bn_bits``); ``None`` leaves it
     unquantized. Pruning wrappers are stripped first. Each wrapped layer is a copy, so
-    ``model`` is not changed.
+    ``model`` is not changed. A model that is not a flat Sequential or functional one (a
+    KerasHub task, a subclassed model) comes back as a copy of its own class with weight
+    sharing attached in place at every depth (`quantize_in_place`).
 
     Examples:
       >>> quantized = quantize_weights(stripped)          # 8 bits conv, 5 bits dense
