@@ -190,7 +190,7 @@ def leaf_layers(model):
         yield layer
 
 
-def pruning_state_variables(model):
+def attached_state_variables(model):
     """Ids of the state attached in place to layers (`registry.PRUNING_STATE`: masks,
     thresholds, sigmas; `registry.QUANTIZATION_STATE`: centroids, indices)."""
     return {id(v) for layer in leaf_layers(model)
@@ -225,7 +225,7 @@ def prunable_layers(model):
 def sparsity_report(model):
     """The `SparsityReport` of a tf_keras or Keras 3 model (see the module docstring);
     each layer's row is named by its path (`layer_paths`)."""
-    counted = pruning_state_variables(model)  # never parameters
+    counted = attached_state_variables(model)  # never parameters
     total_parameters, non_finite, layers, seen = 0, 0, [], set()
     for path, leaf in layer_paths(model):
         if id(leaf) in seen:  # a layer shared between branches counts once

@@ -167,7 +167,7 @@ def quantize_in_place(model, bits=None, conv_bits=8, dense_bits=5, bn_bits=8,
     paths (``"transformer_layer_0/self_attention"``). A layer reached by two paths (tied
     weights) is quantized once."""
     copy = strip_pruning(model) if wrappers(model) else nested.copy_model(model)
-    tree = [(path, layer) for path, layer in nested.layer_tree(copy)]
+    tree = list(nested.layer_tree(copy))
     choose = bits_chooser([name for path, layer in tree for name in (path, layer.name)],
                           bits, conv_bits, dense_bits, bn_bits, layer_bits)
     covered = []
